@@ -1,0 +1,221 @@
+"""ModelConfig: the GLM-4.5 MoE family exactly as HF ``Glm4MoeConfig`` defines it.
+
+Frozen and hashable, so it is passed to ``jax.jit`` as a static argument. Loadable from the YAML files in
+``configs/`` and from an HF ``config.json``; GGUF metadata is read in ``mtp_jax.io.gguf``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int  # trunk layers; the NextN layers come after them (HF index num_hidden_layers)
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int  # dense FFN of the first_k_dense_replace leading layers
+    moe_intermediate_size: int  # per routed expert; the shared expert is n_shared_experts times this
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    use_qk_norm: bool = False
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 131072
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"  # compute and parameter dtype
+    name: str = "glm4moe"
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_ids, list):
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        self.validate()
+
+    # ---- derived sizes --------------------------------------------------------------------------------
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated dims at the front of each head (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.num_nextn_predict_layers > 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "head_dim", "n_group", "topk_group"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ["first_k_dense_replace", "num_nextn_predict_layers", "n_shared_experts", "n_routed_experts",
+                     "num_experts_per_tok", "intermediate_size", "moe_intermediate_size"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives rotary_dim {self.rotary_dim} "
+                             f"for head_dim {self.head_dim}; it must be even and positive")
+        if self.num_dense_layers and self.intermediate_size <= 0:
+            raise ValueError("intermediate_size must be positive when there are dense layers")
+        if self.num_moe_layers or self.has_mtp:  # the NextN block is a MoE block (llama.cpp graph_mtp asserts it)
+            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+                raise ValueError("MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                                 f"[1, n_routed_experts={self.n_routed_experts}]")
+            if self.n_routed_experts % self.n_group:
+                raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be a multiple of "
+                                 f"n_group ({self.n_group})")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+            per_group = self.n_routed_experts // self.n_group
+            if per_group < 2:
+                raise ValueError(f"each expert group needs >= 2 experts (group score = sum of its top-2), "
+                                 f"got {per_group}")
+            if self.topk_group * per_group < self.num_experts_per_tok:
+                raise ValueError(f"topk_group ({self.topk_group}) groups of {per_group} experts cannot supply "
+                                 f"num_experts_per_tok ({self.num_experts_per_tok}) experts")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for t in (*self.eos_token_ids, *([self.bos_token_id] if self.bos_token_id is not None else [])):
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"special token id {t} is outside the vocabulary [0, {self.vocab_size})")
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ---- I/O -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        with open(path) as f:
+            d = yaml.safe_load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of ModelConfig fields")
+        return cls.from_dict(d.get("model", d))
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
+        """From the keys of an HF GLM-4.5 ``config.json`` (model_type glm4_moe)."""
+        if hf.get("model_type", "glm4_moe") != "glm4_moe":
+            raise ValueError(f"expected model_type glm4_moe, got {hf.get('model_type')!r}")
+        rope = hf.get("rope_parameters") or {}
+        eos = hf.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads", n_heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            intermediate_size=hf["intermediate_size"],
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            n_routed_experts=hf["n_routed_experts"],
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            n_shared_experts=hf.get("n_shared_experts", 1),
+            first_k_dense_replace=hf.get("first_k_dense_replace", 1),
+            n_group=hf.get("n_group", 1),
+            topk_group=hf.get("topk_group", 1),
+            norm_topk_prob=hf.get("norm_topk_prob", True),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            attention_bias=hf.get("attention_bias", False),
+            use_qk_norm=hf.get("use_qk_norm", False),
+            num_nextn_predict_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 1)),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            max_position_embeddings=hf.get("max_position_embeddings", 131072),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path, dtype: str = "float32") -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_hf_dict(json.loads(path.read_text()), dtype=dtype)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF config.json keys (transformers Glm4MoeConfig)."""
+        return {
+            "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "moe_intermediate_size": self.moe_intermediate_size,
+            "n_routed_experts": self.n_routed_experts, "num_experts_per_tok": self.num_experts_per_tok,
+            "n_shared_experts": self.n_shared_experts, "first_k_dense_replace": self.first_k_dense_replace,
+            "n_group": self.n_group, "topk_group": self.topk_group, "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.partial_rotary_factor},
+            "rms_norm_eps": self.rms_norm_eps, "attention_bias": self.attention_bias,
+            "use_qk_norm": self.use_qk_norm, "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if self.eos_token_ids else None,
+        }
+
+
+def load_config(spec: str | Path) -> ModelConfig:
+    """A YAML file, an HF config.json (or its directory), or the name of a file in configs/ (e.g. 'glm4moe-tiny')."""
+    path = Path(spec)
+    if not path.exists():
+        candidate = Path(__file__).resolve().parent.parent / "configs" / f"{spec}.yaml"
+        if not candidate.exists():
+            raise ValueError(f"no config at {spec!r} (and no configs/{spec}.yaml)")
+        path = candidate
+    if path.is_dir() or path.suffix == ".json":
+        return ModelConfig.from_hf_config(path)
+    return ModelConfig.from_yaml(path)
+

@@ -1,0 +1,210 @@
+"""Small pure functions: rms_norm, partial RoPE, GQA attention, SwiGLU MLP, GLM-4.5 MoE, decoder block.
+
+Statistics (``collect_stats``): each projection that llama.cpp would quantize reports, for its input x,
+``{"sum2": sum over valid tokens of x**2 per input column, "count": number of valid tokens}``, keyed by the
+GGUF tensor suffix (``attn_q``, ``ffn_down_exps``, ...). Routed experts report per-expert sums and counts
+over the tokens routed to them only. ``mask`` [B, T] marks the valid (non-padding) tokens.
+
+Shapes: B batch, T new tokens, S cache slots, D hidden, N q heads, K kv heads, G = N/K, H head_dim,
+F ffn, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.params import Attention, Layer, Mlp, Moe
+
+Stats = dict[str, dict[str, jax.Array]]
+_NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """HF Glm4MoeRMSNorm / ggml_rms_norm: x / sqrt(mean(x^2) + eps) * w, computed in float32."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
+    """Partial NeoX-style RoPE on the first rotary_dim dims of each head (HF apply_rotary_pos_emb with
+    rotate_half; llama.cpp LLAMA_ROPE_TYPE_NEOX with n_rot = rotary_dim). x [B, T, n, H], positions [B, T]."""
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))  # [half]
+    ang = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, half]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xf = x.astype(jnp.float32)
+    x1, x2, rest = xf[..., :half], xf[..., half:rotary_dim], xf[..., rotary_dim:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _sum2(x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """x [B, T, C], mask [B, T] -> sum of x^2 over valid tokens per column, and the token count."""
+    m = mask.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    return {"sum2": jnp.einsum("btc,bt->c", xf * xf, m), "count": m.sum()}
+
+
+def attention(
+    x: jax.Array,  # [B, T, D] (already normed)
+    p: Attention,
+    positions: jax.Array,  # [B, T]
+    cfg: ModelConfig,
+    mask: jax.Array,  # [B, T] valid tokens
+    kv_old: tuple[jax.Array, jax.Array] | None = None,  # cache of this layer [B, S, K, H] each
+    lengths: jax.Array | None = None,  # [B] valid slots of kv_old
+    collect_stats: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
+    """GQA attention with optional bias and qk-norm. Query t of row b sees cache slots < lengths[b] and the
+    new block causally (t' <= t). Returns (out [B, T, D], k_new [B, T, K, H], v_new, stats)."""
+    B, T, _ = x.shape
+    K, H = cfg.num_key_value_heads, cfg.head_dim
+    G = cfg.num_attention_heads // K
+    with jax.named_scope("qkv"):
+        q = jnp.einsum("btd,dnh->btnh", x, p.wq)
+        k = jnp.einsum("btd,dkh->btkh", x, p.wk)
+        v = jnp.einsum("btd,dkh->btkh", x, p.wv)
+        if p.bq is not None:
+            q, k, v = q + p.bq, k + p.bk, v + p.bv
+        if p.q_norm is not None:
+            q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
+        q = rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
+        k = rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
+    with jax.named_scope("scores"):
+        q = q.reshape(B, T, K, G, H)
+        scale = H**-0.5
+        causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T(query), T(key)]
+        s_new = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        s_new = jnp.where(causal, s_new, _NEG)
+        if kv_old is not None:
+            k_old, v_old = kv_old
+            S = k_old.shape[1]
+            s_old = jnp.einsum("btkgh,bskh->bkgts", q, k_old, preferred_element_type=jnp.float32) * scale
+            visible = jnp.arange(S)[None, :] < lengths[:, None]  # [B, S]
+            s_old = jnp.where(visible[:, None, None, None, :], s_old, _NEG)
+            probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(v.dtype)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :S], v_old)
+            out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., S:], v)
+        else:
+            probs = jax.nn.softmax(s_new, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = out.reshape(B, T, K * G, H)
+    y = jnp.einsum("btnh,nhd->btd", out, p.wo)
+    stats: Stats = {}
+    if collect_stats:
+        s_in = _sum2(x, mask)
+        stats = {"attn_q": s_in, "attn_k": s_in, "attn_v": s_in,
+                 "attn_output": _sum2(out.reshape(B, T, -1), mask)}
+    return y, k, v, stats
+
+
+def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suffix: str = "") -> tuple[jax.Array, Stats]:
+    """SwiGLU: down(silu(x @ gate) * (x @ up)). x [B, T, D]."""
+    h = jax.nn.silu(jnp.einsum("btd,df->btf", x, p.gate)) * jnp.einsum("btd,df->btf", x, p.up)
+    y = jnp.einsum("btf,fd->btd", h, p.down)
+    stats: Stats = {}
+    if collect_stats:
+        s_in = _sum2(x, mask)
+        stats = {f"ffn_gate{suffix}": s_in, f"ffn_up{suffix}": s_in, f"ffn_down{suffix}": _sum2(h, mask)}
+    return y, stats
+
+
+def route(x: jax.Array, p: Moe, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """GLM-4.5 router (HF Glm4MoeTopkRouter, llama.cpp build_moe_ffn with sigmoid gating + exp_probs_b).
+
+    Sigmoid scores; the correction bias is added for *selection* only; experts are picked among the
+    topk_group best groups (a group's score = sum of its top-2 biased scores); the weights are the
+    unbiased scores of the picked experts, normalized if norm_topk_prob, times routed_scaling_factor.
+    x [N, D] -> (idx [N, k] int32, weights [N, k] float32).
+    """
+    N = x.shape[0]
+    E, k, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), p.router.astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits)  # [N, E]
+    choice = scores + p.bias.astype(jnp.float32)
+    if G > 1 and cfg.topk_group < G:
+        grouped = choice.reshape(N, G, E // G)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [N, topk_group]
+        keep = jnp.zeros((N, G), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, E // G, axis=1), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, k)  # [N, k]
+    w = jnp.take_along_axis(scores, idx, axis=1)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
+
+
+def _experts_gather(x: jax.Array, idx: jax.Array, p: Moe) -> tuple[jax.Array, jax.Array]:
+    """Reads only the routed experts' weights (decode: few tokens). x [N, D] -> (out [N, k, D], h [N, k, F])."""
+    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, p.gate[idx])) * jnp.einsum("nd,nkdf->nkf", x, p.up[idx])
+    return jnp.einsum("nkf,nkfd->nkd", h, p.down[idx]), h
+
+
+def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe) -> tuple[jax.Array, jax.Array]:
+    """Sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
+    N, k = idx.shape
+    E = p.gate.shape[0]
+    flat = idx.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat, stable=True)
+    xs = x[order // k]  # [N*k, D]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, p.gate, sizes)) * jax.lax.ragged_dot(xs, p.up, sizes)  # [N*k, F]
+    y = jax.lax.ragged_dot(h, p.down, sizes)  # [N*k, D]
+    inv = jnp.argsort(order)
+    return y[inv].reshape(N, k, -1), h[inv].reshape(N, k, -1)
+
+
+def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: bool = False) -> tuple[jax.Array, Stats]:
+    """Routed experts (weighted sum) + shared expert. x [B, T, D]."""
+    B, T, D = x.shape
+    xf = x.reshape(B * T, D)
+    idx, w = route(xf, p, cfg)
+    n_pairs = B * T * cfg.num_experts_per_tok
+    experts = _experts_gather if n_pairs <= cfg.n_routed_experts else _experts_ragged
+    out, h = experts(xf, idx, p)
+    y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
+    stats: Stats = {}
+    if p.shared is not None:
+        y_sh, stats = mlp(x, p.shared, mask, collect_stats, suffix="_shexp")
+        y = y + y_sh
+    if collect_stats:
+        m = mask.reshape(B * T).astype(jnp.float32)
+        onehot = jax.nn.one_hot(idx, cfg.n_routed_experts, dtype=jnp.float32) * m[:, None, None]  # [N, k, E]
+        x2 = jnp.square(xf.astype(jnp.float32))
+        routed_in = {"sum2": jnp.einsum("nke,nd->ed", onehot, x2), "count": onehot.sum((0, 1))}
+        h2 = jnp.square(h.astype(jnp.float32))
+        stats |= {
+            "ffn_gate_inp": _sum2(x, mask),
+            "ffn_gate_exps": routed_in,
+            "ffn_up_exps": routed_in,
+            "ffn_down_exps": {"sum2": jnp.einsum("nke,nkf->ef", onehot, h2), "count": routed_in["count"]},
+        }
+    return y, stats
+
+
+def decoder_block(
+    x: jax.Array,  # [B, T, D]
+    p: Layer,
+    positions: jax.Array,
+    cfg: ModelConfig,
+    mask: jax.Array,
+    kv_old: tuple[jax.Array, jax.Array] | None,
+    lengths: jax.Array | None,
+    collect_stats: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
+    """Pre-norm block: x + attn(norm(x)); then + ffn(norm(.)) with a dense MLP or the MoE."""
+    with jax.named_scope("attention"):
+        a, k, v, stats = attention(rms_norm(x, p.attn_norm, cfg.rms_norm_eps), p.attn, positions, cfg, mask,
+                                   kv_old, lengths, collect_stats)
+    x = x + a
+    with jax.named_scope("ffn"):
+        hn = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
+        if isinstance(p.ffn, Moe):
+            f, f_stats = moe(hn, p.ffn, cfg, mask, collect_stats)
+        else:
+            f, f_stats = mlp(hn, p.ffn, mask, collect_stats)
+    return x + f, k, v, stats | f_stats

@@ -1,0 +1,149 @@
+"""The trunk forward: one function for prefill (T tokens), verify (K+1) and decode (1).
+
+``forward(params, tokens[B, T], cache, cfg, n_valid=None, logits="all", collect_stats=False)
+-> (hidden, logits, cache, stats)``. ``hidden`` is the final-normed hidden state (what the lm_head reads and
+what the NextN head takes as h_p, llama.cpp ``t_h_nextn``). The layer stacks run under ``lax.scan`` with the
+KV cache in the carry, updated in place by a scatter of the T new entries per row (see kvcache.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.kvcache import KVCache, write_block
+from mtp_jax.layers import Stats, decoder_block, rms_norm
+from mtp_jax.params import Params
+
+
+def run_stack(
+    x: jax.Array,  # [B, T, D]
+    layers,  # Layer stacked on a leading axis
+    positions: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    k_stack: jax.Array | None,  # [L, B, S, K, H]
+    v_stack: jax.Array | None,
+    lengths: jax.Array,
+    collect_stats: bool,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, Stats]:
+    """lax.scan over stacked layers; stats come out stacked per layer ([L, ...])."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+
+    def body(carry, xs):
+        h, ks, vs = carry
+        p, i = xs
+        kv_old = None if ks is None else (ks[i], vs[i])
+        h, k_new, v_new, stats = decoder_block(h, p, positions, cfg, mask, kv_old, lengths, collect_stats)
+        if ks is not None:
+            ks, vs = write_block(ks, i, k_new, lengths), write_block(vs, i, v_new, lengths)
+        return (h, ks, vs), stats
+
+    (x, k_stack, v_stack), stats = jax.lax.scan(body, (x, k_stack, v_stack), (layers, jnp.arange(n)))
+    return x, k_stack, v_stack, stats
+
+
+def output_weight(params: Params) -> jax.Array:
+    """[D, V]: the lm_head, or the tied embedding's transpose."""
+    return params.embed.T if params.lm_head is None else params.lm_head
+
+
+def project_logits(w: jax.Array, h: jax.Array) -> jax.Array:
+    """h [..., D] @ w [D, V] -> float32 logits [..., V]."""
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def valid_mask(T: int, n_valid: jax.Array) -> jax.Array:
+    """[B, T]: token t of row b is real (not right padding)."""
+    return jnp.arange(T)[None, :] < n_valid[:, None]
+
+
+def take_last(x: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """x [B, T, ...] -> x[b, n_valid[b] - 1] as [B, 1, ...]."""
+    idx = jnp.maximum(n_valid - 1, 0).reshape(-1, *([1] * (x.ndim - 1)))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,  # [B, T] int32, right-padded rows
+    cache: KVCache | None,
+    cfg: ModelConfig,
+    n_valid: jax.Array | None = None,  # [B] real tokens per row (default T)
+    logits: str = "all",  # "all" [B, T, V] | "last" [B, 1, V] at each row's last real token | "none"
+    collect_stats: bool = False,
+) -> tuple[jax.Array, jax.Array | None, KVCache | None, dict[str, Stats]]:
+    """Trunk forward. With a cache, row b's tokens sit at positions lengths[b] + t and the cache comes back
+    with lengths + n_valid; without one, positions are 0..T-1 (training, reference checks)."""
+    B, T = tokens.shape
+    n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+    mask = valid_mask(T, n_valid)
+    lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
+    positions = lengths[:, None] + jnp.arange(T)[None, :]
+    x = params.embed[tokens]  # [B, T, D]
+    ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
+    stats: dict[str, Stats] = {}
+    for s, (name, layers) in enumerate((("dense", params.dense_layers), ("moe", params.moe_layers))):
+        if layers is None:
+            continue
+        with jax.named_scope(f"{name}_layers"):
+            x, k, v, st = run_stack(x, layers, positions, mask, cfg, None if ks is None else ks[s],
+                                    None if vs is None else vs[s], lengths, collect_stats)
+        if ks is not None:
+            ks[s], vs[s] = k, v
+        if collect_stats:
+            stats[name] = st
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    out = None
+    if logits == "all":
+        out = project_logits(output_weight(params), h)
+    elif logits == "last":
+        out = project_logits(output_weight(params), take_last(h, n_valid))
+    elif logits != "none":
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    if collect_stats:
+        stats["output"] = {"output": _output_stats(h, mask)}
+    new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), lengths + n_valid)
+    return h, out, new_cache, stats
+
+
+def _output_stats(h: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    m = mask.astype(jnp.float32)
+    hf = h.astype(jnp.float32)
+    return {"sum2": jnp.einsum("btc,bt->c", hf * hf, m), "count": m.sum()}
+
+
+forward_jit = jax.jit(forward, static_argnames=("cfg", "logits", "collect_stats"), donate_argnames=("cache",))
+
+
+# ---- host-side input checks (concrete values only) ----------------------------------------------------
+
+
+def check_tokens(tokens, cfg: ModelConfig, what: str = "token ids") -> np.ndarray:
+    """Raise ValueError for ids outside [0, vocab_size); returns the ids as int32."""
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+        raise ValueError(f"{what} out of vocabulary [0, {cfg.vocab_size}): {bad[:8].tolist()}")
+    return arr.astype(np.int32)
+
+
+def pad_prompts(prompts, cfg: ModelConfig, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """List of token-id sequences -> (tokens [B, T] right-padded with 0, lengths [B]). Empty prompts are an error."""
+    prompts = [check_tokens(p, cfg, f"prompt {i} token ids") for i, p in enumerate(prompts)]
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if p.ndim != 1 or p.size == 0:
+            raise ValueError(f"prompt {i} is empty (every row needs at least one token)")
+    lens = np.array([p.size for p in prompts], np.int32)
+    T = int(pad_to or lens.max())
+    if T < lens.max():
+        raise ValueError(f"pad_to={T} is shorter than the longest prompt ({lens.max()})")
+    out = np.zeros((len(prompts), T), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, : p.size] = p
+    return out, lens
+

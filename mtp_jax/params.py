@@ -1,0 +1,238 @@
+"""Weight pytrees with logical axis names, abstract shapes, random init and parameter counts.
+
+Every leaf is described once by an ``ArrayInfo`` (shape, logical axes, initializer); ``abstract`` builds the
+tree of infos, ``init`` draws random weights, ``axes`` gives the logical axes tree used by ``sharding``.
+Layers of one kind are stacked on a leading ``layers`` axis and run with ``lax.scan``: the dense lead
+layers and the MoE layers are two stacks; the NextN layer has its own (unstacked) params.
+
+Axis letters used in shape comments: V vocab, D hidden, N query heads, K kv heads, H head_dim,
+F ffn, E experts, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.config import ModelConfig
+
+
+def pytree_dataclass(cls):
+    """A frozen dataclass registered as a pytree whose fields are all children (None = empty subtree)."""
+    cls = dataclass(frozen=True)(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, one per dim
+    init: str = "normal"  # "normal" (std 0.02), "ones", "zeros"
+
+
+def _is_info(x: Any) -> bool:
+    return isinstance(x, ArrayInfo)
+
+
+@pytree_dataclass
+class Attention:
+    wq: Any  # [D, N, H]
+    wk: Any  # [D, K, H]
+    wv: Any  # [D, K, H]
+    wo: Any  # [N, H, D]
+    bq: Any = None  # [N, H]   (attention_bias)
+    bk: Any = None  # [K, H]
+    bv: Any = None  # [K, H]
+    q_norm: Any = None  # [H]  (use_qk_norm)
+    k_norm: Any = None  # [H]
+
+
+@pytree_dataclass
+class Mlp:
+    gate: Any  # [D, F]
+    up: Any  # [D, F]
+    down: Any  # [F, D]
+
+
+@pytree_dataclass
+class Moe:
+    router: Any  # [D, E]      (HF mlp.gate.weight, GGUF ffn_gate_inp)
+    bias: Any  # [E]           (e_score_correction_bias, GGUF exp_probs_b): used for selection only
+    gate: Any  # [E, D, F]
+    up: Any  # [E, D, F]
+    down: Any  # [E, F, D]
+    shared: Any = None  # Mlp with F = moe_intermediate_size * n_shared_experts
+
+
+@pytree_dataclass
+class Layer:
+    attn_norm: Any  # [D]
+    attn: Attention
+    ffn_norm: Any  # [D]     (HF post_attention_layernorm)
+    ffn: Any  # Mlp (dense lead layers) or Moe
+
+
+@pytree_dataclass
+class NextN:
+    """One MTP block: llama.cpp graph_mtp (src/models/glm4-moe.cpp) / HF model.layers.{num_hidden_layers}."""
+
+    enorm: Any  # [D]
+    hnorm: Any  # [D]
+    eh_proj: Any  # [2D, D]  input = concat(enorm(embed), hnorm(h)), embedding half first
+    layer: Layer  # a full MoE decoder block with its own KV cache
+    shared_head_norm: Any = None  # [D]     falls back to the trunk's final norm
+    shared_head_head: Any = None  # [D, V]  falls back to the trunk's lm_head
+    embed_tokens: Any = None  # [V, D]      falls back to the trunk's embedding
+
+
+@pytree_dataclass
+class Params:
+    embed: Any  # [V, D]
+    dense_layers: Any  # Layer stacked [L_dense, ...] or None
+    moe_layers: Any  # Layer stacked [L_moe, ...] or None
+    final_norm: Any  # [D]
+    lm_head: Any = None  # [D, V]; None when tie_word_embeddings
+    nextn: Any = None  # tuple[NextN, ...] (num_nextn_predict_layers of them) or None
+
+
+# ---- abstract description ----------------------------------------------------------------------------
+
+
+def _attention(cfg: ModelConfig) -> Attention:
+    D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    bias = cfg.attention_bias
+    return Attention(
+        wq=ArrayInfo((D, N, H), ("embed", "q_heads", "head_dim")),
+        wk=ArrayInfo((D, K, H), ("embed", "kv_heads", "head_dim")),
+        wv=ArrayInfo((D, K, H), ("embed", "kv_heads", "head_dim")),
+        wo=ArrayInfo((N, H, D), ("q_heads", "head_dim", "embed")),
+        bq=ArrayInfo((N, H), ("q_heads", "head_dim"), "normal") if bias else None,
+        bk=ArrayInfo((K, H), ("kv_heads", "head_dim"), "normal") if bias else None,
+        bv=ArrayInfo((K, H), ("kv_heads", "head_dim"), "normal") if bias else None,
+        q_norm=ArrayInfo((H,), ("head_dim",), "ones") if cfg.use_qk_norm else None,
+        k_norm=ArrayInfo((H,), ("head_dim",), "ones") if cfg.use_qk_norm else None,
+    )
+
+
+def _mlp(D: int, F: int) -> Mlp:
+    return Mlp(
+        gate=ArrayInfo((D, F), ("embed", "mlp")),
+        up=ArrayInfo((D, F), ("embed", "mlp")),
+        down=ArrayInfo((F, D), ("mlp", "embed")),
+    )
+
+
+def _moe(cfg: ModelConfig) -> Moe:
+    D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    return Moe(
+        router=ArrayInfo((D, E), ("embed", None)),
+        bias=ArrayInfo((E,), (None,), "zeros"),
+        gate=ArrayInfo((E, D, F), ("experts", "embed", "moe_mlp")),
+        up=ArrayInfo((E, D, F), ("experts", "embed", "moe_mlp")),
+        down=ArrayInfo((E, F, D), ("experts", "moe_mlp", "embed")),
+        shared=_mlp(D, F * cfg.n_shared_experts) if cfg.n_shared_experts else None,
+    )
+
+
+def _layer(cfg: ModelConfig, moe: bool) -> Layer:
+    D = cfg.hidden_size
+    return Layer(
+        attn_norm=ArrayInfo((D,), ("norm",), "ones"),
+        attn=_attention(cfg),
+        ffn_norm=ArrayInfo((D,), ("norm",), "ones"),
+        ffn=_moe(cfg) if moe else _mlp(D, cfg.intermediate_size),
+    )
+
+
+def _stack(tree: Any, n: int) -> Any:
+    return jax.tree.map(lambda i: ArrayInfo((n, *i.shape), ("layers", *i.axes), i.init), tree, is_leaf=_is_info)
+
+
+def abstract(cfg: ModelConfig) -> Params:
+    """The Params tree with an ArrayInfo at every leaf (no allocation)."""
+    V, D = cfg.vocab_size, cfg.hidden_size
+    nextn = None
+    if cfg.has_mtp:
+        nextn = tuple(
+            NextN(
+                enorm=ArrayInfo((D,), ("norm",), "ones"),
+                hnorm=ArrayInfo((D,), ("norm",), "ones"),
+                eh_proj=ArrayInfo((2 * D, D), (None, "embed")),
+                layer=_layer(cfg, moe=True),
+                shared_head_norm=ArrayInfo((D,), ("norm",), "ones"),
+            )
+            for _ in range(cfg.num_nextn_predict_layers)
+        )
+    return Params(
+        embed=ArrayInfo((V, D), ("vocab", "embed")),
+        dense_layers=_stack(_layer(cfg, moe=False), cfg.num_dense_layers) if cfg.num_dense_layers else None,
+        moe_layers=_stack(_layer(cfg, moe=True), cfg.num_moe_layers) if cfg.num_moe_layers else None,
+        final_norm=ArrayInfo((D,), ("norm",), "ones"),
+        lm_head=None if cfg.tie_word_embeddings else ArrayInfo((D, V), ("embed", "vocab")),
+        nextn=nextn,
+    )
+
+
+def axes(cfg: ModelConfig) -> Params:
+    """Logical axis names per leaf (tuples), same tree structure as the params."""
+    return jax.tree.map(lambda i: i.axes, abstract(cfg), is_leaf=_is_info)
+
+
+def shape_dtype(cfg: ModelConfig) -> Params:
+    """jax.ShapeDtypeStruct leaves: what jax.eval_shape(init, ...) gives, without tracing."""
+    dt = jnp.dtype(cfg.dtype)
+    return jax.tree.map(lambda i: jax.ShapeDtypeStruct(i.shape, dt), abstract(cfg), is_leaf=_is_info)
+
+
+def init(key: jax.Array, cfg: ModelConfig, std: float = 0.02) -> Params:
+    """Random weights: normal(std) matrices and biases, unit norms, zero router bias."""
+    tree = abstract(cfg)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_info)
+    keys = jax.random.split(key, len(leaves))
+    dt = jnp.dtype(cfg.dtype)
+    makers: dict[str, Callable] = {
+        "normal": lambda k, s: (std * jax.random.normal(k, s, jnp.float32)).astype(dt),
+        "ones": lambda k, s: jnp.ones(s, dt),
+        "zeros": lambda k, s: jnp.zeros(s, dt),
+    }
+    return jax.tree.unflatten(treedef, [makers[i.init](k, i.shape) for k, i in zip(keys, leaves)])
+
+
+# ---- parameter counts --------------------------------------------------------------------------------
+
+
+def _count(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total and per-token active parameter counts from jax.eval_shape (nothing is allocated).
+
+    Active = what one token reads: embedding row excluded, all dense weights, the router, the shared
+    expert and num_experts_per_tok routed experts per MoE layer, and the lm_head.
+    """
+    p = jax.eval_shape(lambda k: init(k, cfg), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    trunk = dataclasses.replace(p, nextn=None)
+    total = _count(trunk)
+    routed = 0
+    if p.moe_layers is not None:
+        m = p.moe_layers.ffn
+        routed = _count([m.gate, m.up, m.down])
+    inactive_frac = 1 - cfg.num_experts_per_tok / max(cfg.n_routed_experts, 1)
+    active = total - _count(p.embed) - round(routed * inactive_frac)
+    if cfg.tie_word_embeddings:
+        active += _count(p.embed)  # the tied head is read in full
+    out = {"total": total, "active_per_token": active}
+    if p.nextn is not None:
+        nn = p.nextn
+        nn_total = _count(nn)
+        nn_routed = sum(_count([x.layer.ffn.gate, x.layer.ffn.up, x.layer.ffn.down]) for x in nn)
+        out["nextn_total"] = nn_total
+        out["nextn_active_per_token"] = nn_total - round(nn_routed * inactive_frac)
+    return out
