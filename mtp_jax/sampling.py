@@ -61,3 +61,40 @@ def sample(key: jax.Array, logits: jax.Array, s: Sampling) -> jax.Array:
     if s.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, process_logits(logits, s), axis=-1).astype(jnp.int32)
+
+
+def verify_drafts(
+    key: jax.Array,
+    target_logits: jax.Array,  # [B, K+1, V] trunk logits at the K+1 verified positions
+    draft_probs: jax.Array,  # [B, K, V] q, the distribution each draft was drawn from (one-hot if greedy)
+    drafts: jax.Array,  # [B, K]
+    s: Sampling,
+) -> tuple[jax.Array, jax.Array]:
+    """Lossless speculative acceptance (Leviathan et al. 2023; Chen et al. 2023) -> (n_accepted [B], next [B]).
+
+    Greedy: accept while the draft equals the target argmax; ``next`` is the argmax at the first mismatch
+    (or the bonus position K). Sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    rejection sample from normalize(max(p_i - q_i, 0)); if all K pass, sample the bonus from p_{K+1}
+    (q is taken as 0 there, so one formula covers both). p is ``probs(target_logits, s)``: the same
+    temperature / top-k / top-p that produced q.
+    """
+    B, K = drafts.shape
+    if s.greedy:
+        tgt = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+        n_acc = jnp.cumprod(drafts == tgt[:, :K], axis=1).sum(1).astype(jnp.int32)
+        return n_acc, jnp.take_along_axis(tgt, n_acc[:, None], axis=1)[:, 0]
+    k_u, k_res = jax.random.split(key)
+    p = probs(target_logits, s)  # [B, K+1, V]
+    pd = jnp.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]  # [B, K]
+    qd = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(k_u, (B, K))
+    accept = u * qd < pd  # u < p/q without dividing (q(d) > 0 for a drawn d)
+    n_acc = jnp.cumprod(accept, axis=1).sum(1).astype(jnp.int32)
+    q_ext = jnp.concatenate([draft_probs, jnp.zeros_like(p[:, :1])], axis=1)  # [B, K+1, V]
+    at = n_acc[:, None, None]
+    p_n = jnp.take_along_axis(p, at, axis=1)[:, 0]  # [B, V]
+    residual = jnp.maximum(p_n - jnp.take_along_axis(q_ext, at, axis=1)[:, 0], 0.0)
+    # a rejection has residual mass > 0 by construction; guard float underflow by falling back to p
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_n)
+    nxt = jax.random.categorical(k_res, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return n_acc, nxt

@@ -1,0 +1,249 @@
+"""Speculative decoding with the NextN head: draft -> verify -> accept/reject -> rollback, in ONE jit.
+
+Prefill fills the trunk cache and the NextN cache (pairs (h_{j-1}, t_j) over the prompt). Each iteration of
+the ``lax.while_loop``, per row, with L = trunk length and t_L the newest token (not yet in the trunk cache):
+
+1. NextN catch-up + first draft: one head forward over the pending pairs at NextN slots M..L (the pairs
+   (h_{j-1}, t_j) of the tokens accepted last step, the last one (h_{L-1}, t_L)) -> q_1, d_1. This is what
+   llama.cpp's ``process()`` then ``draft()`` do (common/speculative.cpp, draft-mtp).
+2. K-1 more single-token head forwards, each on (h_nextn of the previous step, d_i) at the next slot
+   (the one head reused recursively, as llama.cpp does for GLM).
+3. Verify [t_L, d_1..d_K] with one trunk forward of K+1 tokens.
+4. Accept (``sampling.verify_drafts``): a drafts + one correction/bonus token c are emitted.
+5. Rollback = set lengths: trunk L' = L + a + 1 (fewer when a stop id or the budget truncates); NextN M' = L + 1 (draft-step entries are stale past it); the
+   new pending pairs are (h_L, d_1) .. (h_{L+a}, c), fed to the head at the start of the next iteration.
+Rows stop independently (stop ids, budget, cache full); finished rows ride along masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax import generate as plain
+from mtp_jax.config import ModelConfig
+from mtp_jax.kvcache import KVCache, init_nextn_cache, init_trunk_cache
+from mtp_jax.model import forward, pad_prompts, take_last
+from mtp_jax.mtp import nextn_forward, shift_hidden
+from mtp_jax.params import Params, pytree_dataclass
+from mtp_jax.sampling import Sampling, probs, sample, verify_drafts
+
+
+@pytree_dataclass
+class SpecState:
+    trunk: KVCache  # lengths L: tokens t_0..t_{L-1} are cached
+    nextn: KVCache  # lengths M: NextN slots filled with (h_{j-1}, t_j), j < M
+    pend_tok: Any  # [B, K+1] pending NextN pairs for slots M..M+n_pend-1 (tokens)
+    pend_h: Any  # [B, K+1, D]                                       (trunk hidden one position earlier)
+    n_pend: Any  # [B]
+    out: Any  # [B, N + K + 1] emitted tokens
+    n_out: Any  # [B]
+    done: Any  # [B] bool
+    step: Any  # [] iterations run
+    rng: Any
+    hist: Any  # [K+1] accepted-draft count histogram over (active row, step)
+    pos_acc: Any  # [K] times draft position i was accepted
+    trace: Any  # None, or dict of [max_steps, B, ...] buffers
+
+
+@dataclass(frozen=True)
+class _Static:
+    cfg: ModelConfig
+    sampling: Sampling
+    num_draft: int
+    out_len: int
+    draft_sampling: bool
+    trace: bool
+
+
+def _draft(params: Params, st: SpecState, key: jax.Array, c: _Static):
+    """NextN catch-up + K drafts. -> (drafts [B, K], q [B, K, V], nextn cache with lengths L+1)."""
+    cfg, K = c.cfg, c.num_draft
+    keys = jax.random.split(key, K)
+    g, logits, cache, _ = nextn_forward(params, st.pend_h, st.pend_tok, st.nextn, cfg, n_valid=st.n_pend,
+                                        logits="last")
+    g = take_last(g, st.n_pend)  # [B, 1, D]
+    committed = cache.lengths  # = L + 1
+    drafts, qs = [], []
+    for i in range(K):
+        lg = logits[:, 0]
+        if c.draft_sampling and not c.sampling.greedy:
+            q = probs(lg, c.sampling)
+            d = sample(keys[i], lg, c.sampling)
+        else:  # greedy drafts: q is one-hot (llama.cpp drafts the top candidate)
+            d = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+            q = jax.nn.one_hot(d, lg.shape[-1], dtype=jnp.float32)
+        drafts.append(d)
+        qs.append(q)
+        if i + 1 < K:
+            g, logits, cache, _ = nextn_forward(params, g, d[:, None], cache, cfg, logits="all")
+    return jnp.stack(drafts, 1), jnp.stack(qs, 1), cache.with_lengths(committed)
+
+
+def _body(params: Params, stops, max_new, c: _Static, st: SpecState) -> SpecState:
+    cfg, K = c.cfg, c.num_draft
+    B = st.n_out.shape[0]
+    rng, k_draft, k_acc = jax.random.split(st.rng, 3)
+    with jax.named_scope("draft"):
+        drafts, q, nextn = _draft(params, st, k_draft, c)
+    L = st.trunk.lengths
+    last = jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]  # t_L
+    with jax.named_scope("verify"):
+        hv, logits, trunk, _ = forward(params, jnp.concatenate([last[:, None], drafts], 1), st.trunk, cfg,
+                                       logits="all")
+    with jax.named_scope("accept"):
+        n_acc, nxt = verify_drafts(k_acc, logits, q, drafts, c.sampling)
+    j = jnp.arange(K + 1)[None, :]
+    emitted = jnp.where(j < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, K+1]
+    # truncate at the first stop id and at the budget
+    stop_at = jnp.where(plain.is_stop(emitted, stops) & (j <= n_acc[:, None]), j, K + 1).min(1)
+    n_emit = jnp.minimum(jnp.minimum(n_acc + 1, stop_at + 1), max_new - st.n_out)
+    active = ~st.done
+    S = st.trunk.size
+    L_new = L + n_emit  # t_L and the emitted tokens but the newest are cached (== L + a + 1 unless truncated)
+    n_out = st.n_out + jnp.where(active, n_emit, 0)
+    done = st.done | (active & ((stop_at <= n_acc) | (n_out >= max_new) | (L_new + K + 1 > S)))
+    rows = jnp.arange(B)[:, None]
+    cols = jnp.where(active[:, None], st.n_out[:, None] + j, st.out.shape[1])  # inactive rows write nowhere
+    out = st.out.at[rows, cols].set(emitted, mode="drop")
+    keep = lambda new, old: jnp.where(active.reshape(-1, *([1] * (new.ndim - 1))), new, old)  # noqa: E731
+    hist = st.hist.at[n_acc].add(active.astype(jnp.int32))
+    pos_acc = st.pos_acc + ((jnp.arange(K)[None, :] < n_acc[:, None]) & active[:, None]).sum(0)
+    trace = st.trace
+    if trace is not None:
+        i = st.step
+        trace = {"drafts": trace["drafts"].at[i].set(drafts),
+                 "n_acc": trace["n_acc"].at[i].set(jnp.where(active, n_acc, -1)),
+                 "start": trace["start"].at[i].set(st.n_out),
+                 "n_emit": trace["n_emit"].at[i].set(jnp.where(active, n_emit, 0))}
+    return SpecState(
+        trunk=trunk.with_lengths(keep(L_new, L)),
+        nextn=nextn.with_lengths(keep(nextn.lengths, st.nextn.lengths)),
+        pend_tok=keep(emitted, st.pend_tok),  # (h_{L+j}, emitted_j) pairs for slots L+1 .. L+a+1
+        pend_h=keep(hv, st.pend_h),
+        n_pend=keep(n_acc + 1, st.n_pend),
+        out=out, n_out=n_out, done=done, step=st.step + 1, rng=rng, hist=hist, pos_acc=pos_acc, trace=trace,
+    )
+
+
+@partial(jax.jit, static_argnames=("c",), donate_argnames=("trunk", "nextn"))
+def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, rng, max_new, stops, c: _Static):
+    cfg, K = c.cfg, c.num_draft
+    B = tokens.shape[0]
+    with jax.named_scope("prefill"):
+        h, logits, trunk, _ = forward(params, tokens, trunk, cfg, n_valid=n_valid, logits="last")
+        _, _, nextn, _ = nextn_forward(params, shift_hidden(h), tokens, nextn, cfg, n_valid=n_valid, logits="none")
+    rng, k0 = jax.random.split(rng)
+    first = sample(k0, logits[:, 0], c.sampling)
+    pend_tok = jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(first)
+    pend_h = jnp.zeros((B, K + 1, cfg.hidden_size), h.dtype).at[:, 0].set(take_last(h, n_valid)[:, 0])
+    live = max_new > 0
+    trace = None
+    if c.trace:
+        trace = {"drafts": jnp.zeros((c.out_len, B, K), jnp.int32), "n_acc": jnp.full((c.out_len, B), -1, jnp.int32),
+                 "start": jnp.zeros((c.out_len, B), jnp.int32), "n_emit": jnp.zeros((c.out_len, B), jnp.int32)}
+    st = SpecState(
+        trunk=trunk, nextn=nextn, pend_tok=pend_tok, pend_h=pend_h, n_pend=jnp.ones((B,), jnp.int32),
+        out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
+        done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
+        step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=jnp.zeros((K,), jnp.int32),
+        trace=trace,
+    )
+    st = jax.lax.while_loop(lambda s: (s.step < c.out_len) & ~jnp.all(s.done),
+                            partial(_body, params, stops, max_new, c), st)
+    return st.out, st.n_out, st.trunk, st.step, st.hist, st.pos_acc, st.trace
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_draft: int = 2,
+    max_new_tokens: int = 32,
+    sampling: Sampling = Sampling(),
+    eos_ids: Sequence[int] | None = None,
+    stop: Sequence[int] | None = None,
+    seed: int = 0,
+    cache_size: int | None = None,
+    draft_sampling: bool = False,
+    trace: str | os.PathLike | bool | None = None,
+    return_cache: bool = False,
+) -> plain.GenerateResult:
+    """MTP speculative decoding of a batch of prompts. ``num_draft=0`` is plain decoding.
+
+    ``trace``: a path (or env MTP_JAX_TRACE) gets an NDJSON line per row per step (step, row, drafted ids,
+    accepted count, emitted ids), written on the host after the loop; ``True`` keeps it in the result only.
+    A row's first token comes from the prefill; the trace's emitted ids are the rest of its output.
+    ``stats`` of the result: accept_hist (0..K), per-position acceptance rate, mean tokens per step,
+    trunk forwards (prefill + verify steps).
+    """
+    if num_draft < 0:
+        raise ValueError(f"num_draft must be >= 0, got {num_draft}")
+    if num_draft == 0:
+        return plain.generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                              eos_ids=eos_ids, stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache)
+    if params.nextn is None or not cfg.has_mtp:
+        raise ValueError("speculative decoding needs a model with a NextN layer (num_nextn_predict_layers > 0)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    trace = trace if trace is not None else os.environ.get("MTP_JAX_TRACE")
+    tokens, lens = pad_prompts(prompts, cfg)
+    size = plain.plan_cache(lens, max_new_tokens, cache_size, extra=num_draft + 1)
+    B = len(lens)
+    c = _Static(cfg, sampling, num_draft, max_new_tokens, draft_sampling, bool(trace))
+    t0 = time.perf_counter()
+    out, n_out, trunk, steps, hist, pos_acc, tr = _spec_loop(
+        params, jnp.asarray(tokens), jnp.asarray(lens), init_trunk_cache(cfg, B, size), init_nextn_cache(cfg, B, size),
+        jax.random.key(seed), jnp.full((B,), max_new_tokens, jnp.int32), jnp.asarray(plain.stop_array(cfg, eos_ids, stop)),
+        c=c)
+    out, n_out, hist = np.asarray(out), np.asarray(n_out), np.asarray(hist)
+    seconds = time.perf_counter() - t0
+    rows = [out[b, : n_out[b]].tolist() for b in range(B)]
+    row_steps = int(hist.sum())
+    stats = {
+        "num_draft": num_draft,
+        "accept_hist": hist.tolist(),
+        "accept_rate_per_pos": (np.asarray(pos_acc) / max(row_steps, 1)).tolist(),
+        "mean_accepted": float((hist * np.arange(num_draft + 1)).sum() / max(row_steps, 1)),
+        "mean_tokens_per_step": float((hist * (np.arange(num_draft + 1) + 1)).sum() / max(row_steps, 1)),
+        "trunk_forwards": int(steps) + 1,
+        "row_steps": row_steps,
+    }
+    res = plain.GenerateResult(rows, seconds, stats)
+    if tr is not None:
+        res.stats["trace"] = lines = _trace_lines(jax.tree.map(np.asarray, tr), out)
+        if not isinstance(trace, bool):
+            _write_ndjson(trace, lines)
+    if return_cache:
+        res.stats["cache"] = trunk
+    return res
+
+
+def _trace_lines(tr: dict[str, np.ndarray], out: np.ndarray) -> list[dict]:
+    lines = []
+    for step in range(tr["n_acc"].shape[0]):
+        for row in range(tr["n_acc"].shape[1]):
+            a = int(tr["n_acc"][step, row])
+            if a < 0:
+                continue
+            s, n = int(tr["start"][step, row]), int(tr["n_emit"][step, row])
+            lines.append({"step": step, "row": row, "drafted": tr["drafts"][step, row].tolist(), "accepted": a,
+                          "emitted": out[row, s: s + n].tolist()})
+    return lines
+
+
+def _write_ndjson(path: str | os.PathLike, lines: list[dict]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
