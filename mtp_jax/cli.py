@@ -36,19 +36,43 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
+def _timed(fn, repeats: int):
+    """Warm up once (compiles), then the best wall time of ``repeats`` calls -> (result, seconds)."""
+    fn()
+    best = None
+    for _ in range(repeats):
+        res = fn()
+        best = res if best is None or res.seconds < best.seconds else best
+    return best
+
+
 def cmd_generate(args) -> int:
-    from mtp_jax.generate import generate
+    from mtp_jax import generate as plain
+    from mtp_jax import speculative
     from mtp_jax.sampling import Sampling
 
     cfg, params = _load_model(args)
     prompts = args.prompt_ids or [[1, 2, 3]]
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)  # compile
-    res = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    k = args.num_draft if cfg.has_mtp else 0
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    res = _timed(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace, **common),
+                 args.repeats)
     for i, toks in enumerate(res.tokens):
         print(f"[{i}] prompt {prompts[i]} -> {toks}")
-    print(f"plain decoding: {res.num_tokens} tokens in {res.seconds * 1e3:.1f} ms "
-          f"= {res.num_tokens / res.seconds:.1f} tok/s (compiled, batch {len(prompts)})")
+    mode = f"MTP speculative, K={k}" if k else "plain"
+    print(f"{mode}: {res.num_tokens} tokens in {res.seconds * 1e3:.1f} ms = {res.num_tokens / res.seconds:.1f} tok/s "
+          f"(compiled, batch {len(prompts)})")
+    if k:
+        s = res.stats
+        rates = " ".join(f"{r:.2f}" for r in s["accept_rate_per_pos"])
+        print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {k}, tokens/step {s['mean_tokens_per_step']:.2f}, "
+              f"acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}")
+    if args.compare:
+        base = _timed(lambda: plain.generate(params, cfg, prompts, **common), args.repeats)
+        print(f"plain baseline: {base.num_tokens} tokens in {base.seconds * 1e3:.1f} ms = "
+              f"{base.num_tokens / base.seconds:.1f} tok/s; speedup {base.seconds / res.seconds * res.num_tokens / base.num_tokens:.2f}x"
+              f"{'; outputs identical' if base.tokens == res.tokens else ''}")
     return 0
 
 
@@ -74,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate tokens from prompts",
-                       description="Generate from token-id prompts with one compiled decode loop; prints the "
-                                   "tokens and the measured tokens/s (after a warm-up call that compiles).")
+                       description="Generate from token-id prompts with MTP speculative decoding (draft with the "
+                                   "NextN head, verify with the trunk, all in one compiled loop); prints the tokens, "
+                                   "tokens/s (after a warm-up call that compiles) and acceptance statistics.")
     _add_model_args(g)
     g.add_argument("--prompt-ids", type=_parse_ids, default=None,
                    help="prompt token ids, comma-separated; ';' separates the rows of a batch (default 1,2,3)")
@@ -84,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--num-draft", "-K", type=int, default=3,
+                   help="tokens drafted per step by the NextN head (0 = plain decoding; default 3)")
+    g.add_argument("--compare", action="store_true",
+                   help="also run plain decoding in the same process and print its tokens/s and the speedup")
+    g.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the best is reported")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("params", help="parameter counts of a config (no allocation)",
