@@ -1,0 +1,196 @@
+"""MTP-aware importance matrices: statistics as auxiliary outputs of the trunk and NextN forwards.
+
+What llama-imatrix records (tools/imatrix/imatrix.cpp ``collect_imatrix``, llama.cpp tree of
+llama-cpp-python 0.3.36): for every ``MUL_MAT`` whose weight is named ``blk.*`` (and ``output.weight`` with
+``--process-output``), the sum over tokens of x^2 per input column and the token count; for every
+``MUL_MAT_ID`` (routed experts) the same per expert, counting only the tokens routed to it. It runs the trunk
+only, so the NextN block ``blk.{n_layer}.*`` gets nothing. Here the head is driven exactly as while drafting
+(``mtp.nextn_forward`` on the teacher-forced pairs (h_{j-1}, t_j) of each chunk) and its tensors get entries
+under their GGUF names. ``nextn.embed_tokens`` is a row lookup (no statistics can exist), yet llama-quantize
+demands an entry for it at IQ1/IQ2/Q2_K_S: a *neutral* entry (counts 0 = uniform importance) is written
+for such lookups unless disabled, and recorded in the metadata.
+
+Chunking follows llama-imatrix: the text is tokenized once, cut into chunks of ``chunk_size`` tokens (a
+partial tail is dropped; at least 2 chunks are needed), the first token of each chunk becomes BOS when the
+tokenizer adds one, and the perplexity printed is over the second half of each chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.io.imatrix_gguf import ImatrixData
+from mtp_jax.model import forward
+from mtp_jax.mtp import nextn_forward, shift_hidden
+from mtp_jax.params import Params
+
+log = logging.getLogger(__name__)
+
+KEY_MTP = "mtp_jax.mtp"  # metadata: statistics include the NextN head
+KEY_NEUTRAL = "mtp_jax.neutral_lookups"  # metadata: names given a neutral (count 0) entry
+
+
+@partial(jax.jit, static_argnames=("cfg", "mtp"))
+def chunk_stats(params: Params, tokens: jax.Array, n_valid: jax.Array, cfg: ModelConfig, mtp: bool):
+    """One batch of chunks [B, T] (rows with n_valid 0 are padding and add nothing)
+    -> (stats tree, trunk nll [B, T-1], NextN nll [B, T-2] or None).
+
+    stats: {"dense"|"moe": {suffix: {"sum2": [L, C] | [L, E, C], "count": [L] | [L, E]}}, "output": ...,
+            "nextn": ({suffix: ...}, ...)}.
+    """
+    h, logits, _, stats = forward(params, tokens, None, cfg, n_valid=n_valid, collect_stats=True)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    mtp_nll = None
+    if mtp:
+        heads = []
+        for n in range(len(params.nextn)):
+            _, lg, _, st = nextn_forward(params, shift_hidden(h), tokens, None, cfg, head=n, n_valid=n_valid,
+                                         collect_stats=True)
+            heads.append(st)
+            if n == 0:  # pair (h_{j-1}, t_j) predicts t_{j+1}; position 0 has no real h
+                lp = jax.nn.log_softmax(lg[:, 1:-1], axis=-1)
+                mtp_nll = -jnp.take_along_axis(lp, tokens[:, 2:, None], axis=-1)[..., 0]
+        stats["nextn"] = tuple(heads)
+    return stats, nll, mtp_nll
+
+
+def _entry(sum2: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (in_sum2 [n_mat, C], counts [n_mat]) in float64 for accumulation."""
+    s = np.asarray(sum2, np.float64)
+    c = np.asarray(count, np.float64)
+    return (s[None], c.reshape(1)) if s.ndim == 1 else (s, c)
+
+
+def stats_to_entries(stats, params: Params, cfg: ModelConfig, process_output: bool = False) -> dict:
+    """Stats tree -> {GGUF weight name: (in_sum2 [n_mat, C], counts [n_mat])}."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    first = {"dense": 0, "moe": cfg.num_dense_layers}
+    for stack in ("dense", "moe"):
+        for suffix, st in stats.get(stack, {}).items():
+            for j in range(np.asarray(st["sum2"]).shape[0]):
+                out[f"blk.{first[stack] + j}.{suffix}.weight"] = _entry(st["sum2"][j], st["count"][j])
+    if process_output and "output" in stats:
+        out["output.weight"] = _entry(stats["output"]["output"]["sum2"], stats["output"]["output"]["count"])
+    for n, st in enumerate(stats.get("nextn", ())):
+        blk = f"blk.{cfg.num_hidden_layers + n}"
+        for suffix, s in st.items():
+            if suffix == "eh_proj":
+                name = f"{blk}.nextn.eh_proj.weight"
+            elif suffix == "shared_head_head":
+                if params.nextn[n].shared_head_head is not None:
+                    name = f"{blk}.nextn.shared_head_head.weight"
+                elif process_output:  # the head reuses the trunk's output matrix
+                    name = "output.weight"
+                else:
+                    continue
+            else:
+                name = f"{blk}.{suffix}.weight"
+            e = _entry(s["sum2"], s["count"])
+            if name in out:  # output.weight fed by both trunk and head
+                e = (out[name][0] + e[0], out[name][1] + e[1])
+            out[name] = e
+    return out
+
+
+def lookup_tensors(params: Params, cfg: ModelConfig) -> dict[str, int]:
+    """Row-lookup weights of the NextN blocks that llama-quantize still asks an imatrix for: name -> row length."""
+    if params.nextn is None:
+        return {}
+    return {f"blk.{cfg.num_hidden_layers + n}.nextn.embed_tokens.weight": cfg.hidden_size
+            for n, nn in enumerate(params.nextn) if nn.embed_tokens is not None}
+
+
+@dataclass
+class Collector:
+    """Accumulates entries over chunks (float64 on the host) and reports per-chunk perplexity."""
+
+    params: Params
+    cfg: ModelConfig
+    mtp: bool = True
+    process_output: bool = False
+    batch: int = 1  # chunks per forward; every call has this shape (one compile)
+    sums: dict = field(default_factory=dict)
+    chunks: int = 0
+    nll_sum: float = 0.0
+    nll_count: int = 0
+    mtp_nll_sum: float = 0.0
+    mtp_count: int = 0
+
+    def __post_init__(self):
+        if self.mtp and (self.params.nextn is None or not self.cfg.has_mtp):
+            log.warning("the model has no NextN layer: collecting trunk statistics only")
+            self.mtp = False
+
+    def add(self, tokens: np.ndarray) -> list[float]:
+        """tokens [n, T] (full chunks), run ``batch`` at a time. Returns each chunk's perplexity over its second
+        half (llama-imatrix scores tokens T/2+1 .. T-1)."""
+        return sum((self._add_batch(tokens[i: i + self.batch]) for i in range(0, len(tokens), self.batch)), [])
+
+    def _add_batch(self, tokens: np.ndarray) -> list[float]:
+        n, T = tokens.shape
+        padded = np.zeros((self.batch, T), np.int32)
+        padded[:n] = tokens
+        n_valid = np.where(np.arange(self.batch) < n, T, 0).astype(np.int32)
+        stats, nll, mtp_nll = chunk_stats(self.params, jnp.asarray(padded), jnp.asarray(n_valid), self.cfg, self.mtp)
+        for name, (s, c) in stats_to_entries(jax.device_get(stats), self.params, self.cfg,
+                                             self.process_output).items():
+            if name in self.sums:
+                s0, c0 = self.sums[name]
+                s, c = s0 + s, c0 + c
+            self.sums[name] = (s, c)
+        half = np.asarray(nll, np.float64)[:n, T // 2:]
+        self.nll_sum += float(half.sum())
+        self.nll_count += half.size
+        if mtp_nll is not None:
+            self.mtp_nll_sum += float(np.asarray(mtp_nll, np.float64)[:n].sum())
+            self.mtp_count += int(np.asarray(mtp_nll)[:n].size)
+        self.chunks += n
+        return np.exp(half.mean(axis=1)).tolist()
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll_sum / max(self.nll_count, 1)))
+
+    @property
+    def mtp_perplexity(self) -> float | None:
+        """The NextN head's perplexity at predicting t_{j+1} from (h_{j-1}, t_j), over whole chunks."""
+        return float(np.exp(self.mtp_nll_sum / self.mtp_count)) if self.mtp_count else None
+
+    def result(self, chunk_size: int, datasets: list[str], neutral_lookups: bool = True) -> ImatrixData:
+        in_sum2 = {k: v[0].astype(np.float32) for k, v in self.sums.items()}
+        counts = {k: v[1].astype(np.float32) for k, v in self.sums.items()}
+        meta = {KEY_MTP: bool(self.mtp)}
+        if neutral_lookups and self.mtp:
+            names = []
+            for name, cols in lookup_tensors(self.params, self.cfg).items():
+                in_sum2[name] = np.zeros((1, cols), np.float32)
+                counts[name] = np.zeros((1,), np.float32)
+                names.append(name)
+                log.info("neutral imatrix entry (counts 0: uniform importance) for row-lookup tensor %s", name)
+            if names:
+                meta[KEY_NEUTRAL] = names
+        return ImatrixData(in_sum2, counts, datasets=list(datasets), chunk_count=self.chunks, chunk_size=chunk_size,
+                           metadata=meta)
+
+
+def make_chunks(tokens: np.ndarray, chunk_size: int, bos_id: int | None, max_chunks: int | None = None) -> np.ndarray:
+    """Token ids -> [n_chunks, chunk_size] as llama-imatrix cuts them (BOS over the first token when set)."""
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.size < 2 * chunk_size:
+        raise ValueError(f"the text has {tokens.size} tokens; at least 2 chunks of {chunk_size} "
+                         f"({2 * chunk_size} tokens) are needed (use a longer text or a smaller --chunk-size)")
+    n = tokens.size // chunk_size
+    if max_chunks:
+        n = min(n, max_chunks)
+    chunks = tokens[: n * chunk_size].reshape(n, chunk_size).copy()
+    if bos_id is not None:
+        chunks[:, 0] = bos_id
+    return chunks
