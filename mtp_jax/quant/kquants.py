@@ -1,0 +1,334 @@
+"""K-quants Q2_K..Q6_K (ggml-quants.c), bit-exact with ggml_quantize_chunk.
+
+``quantize_qN_K`` in C runs ``quantize_row_qN_K_ref`` on the whole chunk when the imatrix is NULL and
+``quantize_row_qN_K_impl`` row by row otherwise; the two are different algorithms, mirrored here by the
+``_ref``/``_impl`` branches of each class. Work is vectorized over every sub-block of the tensor at once in
+the element-major layout of ``primitives`` (``xt``: ``[n, R, S]`` = element, row, sub-block of the row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from mtp_jax.quant.base import QK_K, QuantType, register
+from mtp_jax.quant.primitives import (
+    F32,
+    GROUP_MAX_EPS,
+    element_major,
+    fp16_bytes,
+    fp16_round,
+    make_q3_quants,
+    make_qkx2_quants,
+    make_qkx3_quants,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+    positive_max,
+    seqsum,
+    signed_absmax,
+)
+
+_CHUNK = 2048  # superblocks per quantize_blocks call (the search loops cut it further, see primitives)
+
+
+def _subblocks(xb: np.ndarray, n: int) -> np.ndarray:
+    """superblocks f32[B, 256] -> element-major sub-blocks f32[n, B*256/n] (sub-block j of block b at b*k + j)."""
+    B = xb.shape[0]
+    return np.ascontiguousarray(xb.reshape(B, QK_K // n, n).transpose(2, 0, 1)).reshape(n, -1)
+
+
+def _per_block(a: np.ndarray, k: int) -> np.ndarray:
+    """Per-sub-block values [B*k] -> [k, B] (the k sub-blocks of a superblock on axis 0, element-major)."""
+    return np.ascontiguousarray(a.reshape(-1, k).T)
+
+
+def _flat_blocks(Lt: np.ndarray) -> np.ndarray:
+    """Element-major levels [n, B*k] -> [B, 256] in element order."""
+    n = Lt.shape[0]
+    return Lt.reshape(n, -1, QK_K // n).transpose(1, 2, 0).reshape(-1, QK_K)
+
+
+def _impl_weights(xb: np.ndarray, qw: np.ndarray, n: int, factor: float) -> np.ndarray:
+    """``qw[l] * sqrtf(sigma2 + x[l]*x[l])``, sigma2 = factor*sum_x2/QK_K per superblock -> [n, B*k]."""
+    sigma2 = F32(factor) * seqsum(element_major(xb * xb)) / F32(QK_K)  # [B]
+    xt = _subblocks(xb, n)
+    s2 = np.repeat(sigma2, QK_K // n)  # [B*k]
+    return _subblocks(qw, n) * np.sqrt(s2 + xt * xt)
+
+
+def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L: np.ndarray) -> np.ndarray:
+    """Final pass: ``l = clamp(nearest_int((x + dm)/d), lo, hi) - lo``, skipping sub-blocks with d == 0.
+
+    xt f32[n, B]; d, dm f32[B]; L u8[n, B] the search-stage levels, kept where d == 0 (stale, as in C).
+    |(x + dm)/d| stays far below 2^22 (d is at least a rounded fraction of the block's own scale).
+    """
+    q = np.empty_like(xt)
+    with np.errstate(divide="ignore", invalid="ignore"):  # d == 0 columns are replaced below
+        if dm is not None:
+            np.add(xt, dm, out=q)
+            np.divide(q, d, out=q)
+        else:
+            np.divide(xt, d, out=q)
+        np.rint(q, out=q)
+        np.clip(q, F32(lo), F32(hi), out=q)
+        if lo:
+            q -= F32(lo)
+        out = q.astype(np.uint8)
+    skip = np.flatnonzero(d == 0)
+    if skip.size:
+        out[:, skip] = L[:, skip]
+    return out
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K qs: levels u8[R, nb, 256] (< 4) -> u8[R, nb, 64]; qs[32c+l] holds 128c + 32k + l at bit 2k."""
+    q = L.reshape(*L.shape[:-1], 2, 4, 32)
+    out = q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
+    return out.reshape(*L.shape[:-1], 64)
+
+
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K scales[12] from 6-bit codes ls, lm int[8, B] (C's byte truncation of wider values) -> u8[B, 12]."""
+    ls = ls.astype(np.int32)
+    lm = lm.astype(np.int32)
+    out = np.concatenate(
+        [ls[:4] | ((ls[4:] >> 4) << 6), lm[:4] | ((lm[4:] >> 4) << 6), (ls[4:] & 0xF) | ((lm[4:] & 0xF) << 4)]
+    )
+    return (out.T & 0xFF).astype(np.uint8)
+
+
+def _unpack_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``get_scale_min_k4`` for j = 0..7: scales u8[B, 12] -> (sc, m) f32[8, B]."""
+    q = q.T.astype(np.int32)
+    sc = np.concatenate([q[:4] & 63, (q[8:] & 0xF) | ((q[:4] >> 6) << 4)])
+    m = np.concatenate([q[4:8] & 63, (q[8:] >> 4) | ((q[4:8] >> 6) << 4)])
+    return sc.astype(F32), m.astype(F32)
+
+
+def _sub_scale(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``GGML_FP16_TO_FP32(y[i].d) * code`` per sub-block: d f32[B], codes f32[k, B] -> f32[B*k] (xt's order)."""
+    return (fp16_round(d) * codes).T.reshape(-1)
+
+
+class _KQuant(QuantType):
+    """Splits rows into chunks of superblocks (independent in every K-quant) so that the element-major
+    temporaries stay cache-sized; subclasses implement ``quantize_blocks``."""
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix):
+        R, N = rows.shape
+        nbr = N // QK_K
+        xb = rows.reshape(-1, QK_K)  # [R*nbr, 256]
+        imb = None if imatrix is None else imatrix.reshape(nbr, QK_K)
+        out = np.empty((xb.shape[0], cls.type_size()), np.uint8)
+        for s in range(0, xb.shape[0], _CHUNK):
+            e = min(s + _CHUNK, xb.shape[0])
+            qw = None if imb is None else imb[np.arange(s, e) % nbr]  # C: quant_weights + QK_K*i
+            out[s:e] = cls.quantize_blocks(xb[s:e], qw)
+        return out.reshape(R, -1)
+
+    @classmethod
+    def quantize_blocks(cls, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        """xb f32[B, 256], qw f32[B, 256] | None -> u8[B, type_size]."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------- Q4_K / Q5_K
+
+
+def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
+    """Shared search of quantize_row_q{4,5}_K_ref / _impl on f32[B, 256].
+
+    Returns (L u8[B, 256], d f32[B], dmin f32[B], scales u8[B, 12]).
+    """
+    B = xb.shape[0]
+    xt = _subblocks(xb, 32)  # [32, B*8]
+    if qw is None:
+        av_x = np.sqrt(seqsum(xt * xt) / F32(32))  # [B*8]
+        w = av_x + np.abs(xt)
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scales, mins, L = make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep, False)
+        sc = _per_block(scales, 8)  # [8, B]
+        mn = _per_block(mins, 8)
+        max_scale = positive_max(sc)  # [B]
+        max_min = positive_max(mn)
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        ls = np.minimum(63, nearest_int(inv_scale * sc) & 0xFF)  # uint8_t ls, then MIN(63, ls)
+        lm = np.minimum(63, nearest_int(inv_min * mn) & 0xFF)
+        d = max_scale / F32(63)
+        dmin = max_min / F32(63)
+    else:
+        w = _impl_weights(xb, qw, 32, 2.0)
+        sw8 = _per_block(seqsum(w), 8)  # [8, B]
+        scales, mins, L = make_qkx3_quants(xt, w, nmax, -0.9, 0.05, 36, False)
+        # make_qp_quants(8, 63, scales, Ls, sw) and (mins, Lm, sw) as one batch of 2B blocks
+        dm, Lsm = make_qp_quants(np.concatenate([_per_block(scales, 8), _per_block(mins, 8)], axis=1), 63,
+                                 np.concatenate([sw8, sw8], axis=1))
+        d, dmin = dm[:B], dm[B:]
+        ls, lm = Lsm[:, :B], Lsm[:, B:]
+        if nmax == 31:  # quantize_row_q5_K_impl clamps, the Q4_K one does not
+            ls = np.minimum(63, ls)
+            lm = np.minimum(63, lm)
+    packed = _pack_scale_min_k4(ls, lm)  # [B, 12]
+    sc_q, m_q = _unpack_scale_min_k4(packed)
+    L = _requant(xt, _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, L)
+    return _flat_blocks(L), d, dmin, packed
+
+
+@register
+class Q4_K(_KQuant):
+    """quantize_q4_K: no imatrix -> quantize_row_q4_K_ref (make_qkx2_quants(15, -1, 0.1, 20), 6-bit codes
+    by max); imatrix -> quantize_row_q4_K_impl (make_qkx3_quants(15, -0.9, 0.05, 36), make_qp_quants(63))."""
+
+    qtype = GGMLQuantizationType.Q4_K
+
+    @classmethod
+    def quantize_blocks(cls, xb, qw):
+        L, d, dmin, scales = _quantize_q45_k(xb, qw, 15)
+        q = L.reshape(-1, 4, 2, 32)  # [B, chunk c, half, l]: element 64c + 32h + l
+        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+        return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales, qs], axis=-1)
+
+
+@register
+class Q5_K(_KQuant):
+    """quantize_q5_K: no imatrix -> quantize_row_q5_K_ref (make_qkx2_quants(31, -0.5, 0.1, 15)); imatrix ->
+    quantize_row_q5_K_impl (make_qkx3_quants(31, -0.9, 0.05, 36), make_qp_quants(63), MIN(63, .))."""
+
+    qtype = GGMLQuantizationType.Q5_K
+
+    @classmethod
+    def quantize_blocks(cls, xb, qw):
+        L, d, dmin, scales = _quantize_q45_k(xb, qw, 31)
+        q = L.reshape(-1, 4, 2, 32)  # [B, chunk c, half h, l]
+        qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+        shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)[:, :, None]
+        qh = np.bitwise_or.reduce(((q >> 4) << shifts).reshape(-1, 8, 32), axis=1)  # bit 2c+h of qh[l]
+        return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales, qh, qs], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------- Q6_K
+
+
+@register
+class Q6_K(_KQuant):
+    """quantize_q6_K: make_qx_quants(16, 32, rmse_type 1) per 16 values with weights x^2 (ref, no imatrix)
+    or the raw imatrix (quantize_row_q6_K_impl: no sigma^2 term); int8 scales by -128/max_scale."""
+
+    qtype = GGMLQuantizationType.Q6_K
+
+    @classmethod
+    def quantize_blocks(cls, xb, qw):
+        B = xb.shape[0]
+        xt = _subblocks(xb, 16)  # [16, B*16]
+        scales, L = make_qx_quants(xt, 32, 1, None if qw is None else _subblocks(qw, 16))
+        sc = _per_block(scales, 16)  # [16, B]
+        max_scale, max_abs = signed_absmax(sc)  # [B]
+        zero = max_abs < GROUP_MAX_EPS
+        iscale = F32(-128) / np.where(zero, F32(1), max_scale)
+        d = F32(1) / iscale
+        isc = np.minimum(127, nearest_int(iscale * sc)).astype(np.int8)  # [16, B]
+        dd = _sub_scale(d, isc.astype(F32))
+        q = _flat_blocks(_requant(xt, dd, None, -32, 31, L)).reshape(B, 2, 4, 32)  # element 128h + 32k + l
+        ql = ((q[:, :, :2] & 0xF) | ((q[:, :, 2:] & 0xF) << 4)).reshape(B, 128)
+        qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+        out = np.concatenate([ql, qh.reshape(B, 64), isc.T.view(np.uint8), fp16_bytes(d)], axis=-1)
+        out[zero] = 0  # memset(&y[i], 0, sizeof(block_q6_K))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- Q3_K
+
+
+def _pack_q3_scales(s6: np.ndarray) -> np.ndarray:
+    """Q3_K scales[12] from 6-bit codes s6 int[16, B]: low nibbles in bytes 0..7, top 2 bits in 8..11 -> u8[B, 12]."""
+    s6 = s6.astype(np.int32)
+    h = s6 >> 4  # bits 2*(j/4) of byte 8 + j%4
+    out = np.concatenate([(s6[:8] & 0xF) | ((s6[8:] & 0xF) << 4), h[:4] | (h[4:8] << 2) | (h[8:12] << 4) | (h[12:] << 6)])
+    return (out.T & 0xFF).astype(np.uint8)
+
+
+def _unpack_q3_scales(q: np.ndarray) -> np.ndarray:
+    """Q3_K scales u8[B, 12] -> signed scales f32[16, B] (code - 32)."""
+    q = q.T.astype(np.int32)
+    lo = np.concatenate([q[:8] & 0xF, q[:8] >> 4])
+    j = np.arange(16)
+    hi = (q[8 + j % 4] >> (2 * (j // 4))[:, None]) & 3
+    return ((lo | (hi << 4)) - 32).astype(F32)
+
+
+@register
+class Q3_K(_KQuant):
+    """quantize_q3_K: no imatrix -> quantize_row_q3_K_ref (make_q3_quants(16, 4, rmse), scales by
+    -32/max_scale); imatrix -> quantize_row_q3_K_impl (make_qx_quants(16, 4, w), block scales by
+    make_qx_quants(16, 32, scales, sw))."""
+
+    qtype = GGMLQuantizationType.Q3_K
+
+    @classmethod
+    def quantize_blocks(cls, xb, qw):
+        B = xb.shape[0]
+        xt = _subblocks(xb, 16)  # [16, B*16]
+        if qw is None:
+            scales, L = make_q3_quants(xt, 4, True)
+            sc = _per_block(scales, 16)  # [16, B]
+            max_scale, _ = signed_absmax(sc)  # [B]
+            nonzero = max_scale != 0
+            iscale = F32(-32) / np.where(nonzero, max_scale, F32(1))
+            l = nearest_int(iscale * sc).astype(np.int8).astype(np.int32)  # int8_t l
+            scale_bytes = _pack_q3_scales(np.clip(l, -32, 31) + 32)
+            scale_bytes[~nonzero] = 0
+            d = np.where(nonzero, F32(1) / iscale, F32(0))
+        else:
+            w = _impl_weights(xb, qw, 16, 2.0)
+            scales, L = make_qx_quants(xt, 4, 1, w)
+            d, Ls = make_qx_quants(_per_block(scales, 16), 32, 1, _per_block(seqsum(w), 16))
+            scale_bytes = _pack_q3_scales(Ls)
+        Lb = _flat_blocks(_requant(xt, _sub_scale(d, _unpack_q3_scales(scale_bytes)), None, -4, 3, L))  # 0..7
+        hmask = np.bitwise_or.reduce((Lb >> 2).reshape(B, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+        return np.concatenate([hmask, _pack_2bit(Lb & 3), scale_bytes, fp16_bytes(d)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------- Q2_K
+
+
+@register
+class Q2_K(_KQuant):
+    """quantize_q2_K: no imatrix -> quantize_row_q2_K_ref (make_qkx2_quants(16, 3, |x|, -0.5, 0.1, 15, MAD),
+    4-bit codes by max); imatrix -> quantize_row_q2_K_impl (sigma^2 without factor 2,
+    make_qkx3_quants(16, 3, -0.9, 0.05, 36), make_qp_quants(16, 15))."""
+
+    qtype = GGMLQuantizationType.Q2_K
+
+    @classmethod
+    def quantize_blocks(cls, xb, qw):
+        B = xb.shape[0]
+        xt = _subblocks(xb, 16)  # [16, B*16]
+        if qw is None:
+            scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+            sc = _per_block(scales, 16)  # [16, B]
+            mn = _per_block(mins, 16)
+            max_scale = positive_max(sc)
+            max_min = positive_max(mn)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ls = np.where(max_scale > 0, nearest_int((F32(15) / max_scale) * sc), 0)
+                lm = np.where(max_min > 0, nearest_int((F32(15) / max_min) * mn), 0)
+            d = max_scale / F32(15)
+            dmin = max_min / F32(15)
+        else:
+            w = _impl_weights(xb, qw, 16, 1.0)
+            sw16 = _per_block(seqsum(w), 16)
+            scales, mins, L = make_qkx3_quants(xt, w, 3, -0.9, 0.05, 36, False)
+            # make_qp_quants(16, 15, scales, Ls, sw) and (mins, Lm, sw) as one batch of 2B blocks
+            dm, Lsm = make_qp_quants(np.concatenate([_per_block(scales, 16), _per_block(mins, 16)], axis=1), 15,
+                                     np.concatenate([sw16, sw16], axis=1))
+            d, dmin = dm[:B], dm[B:]
+            ls, lm = Lsm[:, :B].astype(np.int32), Lsm[:, B:].astype(np.int32)
+        scale_bytes = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # [16, B]
+        dd = _sub_scale(d, (scale_bytes & 0xF).astype(F32))
+        dm = _sub_scale(dmin, (scale_bytes >> 4).astype(F32))
+        Lb = _flat_blocks(_requant(xt, dd, dm, 0, 3, L))
+        return np.concatenate([scale_bytes.T, _pack_2bit(Lb), fp16_bytes(d), fp16_bytes(dmin)], axis=-1)

@@ -1,0 +1,457 @@
+"""Shared helper algorithms of ggml's quantizers (ggml-quants.c), vectorized across blocks, bit-exact.
+
+Layout convention: **element-major**. Every block-wise function takes ``x`` shaped ``[n, *batch]``: axis 0 is
+the element index inside one block (16, 32, ...), the trailing axes index the blocks (any shape, e.g.
+``[rows, blocks_per_row]``). Per-block results are shaped ``[*batch]``, per-element ones ``[n, *batch]``.
+Weight arrays may be any shape that broadcasts against ``x`` (e.g. an imatrix slice ``[n, 1, S]``).
+
+Why element-major: C accumulates ``s += term`` strictly in element order. ``np.add.reduce`` over axis 0 of a
+C-contiguous array adds whole rows one after another, i.e. it is exactly that sequential order, while a
+reduction over the contiguous last axis is pairwise and breaks bit-exactness. So callers must pass
+C-contiguous ``[n, *batch]`` arrays (see ``element_major``).
+
+Float rules (spec section 1): float32 everywhere, C operation order (``w*x*l`` is ``(w*x)*l``), every
+literal a float32, no FMA. Integer temporaries that C stores in narrow types wrap like C.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+GROUP_MAX_EPS = F32(1e-15)
+GROUP_MAX_EPS_IQ3_XXS = F32(1e-8)
+GROUP_MAX_EPS_IQ2_S = F32(1e-8)
+GROUP_MAX_EPS_IQ1_M = F32(1e-7)
+GROUP_MAX_EPS_IQ1_S = F32(1e-12)
+
+_MAGIC = F32(12582912.0)  # 1.5 * 2^23, nearest_int's rounding constant
+_SAFE_RINT = F32(2**21)  # |v| below this: np.rint(v) == nearest_int(v) (exact for |v| < 2^22)
+_PIECE = 1 << 16  # values per piece of the search loops (temporaries of 256 KiB stay in L2)
+
+
+def element_major(blocks: np.ndarray) -> np.ndarray:
+    """``[*batch, n]`` (blocks of n consecutive values) -> C-contiguous ``[n, *batch]``."""
+    return np.ascontiguousarray(np.moveaxis(blocks, -1, 0))
+
+
+def seqsum(a: np.ndarray, from_first: bool = False) -> np.ndarray:
+    """C's ``float s = 0; for (i) s += a[i];`` over axis 0: ``[n, *batch] -> [*batch]``.
+
+    ``from_first``: C's ``float s = a[0]; for (i = 1..) s += a[i];`` instead (differs only in the sign of
+    an all-zero sum). ``np.add.reduce`` over axis 0 of a C-contiguous array with >= 2 blocks adds whole rows
+    in order; with a single block (or another layout) numpy may reduce along the fast axis pairwise, so
+    those go through an explicit loop / a contiguous copy.
+    """
+    if a.ndim == 1 or a[0].size == 1:
+        acc = a[0].copy() if from_first else np.zeros(a.shape[1:], F32) + a[0]
+        for row in a[1:]:
+            acc = acc + row
+        return acc
+    a = np.ascontiguousarray(a)
+    return np.add.reduce(a, axis=0) if from_first else np.add.reduce(a, axis=0, initial=F32(0))
+
+
+def _reduce0(a: np.ndarray) -> np.ndarray:
+    """seqsum for a C-contiguous [n, B >= 2] array (the hot-loop form, no checks)."""
+    return np.add.reduce(a, axis=0, initial=F32(0))
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int`` exactly, int32: round half to even for |v| < 2^22, C's bit garbage beyond.
+
+    C adds 12582912.0f and reinterprets the float's bits; np.rint agrees only for |v| < 2^22 (and not on
+    inf/nan), which matters where C divides by a tiny partial sum.
+    """
+    t = np.asarray(np.asarray(v, dtype=F32) + _MAGIC, dtype=F32)
+    return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def nearest_int_f(v: np.ndarray) -> np.ndarray:
+    """``nearest_int`` as float32 (for use in further float arithmetic), exact on every input."""
+    return nearest_int(v).astype(F32)
+
+
+def rint_bounded(v: np.ndarray, bound_ok: bool) -> np.ndarray:
+    """float32 ``nearest_int(v)``: the fast ``np.rint`` when the caller proved |v| < 2^21, else exact."""
+    return np.rint(v) if bound_ok else nearest_int_f(v)
+
+
+def fp16_round(v: np.ndarray) -> np.ndarray:
+    """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``: float32 rounded to fp16 (nearest even) and back."""
+    return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
+
+
+def fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """``GGML_FP32_TO_FP16(v)`` as little-endian bytes: ``[*batch] -> u8[*batch, 2]``."""
+    h = np.ascontiguousarray(np.asarray(v, dtype=F32).astype("<f2"))
+    return h.view(np.uint8).reshape(*h.shape, 2)
+
+
+def signed_absmax(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """C's ``if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }`` loop along ``axis``.
+
+    Returns (max: the signed value with the largest |x|, the first one when +a and -a tie; amax = |max|).
+    When every value is 0 this gives +-0 where C keeps +0; callers test amax against an eps first.
+    """
+    hi = x.max(axis=axis)
+    lo = x.min(axis=axis)
+    mx = np.where(hi >= -lo, hi, lo)
+    tie = np.flatnonzero((hi == -lo) & (hi > 0))
+    if tie.size:  # +a and -a both present: the first occurrence wins
+        xm = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)[:, tie]
+        mx.reshape(-1)[tie] = xm[np.argmax(np.abs(xm), axis=0), np.arange(tie.size)]
+    return mx, np.abs(mx)
+
+
+def positive_max(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """C's ``float m = 0; if (x[i] > m) m = x[i];`` along ``axis`` (+0 when nothing is positive)."""
+    m = x.max(axis=axis)
+    return np.where(m > 0, m, F32(0))
+
+
+def _select_bits(mask: np.ndarray) -> np.ndarray:
+    """bool[B] -> int32[B] of 0 / -1, the mask for ``_blend``."""
+    return np.negative(mask.view(np.int8), dtype=np.int32)
+
+
+def _blend(bits: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """``np.where(mask, new, old)`` for float32 via integer bit ops (``bits`` from ``_select_bits``).
+
+    np.where branches per element and mispredicts on the random masks of the search loops (~3 ns/value);
+    this is branch-free and bit-exact.
+    """
+    o = old.view(np.int32)
+    r = np.bitwise_xor(new.view(np.int32), o)
+    r &= bits
+    r ^= o
+    return r.view(F32)
+
+
+_RMSE_WEIGHTS = {1: lambda x: x * x, 2: np.ones_like, 3: np.abs, 4: lambda x: np.sqrt(np.abs(x))}
+
+
+def make_qx_quants(
+    x: np.ndarray, nmax: int, rmse_type: int = 1, qw: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``make_qx_quants``: signed-scale fit x ~ scale*(L - nmax) with a 19-step scale search.
+
+    x: f32[n, *batch]; qw: weights broadcastable to x or None (then rmse_type picks them: 1 -> x^2,
+    2 -> 1, 3 -> |x|, 4 -> sqrt|x|; rmse_type 0 skips the fit). Negative rmse_type is not supported.
+    Returns (scale f32[*batch], L u8[n, *batch] in [0, 2*nmax-1]); blocks with max|x| < eps give 0, 0.
+    """
+    if rmse_type < 0:
+        raise NotImplementedError("make_qx_quants: negative rmse_type")
+    return _in_pieces(lambda xp, wp: _make_qx_core(xp, nmax, rmse_type, wp), x, qw, 1)
+
+
+def _make_qx_core(x, nmax, rmse_type, w):
+    """make_qx_quants on one piece: x f32[n, B] (w f32[n, B] or None; rows may be strided views)."""
+    nmax_f = F32(nmax)
+    mx, amax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    t = np.empty_like(x)
+    u = np.empty_like(x)
+    sum0 = seqsum if x.shape[1] < 2 else _reduce0
+
+    def levels(iscale):
+        """t = clamp(nearest_int(iscale*x), -nmax, nmax-1); |iscale*x| <= nmax + 1, so np.rint is exact."""
+        np.multiply(x, iscale, out=t)
+        np.rint(t, out=t)
+        return np.clip(t, -nmax_f, nmax_f - 1, out=t)
+
+    def result(scale, iscale):
+        L = levels(iscale)
+        L += nmax_f
+        L[:, zero] = 0
+        return (np.where(zero, F32(0), scale),), L.astype(np.uint8)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = -nmax_f / mx
+        if rmse_type == 0:
+            return result(F32(1) / iscale, iscale)
+        if w is None:
+            w = _RMSE_WEIGHTS[min(rmse_type, 4)](x)
+        wx = w * x
+
+        def sums(l):
+            """(sum w*x*l, sum w*l*l) in C order."""
+            np.multiply(wx, l, out=u)
+            sumlx = sum0(u)
+            np.multiply(w, l, out=u)
+            np.multiply(u, l, out=u)
+            return sumlx, sum0(u)
+
+        sumlx, suml2 = sums(levels(iscale))
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        state = np.stack([scale * sumlx, scale, iscale])  # best, scale, the iscale of the kept levels
+        new = np.empty_like(state)
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = np.divide(-(nmax_f + F32(0.1) * F32(step)), mx, out=new[2])
+            sumlx, suml2 = sums(levels(iscale))
+            upd = (suml2 > 0) & (sumlx * sumlx > state[0] * suml2)
+            np.divide(sumlx, suml2, out=new[1])
+            np.multiply(new[1], sumlx, out=new[0])
+            state = _blend(_select_bits(upd), new, state)
+        return result(state[1], state[2])
+
+
+def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``make_q3_quants``: signed-scale levels in [-nmax, nmax-1], refined coordinate-wise with w = x^2.
+
+    x: f32[n, *batch] -> (scale f32[*batch], L u8[n, *batch] = level + nmax; 0 for max|x| < eps blocks).
+    """
+    nmax_f = F32(nmax)
+    mx, amax = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = -nmax_f / mx
+        l = np.clip(np.rint(iscale * x), -nmax_f, nmax_f - 1)  # [n, *batch]
+        if not do_rmse:
+            return np.where(zero, F32(0), F32(1) / iscale), np.where(zero, 0, l + nmax_f).astype(np.uint8)
+        w = x * x
+        wx = w * x
+        sumlx = seqsum(wx * l)
+        suml2 = seqsum(w * l * l)
+        for _ in range(5):
+            n_changed = 0
+            for i in range(x.shape[0]):
+                li = l[i]
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w[i] * li * li
+                new_l = np.clip(nearest_int_f(x[i] * sl2 / slx), -nmax_f, nmax_f - 1)
+                slx_n = slx + wx[i] * new_l
+                sl2_n = sl2 + w[i] * new_l * new_l
+                acc = (slx > 0) & (new_l != li) & (sl2_n > 0) & (slx_n * slx_n * suml2 > sumlx * sumlx * sl2_n)
+                l[i] = np.where(acc, new_l, li)
+                sumlx = np.where(acc, slx_n, sumlx)
+                suml2 = np.where(acc, sl2_n, suml2)
+                n_changed += int(acc.any())
+            if not n_changed:  # a pass without changes is a fixed point, so blocks that C stopped are unaffected
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return np.where(zero, F32(0), scale), np.where(zero, 0, l + nmax_f).astype(np.uint8)
+
+
+def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
+    """make_qkx2/3_quants on one piece: x, w f32[n, B] (their degenerate tests agree on finite input).
+
+    Speed: each step selects only per-block scalars; the winning levels are recomputed once at the end from
+    the winning (iscale, min) pair, which reproduces them exactly. Temporaries are reused in place. The
+    clamps and the exact rounding are applied only where they can matter: iscale*(x - min) <= c*(1 + 2^-22)
+    for the step constant c = rmin + rdelta*is + nmax (float rounding is monotonic), and it is >= 0 unless an
+    accepted least-squares min lies above the block's smallest value (``ratio`` tracks how far).
+    """
+    nmax_f = F32(nmax)
+    B = x.shape[1]
+    if B < 2:
+        def sum_into(a, out):
+            out[...] = seqsum(a)
+    else:
+        def sum_into(a, out):
+            np.add.reduce(a, axis=0, initial=F32(0), out=out)
+    t = np.empty(x.shape, F32)  # levels of the current step
+    u = np.empty(x.shape, F32)  # scratch
+    v = np.empty(x.shape, F32)  # scratch
+    xmin = x.min(axis=0)
+    mx = x.max(axis=0)
+    # S = sum_w, sum_x, sum_l, sum_l2, sum_xl (C starts sum_w and sum_x from element 0, not from 0)
+    S = np.empty((5, B), F32)
+    S[0] = seqsum(w, from_first=True)
+    np.multiply(w, x, out=u)
+    S[1] = seqsum(u, from_first=True)
+    mn = np.where(xmin > 0, F32(0), xmin)
+    degenerate = ~(mx > mn)
+    rng = np.where(degenerate, F32(1), mx - mn)
+
+    def levels(iscale, mn, clamp, exact):
+        """t = clamp(nearest_int(iscale*(x - mn)), 0, nmax)."""
+        np.subtract(x, mn, out=t)
+        np.multiply(t, iscale, out=t)
+        if exact:
+            t[...] = nearest_int_f(t)
+        else:
+            np.rint(t, out=t)
+        if clamp:
+            np.clip(t, F32(0), nmax_f, out=t)
+        return t
+
+    def error(scale, mn, l, out):
+        """out = sum_i w*f(scale*l + mn - x), f = |.| or square."""
+        np.multiply(l, scale, out=u)
+        np.add(u, mn, out=u)
+        np.subtract(u, x, out=u)
+        if use_mad:
+            np.abs(u, out=u)
+        else:
+            np.multiply(u, u, out=u)
+        np.multiply(u, w, out=u)
+        sum_into(u, out)
+        return out
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = nmax_f / rng
+        # best error (-inf: degenerate blocks never update), scale, min, range = max - min, and the
+        # (iscale, min) pair that produced the kept levels
+        state = np.empty((6, B), F32)
+        error(F32(1) / iscale, mn, levels(iscale, mn, False, False), state[0])
+        state[0][degenerate] = -np.inf
+        state[1] = F32(1) / iscale
+        state[2] = mn
+        state[3] = rng
+        state[4] = iscale
+        state[5] = mn
+        new = np.empty_like(state)
+        prod = np.empty((2, 3, B), F32)
+        ratio, bounded = 0.0, True  # max (min - x_min)/range; every range > 0
+        for step in range(nstep + 1 if nstep >= 1 else 0):
+            c = F32(rmin) + F32(rdelta) * F32(step) + nmax_f
+            iscale = np.divide(c, state[3], out=new[4])
+            exact = not (bounded and ratio * float(c) * 1.001 < _SAFE_RINT)
+            l = levels(iscale, state[2], ratio > 0 or float(c) >= nmax + 0.499 or not bounded, exact)
+            np.multiply(w, l, out=u)  # w*l
+            sum_into(u, S[2])
+            np.multiply(u, l, out=v)
+            sum_into(v, S[3])
+            np.multiply(u, x, out=v)
+            sum_into(v, S[4])
+            # [D, scale numerator, min numerator] = [w*l2, w*xl, l2*x] - [l*l, x*l, l*xl]
+            np.multiply(S[_QKX_A0], S[_QKX_A1], out=prod[0])
+            np.multiply(S[_QKX_B0], S[_QKX_B1], out=prod[1])
+            D, num = np.subtract(prod[0], prod[1], out=prod[0])[0], prod[0][1:]
+            this = np.divide(num, D, out=new[1:3])  # this_scale, this_min
+            pos = this[1] > 0
+            if pos.any():
+                this[1][pos] = 0
+                this[0][pos] = (S[4] / S[3])[pos]
+            err = error(this[0], this[1], l, new[0])
+            upd = (D > 0) & (err < state[0])
+            if upd.any():
+                np.subtract(mx, this[1], out=new[3])
+                new[5] = state[2]
+                state = _blend(_select_bits(upd), new, state)
+                bounded = bool((state[3] > 0).all())
+                ratio = float(((state[2] - xmin) / state[3]).max()) if bounded else np.inf
+        L = levels(state[4], state[5], True, True)
+    L[:, degenerate] = 0
+    return (np.where(degenerate, F32(0), state[1]), -state[2]), L.astype(np.uint8)
+
+
+_QKX_A0, _QKX_A1 = [0, 0, 3], [3, 4, 1]  # rows of S: sum_w*sum_l2, sum_w*sum_xl, sum_l2*sum_x
+_QKX_B0, _QKX_B1 = [2, 1, 2], [2, 2, 4]  # sum_l*sum_l, sum_x*sum_l, sum_l*sum_xl
+
+
+def _in_pieces(core, x, weights, n_out):
+    """Runs ``core(x_piece, w_piece) -> ((per-block results...), L)`` over pieces of the batch.
+
+    x f32[n, *batch] (weights broadcastable to it, or None) is flattened to [n, B] and cut into column
+    pieces of about ``_PIECE`` values, so that the search loops' temporaries stay in the CPU cache.
+    """
+    shape = x.shape
+    n = shape[0]
+    x = np.ascontiguousarray(x, dtype=F32).reshape(n, -1)
+    w = None if weights is None else np.ascontiguousarray(np.broadcast_to(weights, shape), dtype=F32).reshape(n, -1)
+    B = x.shape[1]
+    step = max(2, _PIECE // n)
+    if B <= step:
+        outs, L = core(x, w)
+    else:
+        outs = tuple(np.empty(B, F32) for _ in range(n_out))
+        L = np.empty((n, B), np.uint8)
+        for s in range(0, B, step):
+            e = min(s + step, B)
+            o, L[:, s:e] = core(np.ascontiguousarray(x[:, s:e]), None if w is None else np.ascontiguousarray(w[:, s:e]))
+            for dst, src in zip(outs, o):
+                dst[s:e] = src
+    return (*(o.reshape(shape[1:]) for o in outs), L.reshape(shape))
+
+
+def make_qkx2_quants(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``make_qkx2_quants``: asymmetric fit x ~ scale*L - the_min, L in [0, nmax], searched over nstep+1 scales.
+
+    x: f32[n, *batch]; weights: broadcastable to x (required). Returns (scale f32[*batch],
+    the_min f32[*batch] (= -min, >= 0 except for constant negative blocks), L u8[n, *batch]).
+    """
+    return _in_pieces(lambda xp, wp: _make_qkx_core(xp, wp, nmax, rmin, rdelta, nstep, use_mad), x, weights, 2)
+
+
+def make_qkx3_quants(
+    x: np.ndarray, weights: np.ndarray | None, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``make_qkx3_quants``: make_qkx2_quants with weights defaulting to x^2. Same shapes and returns."""
+    return make_qkx2_quants(x, x * x if weights is None else weights, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``make_qp_quants``: positive-scale fit x ~ scale*L, L in [0, nmax], with C's uint8 wrap of L.
+
+    x: f32[n, *batch] (normally >= 0, negative values wrap like the C ``uint8_t L[]``), qw: weights
+    broadcastable to x. Returns (scale f32[*batch], L u8[n, *batch]); max(x) < eps blocks give 0, 0.
+    """
+    nmax_f = F32(nmax)
+    n = x.shape[0]
+    w = np.broadcast_to(qw, x.shape)
+    mx = np.zeros(x.shape[1:], F32)
+    for i in range(n):
+        mx = np.where(mx > x[i], mx, x[i])
+    zero = mx < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = nmax_f / mx
+        Lw = (nearest_int(iscale * x) & 0xFF).astype(F32)  # the stored uint8 values
+        scale = F32(1) / iscale
+        diff = x - scale * Lw
+        best_mse = seqsum(w * diff * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(step) + nmax_f) / mx
+            scale_is = F32(1) / iscale_is
+            l = np.minimum(nmax_f, nearest_int_f(iscale_is * x))
+            diff = x - scale_is * l
+            mse = seqsum(w * diff * diff)
+            upd = mse < best_mse
+            best_mse = np.where(upd, mse, best_mse)
+            iscale = np.where(upd, iscale_is, iscale)
+        l = np.minimum(nmax_f, nearest_int_f(iscale * x))  # the int, unwrapped, feeds the sums
+        wx = w * x
+        sumlx = seqsum(wx * l)
+        suml2 = seqsum(w * l * l)
+        Lw = (l.astype(np.int32) & 0xFF).astype(F32)
+        for _ in range(5):
+            n_changed = 0
+            for i in range(n):
+                li = Lw[i]
+                slx = sumlx - wx[i] * li
+                sl2 = suml2 - w[i] * li * li
+                new_l = np.minimum(nmax_f, nearest_int_f(x[i] * sl2 / slx))
+                slx_n = slx + wx[i] * new_l
+                sl2_n = sl2 + w[i] * new_l * new_l
+                acc = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_n * slx_n * suml2 > sumlx * sumlx * sl2_n)
+                Lw[i] = np.where(acc, (new_l.astype(np.int32) & 0xFF).astype(F32), li)
+                sumlx = np.where(acc, slx_n, sumlx)
+                suml2 = np.where(acc, sl2_n, suml2)
+                n_changed += int(acc.any())
+            if not n_changed:
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return np.where(zero, F32(0), scale), np.where(zero, F32(0), Lw).astype(np.uint8)
+
+
+def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``best_index_int8``: index of the nearest entry of the sorted int8 table ``values`` (ties go up).
+
+    values: int8[k] ascending; x: f32[...] -> int64[...].
+    """
+    vals = np.asarray(values, dtype=F32)
+    k = vals.shape[0]
+    mu = np.clip(np.searchsorted(vals, x, side="right"), 1, k - 1)
+    idx = np.where(x - vals[mu - 1] < vals[mu] - x, mu - 1, mu)
+    return np.where(x <= vals[0], 0, np.where(x >= vals[k - 1], k - 1, idx))

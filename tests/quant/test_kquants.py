@@ -1,0 +1,154 @@
+"""Q2_K..Q6_K vs libggml's ggml_quantize_chunk: 0 mismatching blocks, with and without imatrix."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from mtp_jax.quant.registry import dequantize, quantize
+
+KTYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+N = 1024  # 4 superblocks per row
+
+
+def _normal(rng, rows, n=N):
+    return (rng.standard_normal((rows, n)) * np.exp(2 * rng.standard_normal((rows, 1)))).astype(np.float32)
+
+
+def _bf16(x):
+    return (x.view(np.uint32) & 0xFFFF0000).view(np.float32)  # truncation is enough to create ties
+
+
+def _data(case: str, seed: int) -> np.ndarray:
+    """f32[R, N], a few hundred superblocks per case."""
+    rng = np.random.default_rng(seed)
+    x = _normal(rng, 64)
+    if case == "fp16":
+        x = x.astype(np.float16).astype(np.float32)
+    elif case == "bf16":
+        x = _bf16(x)
+    elif case == "zeros":
+        x[::3, 256:512] = 0  # whole superblocks
+        for r in range(x.shape[0]):  # zero 16- and 32-value sub-blocks inside normal superblocks
+            j = rng.integers(0, N // 16, 3)
+            x[r, 16 * j[0] : 16 * j[0] + 16] = 0
+            x[r, 32 * (j[1] // 2) : 32 * (j[1] // 2) + 32] = 0
+            x[r, 16 * j[2] : 16 * j[2] + 16] *= 1e-20
+    elif case == "constant":
+        x[0::4, :256] = 1.25
+        x[1::4, :256] = -0.75
+        x[2::4, 512:] = rng.choice([-3.0, 0.5, 2.0], size=(x[2::4].shape[0], 1)).astype(np.float32)
+        for r in range(x.shape[0]):  # constant sub-blocks inside normal superblocks
+            j = rng.integers(0, N // 16)
+            x[r, 16 * j : 16 * j + 16] = x[r, 16 * j]
+            x[r, 256 + 32 * (j % 8) : 256 + 32 * (j % 8) + 32] = -abs(x[r, 0])
+        x[3::4, 768:] = np.abs(x[3::4, 768:]) + 1.0  # all-positive superblocks
+    elif case == "outliers":
+        idx = rng.integers(0, x.size, x.size // 200)
+        x.flat[idx] *= rng.choice([-1e3, 1e3, 60.0], size=idx.size).astype(np.float32)
+        x[::7, 256:512] = -np.abs(x[::7, 256:512])  # all-negative superblocks
+    elif case == "tiny":
+        # per-superblock magnitudes across the eps thresholds (GROUP_MAX_EPS = 1e-15, scales ~ amax/nmax)
+        # and fp16 subnormal/underflow of d, dmin
+        mags = 10.0 ** rng.uniform(-19, -3, size=(x.shape[0], N // 256, 1))
+        x = (x.reshape(x.shape[0], -1, 256) / np.abs(x).max() * mags).astype(np.float32).reshape(x.shape)
+        x[:8, :16] = np.float32(1e-15) * rng.choice([-1.0, 1.0], size=(8, 16)).astype(np.float32)
+    elif case != "normal":
+        raise ValueError(case)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _imatrix(kind: str | None, seed: int, n: int = N) -> np.ndarray | None:
+    rng = np.random.default_rng(seed + 1000)
+    if kind is None:
+        return None
+    if kind == "ones":
+        return np.ones(n, np.float32)
+    im = rng.gamma(0.7, 2.0, n).astype(np.float32)
+    if kind == "zeros":
+        im[rng.random(n) < 0.25] = 0
+        im[32:64] = 0  # a whole sub-block without weight
+        im[512:768:2] = 0
+    return im
+
+
+def _assert_same(ours: np.ndarray, ref: np.ndarray, qtype: GGMLQuantizationType):
+    ts = GGML_QUANT_SIZES[qtype][1]
+    a = ours.reshape(-1, ts)
+    b = ref.reshape(-1, ts)
+    bad = np.any(a != b, axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        pytest.fail(
+            f"{qtype.name}: {int(bad.sum())}/{bad.size} blocks differ; first block {i}, "
+            f"byte offsets {np.nonzero(a[i] != b[i])[0][:16].tolist()}"
+        )
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("imatrix", [None, "gamma", "zeros", "ones"])
+@pytest.mark.parametrize("case", ["normal", "fp16", "bf16", "zeros", "constant", "outliers", "tiny"])
+@pytest.mark.parametrize("tname", KTYPES)
+def test_matches_ggml(ggml, tname, case, imatrix):
+    qtype = GGMLQuantizationType[tname]
+    seed = zlib.crc32(f"{tname}/{case}/{imatrix}".encode())
+    x = _data(case, seed)
+    im = _imatrix(imatrix, seed)
+    _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("tname", KTYPES)
+def test_expert_tensor_per_expert_imatrix(ggml, tname):
+    """3-D [n_expert, rows, cols]: llama-quant passes imatrix + expert*n_per_row to each expert's rows."""
+    qtype = GGMLQuantizationType[tname]
+    rng = np.random.default_rng(7)
+    n_expert, rows, cols = 4, 8, 512
+    x = _normal(rng, n_expert * rows, cols).reshape(n_expert, rows, cols)
+    im = rng.gamma(0.7, 2.0, (n_expert, cols)).astype(np.float32)
+    im[1, :64] = 0
+    for e in range(n_expert):
+        _assert_same(quantize(x[e], qtype, im[e]), ggml.ggml_quantize(x[e], qtype, im[e]), qtype)
+    whole = quantize(x, qtype)
+    assert whole.shape == (n_expert, rows, cols // 256 * GGML_QUANT_SIZES[qtype][1])
+    _assert_same(whole, ggml.ggml_quantize(x.reshape(-1, cols), qtype), qtype)
+
+
+@pytest.mark.parametrize("tname,tol", [("Q2_K", 0.45), ("Q3_K", 0.25), ("Q4_K", 0.12), ("Q5_K", 0.06), ("Q6_K", 0.03)])
+@pytest.mark.parametrize("imatrix", [None, "gamma"])
+def test_round_trip_close(tname, tol, imatrix):
+    qtype = GGMLQuantizationType[tname]
+    x = np.random.default_rng(3).standard_normal((16, N)).astype(np.float32)
+    y = dequantize(quantize(x, qtype, _imatrix(imatrix, 3)), qtype)
+    assert y.shape == x.shape
+    rel = np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2))
+    assert rel < tol, rel
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("piece", [48, 992])  # last search piece of 1 block: n=16 resp. n=32 types
+@pytest.mark.parametrize("tname", KTYPES)
+def test_chunk_and_piece_boundaries(ggml, tname, piece, monkeypatch):
+    """Tiny superblock chunks and search pieces must not change a byte."""
+    from mtp_jax.quant import kquants, primitives
+
+    monkeypatch.setattr(kquants, "_CHUNK", 4)
+    monkeypatch.setattr(primitives, "_PIECE", piece)
+    qtype = GGMLQuantizationType[tname]
+    x = _data("fp16", 11)[:5, :768]
+    for im in (None, _imatrix("zeros", 11, 768)):
+        _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("tname", KTYPES)
+def test_single_superblock(ggml, tname):
+    """One block per call: numpy would reduce a lone block pairwise, seqsum must not."""
+    qtype = GGMLQuantizationType[tname]
+    for seed in range(4):
+        x = _data("normal", seed)[:1, :256]
+        for im in (None, _imatrix("gamma", seed, 256)):
+            _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
