@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 DEFAULT_CONFIG = "glm4moe-tiny"
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "glm4moe-stdlib-f16.gguf"
+
+
+def default_model() -> str:
+    """The embedded trained model when it is installed, else the tiny config with random weights."""
+    return str(EMBEDDED_MODEL) if EMBEDDED_MODEL.exists() else DEFAULT_CONFIG
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -19,21 +26,19 @@ def _parse_ids(text: str) -> list[list[int]]:
 
 
 def _load_model(args):
-    """(cfg, params) from --config with random weights (seeded by --weights-seed)."""
-    import jax
+    """(cfg, params, tokenizer or None) from --model (or --config: random weights seeded by --weights-seed)."""
+    from mtp_jax.io.load import load_model
 
-    from mtp_jax import params as P
-    from mtp_jax.config import load_config
-
-    cfg = load_config(args.config)
-    return cfg, P.init(jax.random.key(args.weights_seed), cfg)
+    return load_model(args.model or args.config or default_model(), seed=args.weights_seed)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="model config: a YAML file, an HF config.json, or a name in configs/ "
-                        f"(default: {DEFAULT_CONFIG}); weights are random, seeded by --weights-seed")
-    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--model", "-m", default=None,
+                   help="a GGUF file, an HF safetensors directory, an mtp_jax orbax checkpoint, or a config "
+                        "(YAML, HF config.json, or a name in configs/: random weights); default: the embedded "
+                        "trained model")
+    p.add_argument("--config", default=None, help="same as --model with a config (kept for scripts)")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
 
 
 def _timed(fn, repeats: int):
@@ -51,15 +56,23 @@ def cmd_generate(args) -> int:
     from mtp_jax import speculative
     from mtp_jax.sampling import Sampling
 
-    cfg, params = _load_model(args)
-    prompts = args.prompt_ids or [[1, 2, 3]]
+    cfg, params, tok = _load_model(args)
+    if args.prompt is not None:
+        if tok is None:
+            raise ValueError("--prompt needs a model with a tokenizer (a GGUF or HF model); use --prompt-ids")
+        prompts = [tok.encode(p, add_special=True) for p in args.prompt]
+    else:
+        prompts = args.prompt_ids or ([tok.encode("def ", add_special=True)] if tok else [[1, 2, 3]])
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     k = args.num_draft if cfg.has_mtp else 0
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
     res = _timed(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace, **common),
                  args.repeats)
     for i, toks in enumerate(res.tokens):
-        print(f"[{i}] prompt {prompts[i]} -> {toks}")
+        if tok is not None:
+            print(f"[{i}] {tok.decode(prompts[i])!r} -> {tok.decode(toks)!r}")
+        else:
+            print(f"[{i}] prompt {prompts[i]} -> {toks}")
     mode = f"MTP speculative, K={k}" if k else "plain"
     print(f"{mode}: {res.num_tokens} tokens in {res.seconds * 1e3:.1f} ms = {res.num_tokens / res.seconds:.1f} tok/s "
           f"(compiled, batch {len(prompts)})")
@@ -76,11 +89,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_imatrix(args) -> int:
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from mtp_jax import imatrix as IM
+    from mtp_jax.io.imatrix_gguf import write_imatrix_gguf
+    from mtp_jax.io.load import load_model
+
+    cfg, params, tok = load_model(args.model or default_model())
+    if tok is None:
+        raise ValueError(f"{args.model} has no tokenizer: imatrix needs one to tokenize {args.file}")
+    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+    bos = tok.bos_id if tok.add_bos else None
+    chunks = IM.make_chunks(tok.encode(text, add_special=True), args.chunk_size, bos, args.chunks)
+    col = IM.Collector(params, cfg, mtp=not args.no_mtp, process_output=args.process_output, batch=args.batch)
+    datasets = [Path(args.file).name]
+    save = lambda: write_imatrix_gguf(col.result(args.chunk_size, datasets, not args.no_neutral_lookups),  # noqa: E731
+                                      args.output)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(chunks), unit="chunk", desc="imatrix", disable=args.quiet)
+    for n_batches, i in enumerate(range(0, len(chunks), args.batch), start=1):
+        ppl = col.add(chunks[i: i + args.batch])
+        bar.update(len(ppl))
+        bar.set_postfix(tok_s=f"{col.chunks * args.chunk_size / (time.perf_counter() - t0):.0f}", ppl=f"{ppl[-1]:.2f}")
+        if args.save_frequency and n_batches % args.save_frequency == 0:
+            save()
+    bar.close()
+    path = save()
+    dt = time.perf_counter() - t0
+    mtp = f", NextN head perplexity {col.mtp_perplexity:.3f}" if col.mtp_perplexity else ""
+    print(f"{col.chunks} chunks x {args.chunk_size} tokens in {dt:.1f} s ({col.chunks * args.chunk_size / dt:.0f} tok/s), "
+          f"perplexity {col.perplexity:.3f}{mtp}; {len(col.sums)} tensors with statistics -> {path}")
+    return 0
+
+
 def cmd_params(args) -> int:
     from mtp_jax import params as P
     from mtp_jax.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config or DEFAULT_CONFIG)
     counts = P.param_counts(cfg)
     if args.json:
         print(json.dumps(counts))
@@ -91,6 +141,9 @@ def cmd_params(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mtp_jax.io.cli import add_io_parsers
+    from mtp_jax.quant.cli import add_quantize_parser
+
     parser = argparse.ArgumentParser(
         prog="mtp-jax",
         description="Multi-Token-Prediction (NextN) heads in JAX: speculative decoding, MTP-aware importance "
@@ -102,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "NextN head, verify with the trunk, all in one compiled loop); prints the tokens, "
                                    "tokens/s (after a warm-up call that compiles) and acceptance statistics.")
     _add_model_args(g)
+    g.add_argument("--prompt", "-p", action="append", default=None,
+                   help="prompt text (repeat for a batch); needs a model with a tokenizer")
     g.add_argument("--prompt-ids", type=_parse_ids, default=None,
                    help="prompt token ids, comma-separated; ';' separates the rows of a batch (default 1,2,3)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default 32)")
@@ -124,10 +179,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config YAML, HF config.json, or a name in configs/")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
+    im = sub.add_parser("imatrix", help="collect an importance matrix (MTP/NextN tensors included)",
+                        description="Collect llama.cpp-compatible importance-matrix statistics over a text, with the "
+                                    "NextN head driven as while drafting so blk.N.nextn.* and the MTP block get "
+                                    "entries (llama-imatrix leaves them out). Writes llama.cpp's imatrix GGUF.")
+    im.add_argument("--model", "-m", default=None, help="GGUF / HF dir / orbax dir (default: the embedded model)")
+    im.add_argument("-f", "--file", required=True, help="text file to collect over")
+    im.add_argument("-o", "--output", default="imatrix.gguf", help="output imatrix GGUF (default imatrix.gguf)")
+    im.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk (llama-imatrix -c, default 512)")
+    im.add_argument("--chunks", type=int, default=None, help="use at most this many chunks")
+    im.add_argument("--batch", "-b", type=int, default=1, help="chunks per forward (any size; default 1)")
+    im.add_argument("--no-mtp", action="store_true", help="trunk only, as llama-imatrix")
+    im.add_argument("--process-output", action="store_true", help="also collect output.weight (llama-imatrix flag)")
+    im.add_argument("--no-neutral-lookups", action="store_true",
+                    help="do not write neutral (count 0) entries for row-lookup tensors such as nextn.embed_tokens")
+    im.add_argument("--save-frequency", type=int, default=0, metavar="N",
+                    help="rewrite the output every N batches, so an interrupted run loses at most N (0 = at the end)")
+    im.add_argument("--quiet", action="store_true", help="no progress bar")
+    im.set_defaults(func=cmd_imatrix)
+
+    add_quantize_parser(sub)
+    add_io_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # XLA cannot alias every donated cache buffer to an output (the NextN cache is not returned): harmless
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,42 @@
+"""The mtp-jax command: every subcommand has --help, generate runs, bad input exits 2 with one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mtp_jax import cli
+
+SUBCOMMANDS = ["generate", "params", "imatrix", "quantize", "convert", "info"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out) > 200
+
+
+def test_generate_random_weights_with_compare(capsys):
+    assert cli.main(["generate", "--config", "configs/glm4moe-tiny.yaml", "--prompt-ids", "1,2,3;4,5",
+                     "--max-new-tokens", "6", "--compare", "--repeats", "1", "-K", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] prompt [1, 2, 3] -> [" in out and "[1] prompt [4, 5]" in out
+    assert "MTP speculative, K=2" in out and "tok/s" in out and "speedup" in out and "outputs identical" in out
+
+
+def test_generate_bad_token_id_is_one_clear_line(capsys):
+    assert cli.main(["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,100000"]) == 2
+    err = capsys.readouterr().err
+    assert "out of vocabulary" in err and "Traceback" not in err
+
+
+def test_params_json(capsys):
+    assert cli.main(["params", "--config", "glm-4.5-air", "--json"]) == 0
+    assert '"nextn_total"' in capsys.readouterr().out
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "mtp_jax.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "generate" in out.stdout and "quantize" in out.stdout
