@@ -28,6 +28,7 @@ from mtp_jax.quant.primitives import (
     fp16_bytes,
     make_qp_quants,
     nearest_int,
+    seqsum,
 )
 
 F = np.float32
@@ -37,11 +38,8 @@ _CHUNK = 1024  # superblocks per vectorized pass (bounds the memory of the searc
 # ---------------------------------------------------------------------------------------------- helpers
 
 def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """f32[..., n] -> f32[...]: acc = acc + terms[..., i] for i = 0..n-1 (C loop order)."""
-    acc = np.zeros(terms.shape[:-1], dtype=F)
-    for i in range(terms.shape[-1]):
-        acc = acc + terms[..., i]
-    return acc
+    """f32[..., n] -> f32[...]: C's ``s = 0; for (i) s += terms[i];`` over the last axis."""
+    return seqsum(element_major(terms))
 
 
 def _sumqx_sumq2(w: np.ndarray, x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,15 +48,8 @@ def _sumqx_sumq2(w: np.ndarray, x: np.ndarray, q: np.ndarray) -> tuple[np.ndarra
 
 
 def _make_qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
-    """make_qp_quants(n, nmax, x, L, w) scale: f32[S, n] x2 -> f32[S].
-
-    primitives.seqsum is pairwise, not sequential, when its batch holds a single block (numpy then
-    reduces over a contiguous axis), so a lone block is padded with a zero one.
-    """
-    S = len(x)
-    if S == 1:
-        x, w = np.concatenate([x, np.zeros_like(x)]), np.concatenate([w, np.zeros_like(w)])
-    return make_qp_quants(element_major(x), nmax, element_major(w))[0][:S]
+    """make_qp_quants(n, nmax, x, L, w) scale: f32[S, n] x2 -> f32[S] (IQ2_XXS ignores its L)."""
+    return make_qp_quants(element_major(x), nmax, element_major(w))[0]
 
 
 def _superblock_weights(xs: np.ndarray, qw: np.ndarray | None, sigma_mul: int, mode: str) -> np.ndarray:
