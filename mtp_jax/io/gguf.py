@@ -1,0 +1,492 @@
+"""GGUF <-> (ModelConfig, Params) for llama.cpp's ``glm4moe`` architecture, the NextN (MTP) block included.
+
+Conventions, checked against the llama.cpp tree of llama-cpp-python 0.3.36:
+
+* names: gguf-py's ``TENSOR_NAMES`` for ``MODEL_ARCH.GLM4_MOE`` (src/llama-arch.cpp). HF's
+  ``post_attention_layernorm`` is ``blk.N.post_attention_norm`` (ATTN_POST_NORM: GLM4_MOE has no FFN_NORM),
+  ``e_score_correction_bias`` is ``blk.N.exp_probs_b.bias``;
+* layout: numpy shape = ggml ``ne`` reversed, so a weight is [out, in] like HF's nn.Linear, routed experts are
+  stacked [E, out, in] (conversion/glm.py ``Glm4MoeModel.modify_tensors``), and Q/K are not permuted for this
+  arch (NeoX RoPE; the comment above modify_tensors says so);
+* the NextN block is ``blk.{n_layer}``: an ordinary MoE block plus ``nextn.{eh_proj, enorm, hnorm,
+  shared_head_norm, shared_head_head, embed_tokens}`` (the last three optional; src/models/glm4-moe.cpp
+  ``load_arch_tensors``); ``block_count`` counts it and ``nextn_predict_layers`` says how many there are;
+* tensor types as convert_hf_to_gguf's ``prepare_tensors``: 1-D tensors, ``*_norm.weight``, biases and
+  ``ffn_gate_inp`` stay F32, every other weight takes ``outtype``.
+
+Reading memory-maps the file and copies each tensor once, straight into its (64-byte aligned) slot of the
+stacked parameter array, which ``jax.device_put`` then adopts without a copy on CPU; the mapped pages of a
+tensor are released once it is copied, so peak host memory stays near the size of the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jax
+import ml_dtypes
+import numpy as np
+from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
+
+from mtp_jax import params as P
+from mtp_jax.config import ModelConfig
+from mtp_jax.io import tree
+from mtp_jax.io.tokenizer import Tokenizer
+
+ARCH = gguf.MODEL_ARCH_NAMES[MODEL_ARCH.GLM4_MOE]  # "glm4moe"
+OUTTYPES = {  # --outtype -> (tensor type of the big weights, general.file_type)
+    "f32": (GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+_RAW_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+               GGMLQuantizationType.BF16: ml_dtypes.bfloat16}
+_ALIGN = 64  # XLA:CPU adopts host buffers aligned to 64 bytes without copying them
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read as (or written from) a glm4moe model; the message names the file."""
+
+
+# ---- the tensor plan: one spec per GGUF tensor of a block ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One GGUF tensor and the leaf it fills. ``n_in`` None: a vector (norm, bias), stored flat, or with ``table``
+    an embedding table [rows, D], stored as is; an int k: a linear map whose first k dims (after ``batch``
+    leading dims) are its inputs, stored [*batch, out, in]."""
+
+    tensor: MODEL_TENSOR
+    path: tuple[str, ...]  # attribute path inside a Layer / NextN / Params
+    n_in: int | None = None
+    batch: int = 0
+    suffix: str = "weight"
+    table: bool = False
+
+    def name(self, bid: int | None = None) -> str:
+        return TENSOR_NAMES[self.tensor].format(bid=bid) + "." + self.suffix
+
+    def gguf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        if self.n_in is None:
+            return ours if self.table else (math.prod(ours),)
+        b, rest = ours[: self.batch], ours[self.batch:]
+        return (*b, math.prod(rest[self.n_in:]), math.prod(rest[: self.n_in]))
+
+    def to_gguf(self, x: np.ndarray) -> np.ndarray:
+        """Our layout -> GGUF numpy layout (a view when x is contiguous)."""
+        if self.n_in is None:
+            return x.reshape(self.gguf_shape(x.shape))
+        b, rest = x.shape[: self.batch], x.shape[self.batch:]
+        return x.reshape(*b, math.prod(rest[: self.n_in]), math.prod(rest[self.n_in:])).swapaxes(-1, -2)
+
+    def from_gguf(self, y: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+        """GGUF numpy layout (contiguous) -> a view in our layout."""
+        if self.n_in is None:
+            return y.reshape(ours)
+        b, rest = ours[: self.batch], ours[self.batch:]
+        ins, outs = rest[: self.n_in], rest[self.n_in:]
+        v = y.reshape(*b, *outs, *ins)
+        nb, no = len(b), len(outs)
+        return v.transpose(*range(nb), *range(nb + no, v.ndim), *range(nb, nb + no))
+
+    def ggml_type(self, name: str, n_dims: int, outtype: GGMLQuantizationType) -> GGMLQuantizationType:
+        """convert_hf_to_gguf prepare_tensors' rule."""
+        f32 = (n_dims <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+               or self.tensor == MODEL_TENSOR.FFN_GATE_INP)
+        return GGMLQuantizationType.F32 if f32 else outtype
+
+
+T = MODEL_TENSOR
+
+
+def layer_specs(cfg: ModelConfig, moe: bool) -> list[Spec]:
+    """The tensors of one decoder block (in HF's order of a layer's tensors)."""
+    s = [Spec(T.ATTN_NORM, ("attn_norm",)), Spec(T.ATTN_POST_NORM, ("ffn_norm",))]
+    s += [Spec(T.ATTN_Q, ("attn", "wq"), 1), Spec(T.ATTN_K, ("attn", "wk"), 1), Spec(T.ATTN_V, ("attn", "wv"), 1),
+          Spec(T.ATTN_OUT, ("attn", "wo"), 2)]
+    if cfg.attention_bias:
+        s += [Spec(T.ATTN_Q, ("attn", "bq"), suffix="bias"), Spec(T.ATTN_K, ("attn", "bk"), suffix="bias"),
+              Spec(T.ATTN_V, ("attn", "bv"), suffix="bias")]
+    if cfg.use_qk_norm:
+        s += [Spec(T.ATTN_Q_NORM, ("attn", "q_norm")), Spec(T.ATTN_K_NORM, ("attn", "k_norm"))]
+    if not moe:
+        return s + [Spec(T.FFN_GATE, ("ffn", "gate"), 1), Spec(T.FFN_UP, ("ffn", "up"), 1),
+                    Spec(T.FFN_DOWN, ("ffn", "down"), 1)]
+    s += [Spec(T.FFN_GATE_INP, ("ffn", "router"), 1), Spec(T.FFN_EXP_PROBS_B, ("ffn", "bias"), suffix="bias"),
+          Spec(T.FFN_GATE_EXP, ("ffn", "gate"), 1, 1), Spec(T.FFN_UP_EXP, ("ffn", "up"), 1, 1),
+          Spec(T.FFN_DOWN_EXP, ("ffn", "down"), 1, 1)]
+    if cfg.n_shared_experts:
+        s += [Spec(T.FFN_GATE_SHEXP, ("ffn", "shared", "gate"), 1), Spec(T.FFN_UP_SHEXP, ("ffn", "shared", "up"), 1),
+              Spec(T.FFN_DOWN_SHEXP, ("ffn", "shared", "down"), 1)]
+    return s
+
+
+NEXTN_SPECS = [Spec(T.NEXTN_EH_PROJ, ("eh_proj",), 1), Spec(T.NEXTN_ENORM, ("enorm",)),
+               Spec(T.NEXTN_HNORM, ("hnorm",)), Spec(T.NEXTN_SHARED_HEAD_NORM, ("shared_head_norm",)),
+               Spec(T.NEXTN_SHARED_HEAD_HEAD, ("shared_head_head",), 1),
+               Spec(T.NEXTN_EMBED_TOKENS, ("embed_tokens",), table=True)]
+TOP_SPECS = [Spec(T.TOKEN_EMBD, ("embed",), table=True), Spec(T.OUTPUT_NORM, ("final_norm",)),
+             Spec(T.OUTPUT, ("lm_head",), 1)]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one GGUF tensor goes: the Params leaf (attribute path) and the layer index inside a stack."""
+
+    name: str
+    spec: Spec
+    leaf: tuple[Any, ...]
+    index: int | None  # row of a stacked leaf, None for unstacked leaves
+
+
+def plan(cfg: ModelConfig, template: P.Params) -> Iterator[Slot]:
+    """Every GGUF tensor of a model shaped like ``template`` (None leaves skipped): token_embd, the blocks in
+    order (the NextN block last), output_norm, output. llama.cpp looks tensors up by name; order is free."""
+    top = {s.path[0]: s for s in TOP_SPECS}
+    yield Slot(top["embed"].name(), top["embed"], ("embed",), None)
+    stacks = [("dense_layers", cfg.num_dense_layers, False), ("moe_layers", cfg.num_moe_layers, True)]
+    bid = 0
+    for attr, n, moe in stacks:
+        if getattr(template, attr) is None:
+            continue
+        for j in range(n):
+            for s in layer_specs(cfg, moe):
+                yield Slot(s.name(bid), s, (attr, *s.path), j)
+            bid += 1
+    for n, nn in enumerate(template.nextn or ()):
+        b = cfg.num_hidden_layers + n
+        for s in layer_specs(cfg, True):
+            yield Slot(s.name(b), s, ("nextn", n, "layer", *s.path), None)
+        for s in NEXTN_SPECS:
+            if getattr(nn, s.path[0]) is not None:
+                yield Slot(s.name(b), s, ("nextn", n, *s.path), None)
+    yield Slot(top["final_norm"].name(), top["final_norm"], ("final_norm",), None)
+    if template.lm_head is not None:
+        yield Slot(top["lm_head"].name(), top["lm_head"], ("lm_head",), None)
+
+
+# ---- metadata <-> ModelConfig ---------------------------------------------------------------------------------
+
+
+_REQUIRED = object()
+
+
+def _kv(reader: gguf.GGUFReader, key: str, default: Any = None, path: Any = "") -> Any:
+    key = key.format(arch=ARCH)
+    f = reader.fields.get(key)
+    if f is None:
+        if default is _REQUIRED:
+            raise GGUFError(f"{path}: missing metadata key {key}")
+        return default
+    v = f.contents()
+    if isinstance(v, list) and v and not isinstance(v[0], str):  # per-layer arrays (get_key_or_arr)
+        if len(set(v)) != 1:
+            raise GGUFError(f"{path}: {key} varies per layer ({v}); only uniform layers are supported")
+        v = v[0]
+    return v
+
+
+def _f32(v: float) -> float:
+    """GGUF stores float32: take the shortest decimal that rounds to it, so 1e-5 reads back as 1e-5."""
+    return float(str(np.float32(v)))
+
+
+def _rotary_factor(n_rot: int, head_dim: int) -> float:
+    """partial_rotary_factor with int(head_dim * factor) == n_rot (ModelConfig.rotary_dim)."""
+    f = n_rot / head_dim
+    return f if int(head_dim * f) == n_rot else math.nextafter(f, 1.0)
+
+
+def config_from_gguf(reader: gguf.GGUFReader, path: Any = "", dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from a glm4moe GGUF's metadata and tensor shapes (llama-model.cpp load_hparams +
+    glm4-moe.cpp load_arch_hparams)."""
+    arch = _kv(reader, Keys.General.ARCHITECTURE)
+    if arch != ARCH:
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (expected {ARCH!r})")
+    L = Keys.LLM
+    req = lambda k: _kv(reader, k, _REQUIRED, path)  # noqa: E731
+    opt = lambda k, d=None: _kv(reader, k, d, path)  # noqa: E731
+    gating = opt(L.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SIGMOID))
+    if gating != gguf.ExpertGatingFuncType.SIGMOID:
+        raise GGUFError(f"{path}: expert_gating_func {gating} is not supported (GLM-4.5 uses sigmoid = 2)")
+    scaling = opt(Keys.Rope.SCALING_TYPE, "none")
+    if scaling not in ("none", "linear") or (scaling == "linear" and opt(Keys.Rope.SCALING_FACTOR, 1.0) != 1.0):
+        raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{path}: missing tensor token_embd.weight")
+    D, V = (int(x) for x in tensors["token_embd.weight"].shape[:2])
+    n_head = req(Keys.Attention.HEAD_COUNT)
+    head_dim = opt(Keys.Attention.KEY_LENGTH, D // n_head)
+    if opt(Keys.Attention.VALUE_LENGTH, head_dim) != head_dim:
+        raise GGUFError(f"{path}: key_length and value_length differ; glm4moe needs them equal")
+    n_nextn = opt(L.NEXTN_PREDICT_LAYERS, 0)
+    n_layer = req(L.BLOCK_COUNT) - n_nextn
+    n_group = opt(L.EXPERT_GROUP_COUNT, 0) or 1
+    T_ = Keys.Tokenizer
+    eos = tuple(dict.fromkeys(i for i in (_kv(reader, T_.EOS_ID), _kv(reader, T_.EOT_ID), _kv(reader, T_.EOM_ID))
+                              if i is not None))
+    try:
+        return ModelConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            num_key_value_heads=opt(Keys.Attention.HEAD_COUNT_KV, n_head), head_dim=head_dim,
+            intermediate_size=opt(L.FEED_FORWARD_LENGTH, 0), moe_intermediate_size=req(L.EXPERT_FEED_FORWARD_LENGTH),
+            n_routed_experts=req(L.EXPERT_COUNT), num_experts_per_tok=req(L.EXPERT_USED_COUNT),
+            n_shared_experts=opt(L.EXPERT_SHARED_COUNT, 0), first_k_dense_replace=opt(L.LEADING_DENSE_BLOCK_COUNT, 0),
+            n_group=n_group, topk_group=opt(L.EXPERT_GROUP_USED_COUNT, 0) or n_group,
+            norm_topk_prob=bool(opt(L.EXPERT_WEIGHTS_NORM, False)),
+            routed_scaling_factor=_f32(opt(L.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
+            partial_rotary_factor=_rotary_factor(opt(Keys.Rope.DIMENSION_COUNT, head_dim), head_dim),
+            rope_theta=_f32(opt(Keys.Rope.FREQ_BASE, 10000.0)),
+            rms_norm_eps=_f32(req(Keys.Attention.LAYERNORM_RMS_EPS)),
+            attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors,
+            num_nextn_predict_layers=n_nextn, tie_word_embeddings="output.weight" not in tensors,
+            max_position_embeddings=opt(L.CONTEXT_LENGTH, 131072), bos_token_id=_kv(reader, T_.BOS_ID),
+            eos_token_ids=eos, dtype=dtype, name=opt(Keys.General.NAME, ARCH),
+        )
+    except ValueError as e:
+        raise GGUFError(f"{path}: inconsistent glm4moe metadata: {e}") from None
+
+
+def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, ftype: gguf.LlamaFileType) -> None:
+    """The keys llama.cpp reads for glm4moe, in the order Glm4MoeModel.set_gguf_parameters writes them."""
+    w.add_name(cfg.name)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_block_count(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if 1 < cfg.n_group and cfg.topk_group < cfg.n_group:  # llama.cpp asserts n_group_used < n_expert_groups
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_file_type(ftype)
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    w.add_nextn_predict_layers(cfg.num_nextn_predict_layers)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_special_ids(w: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
+    """cfg.eos_token_ids are GLM's (eos, eot, eom) = HF config.json's eos_token_id list; BOS is the config's,
+    else the tokenizer's (what llama.cpp prepends when add_bos_token is set)."""
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer and tokenizer.bos_id
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    for add, i in zip((w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id), cfg.eos_token_ids):
+        add(i)
+
+
+# ---- reading --------------------------------------------------------------------------------------------------
+
+
+class _Reader(gguf.GGUFReader):
+    """GGUFReader that names the tensor a truncated file cuts off, instead of failing in a reshape."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        size = len(self.data)
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            qtype = GGMLQuantizationType(int(raw_type[0]))
+            bs, ts = GGML_QUANT_SIZES[qtype]
+            end = int(start_offs + offset[0]) + math.prod(int(d) for d in dims) // bs * ts
+            if end > size:
+                raise GGUFError(f"truncated file: tensor {bytes(name).decode()} needs bytes up to {end}, "
+                                f"the file has {size}")
+        super()._build_tensors(start_offs, fields)
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A GGUFReader (memory-mapped), with bad files reported as GGUFError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return _Reader(path)
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        raise GGUFError(f"{path}: truncated or corrupt GGUF header ({type(e).__name__}: {e})") from None
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    n = math.prod(shape) * dtype.itemsize
+    buf = np.empty(n + _ALIGN, np.uint8)
+    off = -buf.ctypes.data % _ALIGN
+    return buf[off: off + n].view(dtype).reshape(shape)
+
+
+def _source(mm: mmap.mmap, t: Any, path: Path) -> np.ndarray:
+    """The tensor's data in GGUF numpy layout: a view of the mapping for F32/F16/BF16, dequantized otherwise."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    raw = _RAW_DTYPES.get(t.tensor_type)
+    if raw is not None:
+        return np.frombuffer(mm, raw, math.prod(shape), t.data_offset).reshape(shape)
+    data = np.frombuffer(mm, np.uint8, t.n_bytes, t.data_offset)
+    try:
+        return gguf.quants.dequantize(data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type)),
+                                      t.tensor_type)
+    except NotImplementedError:
+        raise GGUFError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py cannot "
+                        f"dequantize") from None
+
+
+def _check_finite(x: np.ndarray, name: str, path: Path) -> None:
+    bad = ~np.isfinite(x.reshape(-1))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise GGUFError(f"{path}: tensor {name} contains non-finite values ({int(bad.sum())} of them; first at "
+                        f"flat index {i}: {x.reshape(-1)[i]})")
+
+
+def _release(mm: mmap.mmap, t: Any) -> None:
+    """Drop the tensor's mapped pages from this process (they stay in the page cache)."""
+    page = mmap.PAGESIZE
+    start = t.data_offset // page * page
+    end = min(-(-(t.data_offset + t.n_bytes) // page) * page, len(mm))
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
+              check_finite: bool = False) -> tuple[ModelConfig, P.Params]:
+    """A glm4moe GGUF -> (ModelConfig, Params of jax arrays in ``dtype``).
+
+    ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
+    bfloat16 for quantized files. ``load_mtp=False`` skips the NextN block's tensors like llama.cpp's
+    TENSOR_SKIP (params.nextn is None; the config keeps num_nextn_predict_layers); so does a trunk-only file
+    whose config announces NextN layers but which has no ``blk.{n_layer}.nextn.eh_proj`` (glm4-moe.cpp
+    ``trunk_only``). Any type gguf-py dequantizes is accepted. Raises GGUFError naming the file (and tensor)
+    for bad input.
+    """
+    path = Path(path)
+    reader = open_gguf(path)
+    dtype = dtype or _default_dtype(reader)
+    cfg = config_from_gguf(reader, path, dtype)
+    tensors = {t.name: t for t in reader.tensors}
+    present = {s.path[0] for s in NEXTN_SPECS if s.name(cfg.num_hidden_layers) in tensors}
+    template = tree.template(cfg, present, load_mtp and "eh_proj" in present)
+    dt = np.dtype(dtype)
+    bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt) for leaf in tree.leaf_paths(template)}
+    with open(path, "rb") as f:  # the mapping is left to the GC: a GGUFError's traceback may hold views of it
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    for slot in plan(cfg, template):
+        t = tensors.get(slot.name)
+        if t is None:
+            raise GGUFError(f"{path}: missing tensor {slot.name}")
+        dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
+        want = slot.spec.gguf_shape(dst.shape)
+        got = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if got != want:
+            raise GGUFError(f"{path}: tensor {slot.name} has shape {list(got)} (numpy order), "
+                            f"expected {list(want)}")
+        src = _source(mm, t, path)
+        if check_finite:
+            _check_finite(src, slot.name, path)
+        np.copyto(dst, slot.spec.from_gguf(src, dst.shape), casting="unsafe")
+        del src
+        _release(mm, t)
+    return cfg, tree.build(template, [jax.device_put(bufs[leaf]) for leaf in tree.leaf_paths(template)])
+
+
+def _default_dtype(reader: gguf.GGUFReader) -> str:
+    """From general.file_type (else token_embd's type): F32 -> float32, F16 -> float16, anything else bfloat16."""
+    ftype = _kv(reader, Keys.General.FILE_TYPE)
+    if ftype is None:
+        embd = [t.tensor_type for t in reader.tensors if t.name == "token_embd.weight"]
+        ftype = {GGMLQuantizationType.F32: 0, GGMLQuantizationType.F16: 1}.get(embd[0] if embd else None)
+    return {gguf.LlamaFileType.ALL_F32: "float32", gguf.LlamaFileType.MOSTLY_F16: "float16"}.get(ftype, "bfloat16")
+
+
+def read_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+    return Tokenizer.from_gguf(open_gguf(path))
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+
+def _encode(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    if qtype == GGMLQuantizationType.F32:
+        return np.ascontiguousarray(x, np.float32)
+    if qtype == GGMLQuantizationType.F16:
+        return np.ascontiguousarray(x, np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(x, np.float32), qtype)  # BF16: round-to-nearest-even bytes
+
+
+def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outtype: str = "f32",
+               tokenizer: Tokenizer | None = None) -> Path:
+    """(ModelConfig, Params) -> a glm4moe GGUF llama.cpp loads (NextN block included when params has one).
+
+    ``outtype`` f32 / f16 / bf16 for the weight matrices (norms, biases, router stay F32). The tokenizer's
+    vocabulary is padded to cfg.vocab_size; without one the file says ``tokenizer.ggml.model = none``. Written
+    to a temporary file in the same directory and renamed on success: no partial file is ever left.
+    """
+    if outtype not in OUTTYPES:
+        raise GGUFError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
+    qtype, ftype = OUTTYPES[outtype]
+    path = Path(path)
+    if (params.nextn is not None) != cfg.has_mtp:
+        raise GGUFError(f"{path}: params {'have' if params.nextn else 'lack'} a NextN layer but the config says "
+                        f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+    template = tree.template_of(cfg, params)
+    try:
+        tree.check_shapes(template, params, path)
+    except ValueError as e:
+        raise GGUFError(str(e)) from None
+    host = {leaf: np.asarray(tree.get(params, leaf)) for leaf in tree.leaf_paths(template)}
+    if len(cfg.eos_token_ids) > 3:
+        raise GGUFError(f"{path}: GGUF holds at most 3 end-of-generation ids (eos, eot, eom), "
+                        f"got {cfg.eos_token_ids}")
+    slots = list(plan(cfg, template))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _write_metadata(w, cfg, ftype)
+        if tokenizer is not None:
+            tokenizer.add_to_gguf(w, cfg.vocab_size)
+        else:
+            w.add_tokenizer_model("none")
+        _write_special_ids(w, cfg, tokenizer)
+        types = []
+        for s in slots:
+            x = host[s.leaf] if s.index is None else host[s.leaf][s.index]
+            shape = s.spec.gguf_shape(x.shape)
+            types.append(s.spec.ggml_type(s.name, len(shape), qtype))
+            bs, ts = GGML_QUANT_SIZES[types[-1]]
+            w.add_tensor_info(s.name, shape, np.dtype(np.float32), math.prod(shape) // bs * ts, raw_dtype=types[-1])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for s, ty in zip(slots, types):
+            x = host[s.leaf] if s.index is None else host[s.leaf][s.index]
+            w.write_tensor_data(_encode(s.spec.to_gguf(x), ty))
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,59 @@
+"""One entry point for every model source: GGUF file, HF directory, orbax checkpoint, or YAML config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+
+from mtp_jax import params as P
+from mtp_jax.config import ModelConfig, load_config
+from mtp_jax.io.gguf import read_gguf, read_tokenizer
+from mtp_jax.io.hf import read_hf
+from mtp_jax.io.orbax import is_checkpoint, load_orbax
+from mtp_jax.io.tokenizer import Tokenizer
+
+
+def source_kind(spec: str | os.PathLike) -> str:
+    """'gguf' | 'hf' | 'orbax' | 'config' (a YAML file, an HF config.json, or a name in configs/)."""
+    path = Path(spec)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        return "config"
+    if path.is_dir():
+        if is_checkpoint(path):
+            return "orbax"
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return "hf"
+        raise ValueError(f"{path}: neither an HF checkpoint (config.json + *.safetensors) nor an mtp_jax "
+                         f"orbax checkpoint (config.json + params/)")
+    if path.suffix == ".gguf":
+        raise ValueError(f"{path}: no such file")
+    return "config"
+
+
+def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, load_mtp: bool = True,
+               seed: int = 0) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
+    """(cfg, params, tokenizer or None) from a GGUF file, an HF directory, an orbax checkpoint, or a config
+    (ModelConfig, YAML, HF config.json, or a configs/ name) with random weights drawn with ``seed``.
+
+    ``dtype`` None keeps the source's float type (the config's for random weights); ``load_mtp=False`` leaves
+    params.nextn None (the config still describes the NextN layer), as llama.cpp does without MTP."""
+    kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
+    if kind == "gguf":
+        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp)
+        return cfg, params, read_tokenizer(spec)
+    if kind == "hf":
+        cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)
+        has_tok = (Path(spec) / "tokenizer.json").is_file()
+        return cfg, params, Tokenizer.from_hf(spec) if has_tok else None
+    if kind == "orbax":
+        return load_orbax(spec, dtype=dtype, load_mtp=load_mtp)
+    cfg = spec if isinstance(spec, ModelConfig) else load_config(spec)
+    cfg = cfg.replace(dtype=dtype) if dtype else cfg
+    params = P.init(jax.random.key(seed), cfg)
+    return cfg, params if load_mtp else dataclasses.replace(params, nextn=None), None
