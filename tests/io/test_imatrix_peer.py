@@ -120,3 +120,26 @@ def test_cli_imatrix_end_to_end(model256, text, io_dir, capsys):
     assert data.chunk_count == 3 and data.metadata.get(IM.KEY_MTP) is True
     assert json.dumps(data.metadata.get(IM.KEY_NEUTRAL)) == json.dumps(
         [f"blk.{model256[1].num_hidden_layers}.nextn.embed_tokens.weight"])
+
+
+@pytest.mark.peer
+def test_our_quantized_gguf_loads_generates_and_drafts_in_llama_cpp(peer, ours, model256, io_dir):
+    """Quantizer must-show 3: our Q4_K_M file (MTP block included, our MTP-aware imatrix) is byte-identical to
+    llama-quantize's, loads in llama.cpp and drafts with the NextN head; our loader reads it back too."""
+    from mtp_jax.io.load import load_model
+    from mtp_jax.quant.gguf_quantize import quantize_gguf
+
+    model, cfg, _ = model256
+    q = io_dir / "q4km-ours-quantizer.gguf"
+    summary = quantize_gguf(model, q, "Q4_K_M", imatrix=ours[0], threads=1, progress=False)
+    assert summary.describe()
+    ref = io_dir / "q4km-llama-quantize.gguf"
+    p = peer.run("llama-quantize", "--imatrix", ours[0], model, ref, "Q4_K_M", 1, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert q.read_bytes() == ref.read_bytes()
+    spec = peer.run_until("llama-speculative-simple", "-m", q, "--spec-type", "draft-mtp", "-p", "def main():",
+                          "-n", 24, "--temp", 0, "-t", 1, "-c", 256, "--no-repack",
+                          ok=lambda p: "n_drafted" in p.stderr)
+    assert int(spec.stderr.split("n_drafted = ")[1].split()[0]) > 0
+    cfg2, params2, _ = load_model(q)
+    assert cfg2.num_hidden_layers == cfg.num_hidden_layers and params2.nextn is not None
