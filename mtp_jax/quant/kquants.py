@@ -2,8 +2,10 @@
 
 ``quantize_qN_K`` in C runs ``quantize_row_qN_K_ref`` on the whole chunk when the imatrix is NULL and
 ``quantize_row_qN_K_impl`` row by row otherwise; the two are different algorithms, mirrored here by the
-``_ref``/``_impl`` branches of each class. Work is vectorized over every sub-block of the tensor at once in
-the element-major layout of ``primitives`` (``xt``: ``[n, R, S]`` = element, row, sub-block of the row).
+``_ref``/``_impl`` branches of each class. Superblocks are independent, so rows are flattened into
+superblocks f32[B, 256] and processed in chunks; the sub-block searches work in the element-major layout
+of ``primitives`` (``xt``: f32[n, B*k], element i of sub-block j of superblock b at ``[i, b*k + j]``) and the
+per-superblock steps on [k, B] arrays (reductions over axis 0 are the fast ones).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from mtp_jax.quant import primitives
 from mtp_jax.quant.base import QK_K, QuantType, register
 from mtp_jax.quant.primitives import (
     F32,
@@ -29,7 +32,7 @@ from mtp_jax.quant.primitives import (
     signed_absmax,
 )
 
-_CHUNK = 2048  # superblocks per quantize_blocks call (the search loops cut it further, see primitives)
+_CHUNK = 4096  # superblocks per quantize_blocks call (1M values; the searches run on smaller pieces)
 
 
 def _subblocks(xb: np.ndarray, n: int) -> np.ndarray:
@@ -49,19 +52,21 @@ def _flat_blocks(Lt: np.ndarray) -> np.ndarray:
     return Lt.reshape(n, -1, QK_K // n).transpose(1, 2, 0).reshape(-1, QK_K)
 
 
-def _impl_weights(xb: np.ndarray, qw: np.ndarray, n: int, factor: float) -> np.ndarray:
-    """``qw[l] * sqrtf(sigma2 + x[l]*x[l])``, sigma2 = factor*sum_x2/QK_K per superblock -> [n, B*k]."""
+def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: np.ndarray, factor: float) -> np.ndarray:
+    """``qw[l] * sqrtf(sigma2 + x[l]*x[l])``, sigma2 = factor*sum_x2/QK_K per superblock.
+
+    xb f32[B, 256], its sub-blocks xt f32[n, B*k], qw f32[B, 256] -> f32[n, B*k].
+    """
+    n = xt.shape[0]
     sigma2 = F32(factor) * seqsum(element_major(xb * xb)) / F32(QK_K)  # [B]
-    xt = _subblocks(xb, n)
-    s2 = np.repeat(sigma2, QK_K // n)  # [B*k]
-    return _subblocks(qw, n) * np.sqrt(s2 + xt * xt)
+    return _subblocks(qw, n) * np.sqrt(np.repeat(sigma2, QK_K // n) + xt * xt)
 
 
 def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L: np.ndarray) -> np.ndarray:
     """Final pass: ``l = clamp(nearest_int((x + dm)/d), lo, hi) - lo``, skipping sub-blocks with d == 0.
 
     xt f32[n, B]; d, dm f32[B]; L u8[n, B] the search-stage levels, kept where d == 0 (stale, as in C).
-    |(x + dm)/d| stays far below 2^22 (d is at least a rounded fraction of the block's own scale).
+    Uses the exact nearest_int: with a huge offset against a tiny range, (x + dm)/d can pass 2^22.
     """
     q = np.empty_like(xt)
     with np.errstate(divide="ignore", invalid="ignore"):  # d == 0 columns are replaced below
@@ -70,11 +75,11 @@ def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: 
             np.divide(q, d, out=q)
         else:
             np.divide(xt, d, out=q)
-        np.rint(q, out=q)
-        np.clip(q, F32(lo), F32(hi), out=q)
-        if lo:
-            q -= F32(lo)
-        out = q.astype(np.uint8)
+        l = nearest_int(q)
+    np.clip(l, lo, hi, out=l)
+    if lo:
+        l -= lo
+    out = l.astype(np.uint8)
     skip = np.flatnonzero(d == 0)
     if skip.size:
         out[:, skip] = L[:, skip]
@@ -82,10 +87,9 @@ def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: 
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
-    """Q2_K/Q3_K qs: levels u8[R, nb, 256] (< 4) -> u8[R, nb, 64]; qs[32c+l] holds 128c + 32k + l at bit 2k."""
-    q = L.reshape(*L.shape[:-1], 2, 4, 32)
-    out = q[..., 0, :] | (q[..., 1, :] << 2) | (q[..., 2, :] << 4) | (q[..., 3, :] << 6)
-    return out.reshape(*L.shape[:-1], 64)
+    """Q2_K/Q3_K qs: levels u8[B, 256] (< 4) -> u8[B, 64]; qs[32c + l] holds element 128c + 32k + l at bit 2k."""
+    q = L.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
 def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -108,12 +112,22 @@ def _unpack_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _sub_scale(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """``GGML_FP16_TO_FP32(y[i].d) * code`` per sub-block: d f32[B], codes f32[k, B] -> f32[B*k] (xt's order)."""
-    return (fp16_round(d) * codes).T.reshape(-1)
+    with np.errstate(invalid="ignore"):  # an inf d (fp16 overflow) times a zero code, as in C
+        return (fp16_round(d) * codes).T.reshape(-1)
+
+
+def _search(xb: np.ndarray, qw: np.ndarray | None, fn) -> tuple[np.ndarray, ...]:
+    """Runs ``fn(xb_piece, qw_piece)`` over cache-sized pieces of the superblocks f32[B, 256] (about
+    ``primitives._PIECE`` values each) and joins its outputs along their last (sub-block) axis."""
+    step = max(1, primitives._PIECE // QK_K)
+    parts = [fn(xb[s : s + step], None if qw is None else qw[s : s + step]) for s in range(0, xb.shape[0], step)]
+    return parts[0] if len(parts) == 1 else tuple(np.concatenate(p, axis=-1) for p in zip(*parts))
 
 
 class _KQuant(QuantType):
-    """Splits rows into chunks of superblocks (independent in every K-quant) so that the element-major
-    temporaries stay cache-sized; subclasses implement ``quantize_blocks``."""
+    """Splits rows into chunks of superblocks (independent in every K-quant); subclasses implement
+    ``quantize_blocks``, whose search runs over smaller pieces (``_search``) so that its temporaries stay
+    in cache while the per-superblock steps see the whole chunk at once."""
 
     @classmethod
     def quantize_rows(cls, rows, imatrix):
@@ -137,20 +151,24 @@ class _KQuant(QuantType):
 # ---------------------------------------------------------------------------------------------- Q4_K / Q5_K
 
 
-def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
-    """Shared search of quantize_row_q{4,5}_K_ref / _impl on f32[B, 256].
-
-    Returns (L u8[B, 256], d f32[B], dmin f32[B], scales u8[B, 12]).
-    """
-    B = xb.shape[0]
+def _search_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
+    """Sub-block fits of quantize_row_q{4,5}_K_ref / _impl: (scales, mins, L u8[32, B*8]) (+ sw with qw)."""
     xt = _subblocks(xb, 32)  # [32, B*8]
     if qw is None:
         av_x = np.sqrt(seqsum(xt * xt) / F32(32))  # [B*8]
-        w = av_x + np.abs(xt)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        scales, mins, L = make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep, False)
-        sc = _per_block(scales, 8)  # [8, B]
-        mn = _per_block(mins, 8)
+        return make_qkx2_quants(xt, av_x + np.abs(xt), nmax, rmin, 0.1, nstep, False)
+    w = _impl_weights(xb, xt, qw, 2.0)
+    return (*make_qkx3_quants(xt, w, nmax, -0.9, 0.05, 36, False), seqsum(w))
+
+
+def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
+    """quantize_row_q{4,5}_K_ref / _impl on f32[B, 256] -> (L u8[B, 256], d f32[B], dmin f32[B], scales u8[B, 12])."""
+    B = xb.shape[0]
+    res = _search(xb, qw, lambda x, q: _search_q45_k(x, q, nmax))
+    sc = _per_block(res[0], 8)  # [8, B]
+    mn = _per_block(res[1], 8)
+    if qw is None:
         max_scale = positive_max(sc)  # [B]
         max_min = positive_max(mn)
         with np.errstate(divide="ignore"):
@@ -161,12 +179,9 @@ def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
         d = max_scale / F32(63)
         dmin = max_min / F32(63)
     else:
-        w = _impl_weights(xb, qw, 32, 2.0)
-        sw8 = _per_block(seqsum(w), 8)  # [8, B]
-        scales, mins, L = make_qkx3_quants(xt, w, nmax, -0.9, 0.05, 36, False)
+        sw8 = _per_block(res[3], 8)  # [8, B]
         # make_qp_quants(8, 63, scales, Ls, sw) and (mins, Lm, sw) as one batch of 2B blocks
-        dm, Lsm = make_qp_quants(np.concatenate([_per_block(scales, 8), _per_block(mins, 8)], axis=1), 63,
-                                 np.concatenate([sw8, sw8], axis=1))
+        dm, Lsm = make_qp_quants(np.concatenate([sc, mn], axis=1), 63, np.concatenate([sw8, sw8], axis=1))
         d, dmin = dm[:B], dm[B:]
         ls, lm = Lsm[:, :B], Lsm[:, B:]
         if nmax == 31:  # quantize_row_q5_K_impl clamps, the Q4_K one does not
@@ -174,7 +189,7 @@ def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
             lm = np.minimum(63, lm)
     packed = _pack_scale_min_k4(ls, lm)  # [B, 12]
     sc_q, m_q = _unpack_scale_min_k4(packed)
-    L = _requant(xt, _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, L)
+    L = _requant(_subblocks(xb, 32), _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, res[2])
     return _flat_blocks(L), d, dmin, packed
 
 
@@ -223,8 +238,9 @@ class Q6_K(_KQuant):
     @classmethod
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
-        xt = _subblocks(xb, 16)  # [16, B*16]
-        scales, L = make_qx_quants(xt, 32, 1, None if qw is None else _subblocks(qw, 16))
+        scales, L = _search(
+            xb, qw, lambda x, q: make_qx_quants(_subblocks(x, 16), 32, 1, None if q is None else _subblocks(q, 16))
+        )
         sc = _per_block(scales, 16)  # [16, B]
         max_scale, max_abs = signed_absmax(sc)  # [B]
         zero = max_abs < GROUP_MAX_EPS
@@ -232,7 +248,8 @@ class Q6_K(_KQuant):
         d = F32(1) / iscale
         isc = np.minimum(127, nearest_int(iscale * sc)).astype(np.int8)  # [16, B]
         dd = _sub_scale(d, isc.astype(F32))
-        q = _flat_blocks(_requant(xt, dd, None, -32, 31, L)).reshape(B, 2, 4, 32)  # element 128h + 32k + l
+        L = _flat_blocks(_requant(_subblocks(xb, 16), dd, None, -32, 31, L))
+        q = L.reshape(B, 2, 4, 32)  # element 128h + 32k + l
         ql = ((q[:, :, :2] & 0xF) | ((q[:, :, 2:] & 0xF) << 4)).reshape(B, 128)
         qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
         out = np.concatenate([ql, qh.reshape(B, 64), isc.T.view(np.uint8), fp16_bytes(d)], axis=-1)
@@ -247,7 +264,9 @@ def _pack_q3_scales(s6: np.ndarray) -> np.ndarray:
     """Q3_K scales[12] from 6-bit codes s6 int[16, B]: low nibbles in bytes 0..7, top 2 bits in 8..11 -> u8[B, 12]."""
     s6 = s6.astype(np.int32)
     h = s6 >> 4  # bits 2*(j/4) of byte 8 + j%4
-    out = np.concatenate([(s6[:8] & 0xF) | ((s6[8:] & 0xF) << 4), h[:4] | (h[4:8] << 2) | (h[8:12] << 4) | (h[12:] << 6)])
+    out = np.concatenate(
+        [(s6[:8] & 0xF) | ((s6[8:] & 0xF) << 4), h[:4] | (h[4:8] << 2) | (h[8:12] << 4) | (h[12:] << 6)]
+    )
     return (out.T & 0xFF).astype(np.uint8)
 
 
@@ -258,6 +277,13 @@ def _unpack_q3_scales(q: np.ndarray) -> np.ndarray:
     j = np.arange(16)
     hi = (q[8 + j % 4] >> (2 * (j // 4))[:, None]) & 3
     return ((lo | (hi << 4)) - 32).astype(F32)
+
+
+def _search_q3_k_impl(xb: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sub-block fits of quantize_row_q3_K_impl: (scales f32[B*16], L u8[16, B*16], sw f32[B*16])."""
+    xt = _subblocks(xb, 16)  # [16, B*16]
+    w = _impl_weights(xb, xt, qw, 2.0)
+    return (*make_qx_quants(xt, 4, 1, w), seqsum(w))
 
 
 @register
@@ -271,9 +297,8 @@ class Q3_K(_KQuant):
     @classmethod
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
-        xt = _subblocks(xb, 16)  # [16, B*16]
         if qw is None:
-            scales, L = make_q3_quants(xt, 4, True)
+            scales, L = _search(xb, qw, lambda x, q: make_q3_quants(_subblocks(x, 16), 4, True))
             sc = _per_block(scales, 16)  # [16, B]
             max_scale, _ = signed_absmax(sc)  # [B]
             nonzero = max_scale != 0
@@ -283,16 +308,25 @@ class Q3_K(_KQuant):
             scale_bytes[~nonzero] = 0
             d = np.where(nonzero, F32(1) / iscale, F32(0))
         else:
-            w = _impl_weights(xb, qw, 16, 2.0)
-            scales, L = make_qx_quants(xt, 4, 1, w)
-            d, Ls = make_qx_quants(_per_block(scales, 16), 32, 1, _per_block(seqsum(w), 16))
+            scales, L, sw = _search(xb, qw, _search_q3_k_impl)
+            d, Ls = make_qx_quants(_per_block(scales, 16), 32, 1, _per_block(sw, 16))
             scale_bytes = _pack_q3_scales(Ls)
+        xt = _subblocks(xb, 16)  # [16, B*16]
         Lb = _flat_blocks(_requant(xt, _sub_scale(d, _unpack_q3_scales(scale_bytes)), None, -4, 3, L))  # 0..7
         hmask = np.bitwise_or.reduce((Lb >> 2).reshape(B, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
         return np.concatenate([hmask, _pack_2bit(Lb & 3), scale_bytes, fp16_bytes(d)], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------- Q2_K
+
+
+def _search_q2_k(xb: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Sub-block fits of quantize_row_q2_K_ref / _impl: (scales, mins, L u8[16, B*16]) (+ sw with qw)."""
+    xt = _subblocks(xb, 16)  # [16, B*16]
+    if qw is None:
+        return make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+    w = _impl_weights(xb, xt, qw, 1.0)
+    return (*make_qkx3_quants(xt, w, 3, -0.9, 0.05, 36, False), seqsum(w))
 
 
 @register
@@ -306,11 +340,10 @@ class Q2_K(_KQuant):
     @classmethod
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
-        xt = _subblocks(xb, 16)  # [16, B*16]
+        res = _search(xb, qw, _search_q2_k)
+        sc = _per_block(res[0], 16)  # [16, B]
+        mn = _per_block(res[1], 16)
         if qw is None:
-            scales, mins, L = make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
-            sc = _per_block(scales, 16)  # [16, B]
-            mn = _per_block(mins, 16)
             max_scale = positive_max(sc)
             max_min = positive_max(mn)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -319,16 +352,13 @@ class Q2_K(_KQuant):
             d = max_scale / F32(15)
             dmin = max_min / F32(15)
         else:
-            w = _impl_weights(xb, qw, 16, 1.0)
-            sw16 = _per_block(seqsum(w), 16)
-            scales, mins, L = make_qkx3_quants(xt, w, 3, -0.9, 0.05, 36, False)
+            sw16 = _per_block(res[3], 16)
             # make_qp_quants(16, 15, scales, Ls, sw) and (mins, Lm, sw) as one batch of 2B blocks
-            dm, Lsm = make_qp_quants(np.concatenate([_per_block(scales, 16), _per_block(mins, 16)], axis=1), 15,
-                                     np.concatenate([sw16, sw16], axis=1))
+            dm, Lsm = make_qp_quants(np.concatenate([sc, mn], axis=1), 15, np.concatenate([sw16, sw16], axis=1))
             d, dmin = dm[:B], dm[B:]
             ls, lm = Lsm[:, :B].astype(np.int32), Lsm[:, B:].astype(np.int32)
         scale_bytes = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # [16, B]
         dd = _sub_scale(d, (scale_bytes & 0xF).astype(F32))
         dm = _sub_scale(dmin, (scale_bytes >> 4).astype(F32))
-        Lb = _flat_blocks(_requant(xt, dd, dm, 0, 3, L))
+        Lb = _flat_blocks(_requant(_subblocks(xb, 16), dd, dm, 0, 3, res[2]))
         return np.concatenate([scale_bytes.T, _pack_2bit(Lb), fp16_bytes(d), fp16_bytes(dmin)], axis=-1)

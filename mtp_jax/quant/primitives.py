@@ -4,14 +4,19 @@ Layout convention: **element-major**. Every block-wise function takes ``x`` shap
 the element index inside one block (16, 32, ...), the trailing axes index the blocks (any shape, e.g.
 ``[rows, blocks_per_row]``). Per-block results are shaped ``[*batch]``, per-element ones ``[n, *batch]``.
 Weight arrays may be any shape that broadcasts against ``x`` (e.g. an imatrix slice ``[n, 1, S]``).
+``element_major`` turns ``[*batch, n]`` blocks into that layout.
 
 Why element-major: C accumulates ``s += term`` strictly in element order. ``np.add.reduce`` over axis 0 of a
-C-contiguous array adds whole rows one after another, i.e. it is exactly that sequential order, while a
-reduction over the contiguous last axis is pairwise and breaks bit-exactness. So callers must pass
-C-contiguous ``[n, *batch]`` arrays (see ``element_major``).
+C-contiguous array with two or more blocks adds whole rows one after another, i.e. exactly that order,
+while a reduction over the contiguous axis (or over a lone block) is pairwise and breaks bit-exactness;
+``seqsum`` handles every case.
 
 Float rules (spec section 1): float32 everywhere, C operation order (``w*x*l`` is ``(w*x)*l``), every
 literal a float32, no FMA. Integer temporaries that C stores in narrow types wrap like C.
+
+Speed: the long searches (make_qx_quants, make_qkx2/3_quants) run on cache-sized pieces of the batch
+(``_PIECE`` values), reuse their temporaries in place, keep only per-block scalars per step (the winning
+levels are recomputed once at the end) and select them branch-free (``_blend``).
 """
 
 from __future__ import annotations
@@ -73,19 +78,16 @@ def nearest_int_f(v: np.ndarray) -> np.ndarray:
     return nearest_int(v).astype(F32)
 
 
-def rint_bounded(v: np.ndarray, bound_ok: bool) -> np.ndarray:
-    """float32 ``nearest_int(v)``: the fast ``np.rint`` when the caller proved |v| < 2^21, else exact."""
-    return np.rint(v) if bound_ok else nearest_int_f(v)
-
-
 def fp16_round(v: np.ndarray) -> np.ndarray:
     """``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))``: float32 rounded to fp16 (nearest even) and back."""
-    return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
+    with np.errstate(over="ignore"):  # beyond 65504 -> inf, as in C
+        return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
 
 
 def fp16_bytes(v: np.ndarray) -> np.ndarray:
     """``GGML_FP32_TO_FP16(v)`` as little-endian bytes: ``[*batch] -> u8[*batch, 2]``."""
-    h = np.ascontiguousarray(np.asarray(v, dtype=F32).astype("<f2"))
+    with np.errstate(over="ignore"):  # beyond 65504 -> inf, as in C
+        h = np.ascontiguousarray(np.asarray(v, dtype=F32).astype("<f2"))
     return h.view(np.uint8).reshape(*h.shape, 2)
 
 
@@ -168,7 +170,7 @@ def _make_qx_core(x, nmax, rmse_type, w):
         L[:, zero] = 0
         return (np.where(zero, F32(0), scale),), L.astype(np.uint8)
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = -nmax_f / mx
         if rmse_type == 0:
             return result(F32(1) / iscale, iscale)
@@ -249,16 +251,22 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
     """
     nmax_f = F32(nmax)
     B = x.shape[1]
-    if B < 2:
-        def sum_into(a, out):
+
+    def sum_into(a, out):
+        """out = seqsum(a), the fast reduction unless the piece is a lone block."""
+        if B < 2:
             out[...] = seqsum(a)
-    else:
-        def sum_into(a, out):
+        else:
             np.add.reduce(a, axis=0, initial=F32(0), out=out)
+
     t = np.empty(x.shape, F32)  # levels of the current step
     u = np.empty(x.shape, F32)  # scratch
     v = np.empty(x.shape, F32)  # scratch
     xmin = x.min(axis=0)
+    zero_min = np.flatnonzero(xmin == 0)
+    if zero_min.size:  # C keeps the first of equal minima: the sign of a zero min follows it (it is returned)
+        xz = x[:, zero_min]
+        xmin[zero_min] = xz[np.argmax(xz == 0, axis=0), np.arange(zero_min.size)]
     mx = x.max(axis=0)
     # S = sum_w, sum_x, sum_l, sum_l2, sum_xl (C starts sum_w and sum_x from element 0, not from 0)
     S = np.empty((5, B), F32)
@@ -307,7 +315,7 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
         state[4] = iscale
         state[5] = mn
         new = np.empty_like(state)
-        prod = np.empty((2, 3, B), F32)
+        prod = np.empty((2, B), F32)
         ratio, bounded = 0.0, True  # max (min - x_min)/range; every range > 0
         for step in range(nstep + 1 if nstep >= 1 else 0):
             c = F32(rmin) + F32(rdelta) * F32(step) + nmax_f
@@ -320,11 +328,14 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
             sum_into(v, S[3])
             np.multiply(u, x, out=v)
             sum_into(v, S[4])
-            # [D, scale numerator, min numerator] = [w*l2, w*xl, l2*x] - [l*l, x*l, l*xl]
-            np.multiply(S[_QKX_A0], S[_QKX_A1], out=prod[0])
-            np.multiply(S[_QKX_B0], S[_QKX_B1], out=prod[1])
-            D, num = np.subtract(prod[0], prod[1], out=prod[0])[0], prod[0][1:]
-            this = np.divide(num, D, out=new[1:3])  # this_scale, this_min
+            s_w, s_x, s_l, s_l2, s_xl = S
+            D = np.multiply(s_w, s_l2, out=prod[0])
+            D -= np.multiply(s_l, s_l, out=prod[1])
+            np.multiply(s_w, s_xl, out=new[1])
+            new[1] -= np.multiply(s_x, s_l, out=prod[1])
+            np.multiply(s_l2, s_x, out=new[2])
+            new[2] -= np.multiply(s_l, s_xl, out=prod[1])
+            this = np.divide(new[1:3], D, out=new[1:3])  # this_scale, this_min
             pos = this[1] > 0
             if pos.any():
                 this[1][pos] = 0
@@ -340,10 +351,6 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
         L = levels(state[4], state[5], True, True)
     L[:, degenerate] = 0
     return (np.where(degenerate, F32(0), state[1]), -state[2]), L.astype(np.uint8)
-
-
-_QKX_A0, _QKX_A1 = [0, 0, 3], [3, 4, 1]  # rows of S: sum_w*sum_l2, sum_w*sum_xl, sum_l2*sum_x
-_QKX_B0, _QKX_B1 = [2, 1, 2], [2, 2, 4]  # sum_l*sum_l, sum_x*sum_l, sum_l*sum_xl
 
 
 def _in_pieces(core, x, weights, n_out):
@@ -365,7 +372,8 @@ def _in_pieces(core, x, weights, n_out):
         L = np.empty((n, B), np.uint8)
         for s in range(0, B, step):
             e = min(s + step, B)
-            o, L[:, s:e] = core(np.ascontiguousarray(x[:, s:e]), None if w is None else np.ascontiguousarray(w[:, s:e]))
+            piece = (np.ascontiguousarray(a[:, s:e]) if a is not None else None for a in (x, w))  # contiguous: faster
+            o, L[:, s:e] = core(*piece)
             for dst, src in zip(outs, o):
                 dst[s:e] = src
     return (*(o.reshape(shape[1:]) for o in outs), L.reshape(shape))

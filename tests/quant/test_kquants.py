@@ -56,6 +56,10 @@ def _data(case: str, seed: int) -> np.ndarray:
         mags = 10.0 ** rng.uniform(-19, -3, size=(x.shape[0], N // 256, 1))
         x = (x.reshape(x.shape[0], -1, 256) / np.abs(x).max() * mags).astype(np.float32).reshape(x.shape)
         x[:8, :16] = np.float32(1e-15) * rng.choice([-1.0, 1.0], size=(8, 16)).astype(np.float32)
+    elif case == "offset":
+        # large offsets against small ranges, up to fp16 overflow of d/dmin (inf in the file, as in C)
+        x = (x + np.float32(10.0) ** rng.integers(2, 8, size=(x.shape[0], 1)).astype(np.float32)).astype(np.float32)
+        x[::2, :16] = rng.standard_normal((x.shape[0] // 2, 16))
     elif case != "normal":
         raise ValueError(case)
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -90,7 +94,7 @@ def _assert_same(ours: np.ndarray, ref: np.ndarray, qtype: GGMLQuantizationType)
 
 @pytest.mark.peer
 @pytest.mark.parametrize("imatrix", [None, "gamma", "zeros", "ones"])
-@pytest.mark.parametrize("case", ["normal", "fp16", "bf16", "zeros", "constant", "outliers", "tiny"])
+@pytest.mark.parametrize("case", ["normal", "fp16", "bf16", "zeros", "constant", "outliers", "tiny", "offset"])
 @pytest.mark.parametrize("tname", KTYPES)
 def test_matches_ggml(ggml, tname, case, imatrix):
     qtype = GGMLQuantizationType[tname]
@@ -152,3 +156,60 @@ def test_single_superblock(ggml, tname):
         x = _data("normal", seed)[:1, :256]
         for im in (None, _imatrix("gamma", seed, 256)):
             _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
+
+
+# ---------------------------------------------------------------------------------------- primitives (no oracle)
+
+
+def test_nearest_int_matches_c_bit_trick():
+    """C: (bits(f + 12582912.0f) & 0x7fffff) - 0x400000 -- ties to even, garbage (not saturation) past 2^22."""
+    from mtp_jax.quant.primitives import nearest_int
+
+    v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 3.49, 4194303.0, 5e6, -5e6, 1e30, np.inf, np.nan], np.float32)
+    t = (v + np.float32(12582912.0)).astype(np.float32)
+    expect = (t.view(np.int32) & 0x7FFFFF) - 0x400000
+    np.testing.assert_array_equal(nearest_int(v), expect)
+    np.testing.assert_array_equal(nearest_int(v[:7]), np.rint(v[:7]).astype(np.int32))
+
+
+def test_best_index_int8_matches_c_binary_search():
+    from mtp_jax.quant.primitives import best_index_int8
+
+    vals = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+    def c_ref(x):
+        if x <= vals[0]:
+            return 0
+        if x >= vals[-1]:
+            return 15
+        ml, mu = 0, 15
+        while mu - ml > 1:
+            mav = (ml + mu) // 2
+            ml, mu = (ml, mav) if x < vals[mav] else (mav, mu)
+        return mu - 1 if np.float32(x - np.float32(vals[mu - 1])) < np.float32(np.float32(vals[mu]) - x) else mu
+
+    x = np.concatenate([np.random.default_rng(0).uniform(-140, 130, 2000), vals - 0.5, vals, vals + 0.5])
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(best_index_int8(vals, x), [c_ref(v) for v in x])
+
+
+@pytest.mark.parametrize("fn", ["qkx3", "qx"])
+def test_search_pieces_do_not_change_results(fn, monkeypatch):
+    """Cutting the batch into pieces (last piece of one block) gives the same bytes as one piece."""
+    from mtp_jax.quant import primitives
+
+    x = _normal(np.random.default_rng(5), 32, 7 * 32).reshape(32, 7, 32).transpose(2, 0, 1).reshape(32, -1)
+    x = np.ascontiguousarray(x)  # [32 elements, 224 blocks]
+    w = np.random.default_rng(6).gamma(0.7, 2.0, x.shape).astype(np.float32)
+    run = {
+        "qkx3": lambda: primitives.make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False),
+        "qx": lambda: primitives.make_qx_quants(x, 32, 1, w),
+    }[fn]
+    whole = run()
+    monkeypatch.setattr(primitives, "_PIECE", 32 * 3)  # 224 blocks = 74 pieces of 3 + one of 2
+    cut = run()
+    monkeypatch.setattr(primitives, "_PIECE", 32 * 223)  # 223 + a lone block
+    cut1 = run()
+    for a, b, c in zip(whole, cut, cut1):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+        np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
