@@ -15,8 +15,8 @@ from mtp_jax.quant.primitives import (
     F32,
     element_major,
     fp16_bytes,
+    make_qkx3_quants,
     make_qx_quants,
-    nearest_int,
     seqsum,
     signed_absmax,
 )
@@ -69,74 +69,6 @@ def row_weights(rows: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
     xt = element_major(rows)  # [N, R]
     sigma2 = seqsum(xt * xt) / F32(rows.shape[1])  # [R]
     return blocks32(np.asarray(imatrix, dtype=F32) * np.sqrt(sigma2[:, None] + rows * rows))
-
-
-def _make_qkx3_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``make_qkx3_quants(32, nmax, x, w, L, &the_min, Laux, -0.9f, 0.05f, 36, false)``: f32[32, nb] ->
-    (scale f32[nb], the_min f32[nb], L int[32, nb] in [0, nmax]).
-
-    Not primitives.make_qkx3_quants: Q4_1/Q5_1 store the min itself, so its sign of zero must follow C
-    (the first of equal minima, e.g. an all-zero block of mixed +-0), which np.min does not guarantee.
-    Accepted candidates update ``min``, which later steps use (spec section 2 pitfall). Each step keeps
-    only per-block scalars; the winning levels are recomputed at the end from their (iscale, min).
-    """
-    xmin = np.take_along_axis(x, x.argmin(axis=0)[None], axis=0)[0]  # [nb], C's first-wins min
-    mx = x.max(axis=0)
-    sum_w = seqsum(w, from_first=True)
-    sum_x = seqsum(w * x, from_first=True)
-    mn = np.where(xmin > 0, F32(0), xmin)
-    flat = mx <= mn
-    rng = np.where(flat, F32(1), mx - mn)  # max - min, kept finite for the flat blocks (masked below)
-    t, u, v = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-
-    def levels(iscale, mn):  # -> t = clamp(nearest_int(iscale*(x - min)), 0, nmax) as f32[32, nb]
-        np.subtract(x, mn, out=t)
-        np.multiply(t, iscale, out=t)
-        bound = np.abs(iscale) * np.maximum(np.abs(mx - mn), np.abs(xmin - mn))  # >= |t| up to rounding
-        if np.all(bound < F32(2**21)):  # np.rint == nearest_int there
-            np.rint(t, out=t)
-        else:
-            t[...] = nearest_int(t)
-        return np.clip(t, F32(0), F32(nmax), out=t)
-
-    def mad(scale, m, l):  # sum w*(scale*l + m - x)^2
-        np.multiply(l, scale, out=u)
-        np.add(u, m, out=u)
-        np.subtract(u, x, out=u)
-        np.multiply(u, u, out=u)
-        np.multiply(u, w, out=u)
-        return seqsum(u)
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(nmax) / rng
-        scale = F32(1) / iscale
-        best_mad = mad(scale, mn, levels(iscale, mn))
-        best_iscale, best_mn = iscale, mn
-        for step in range(37):
-            iscale = (F32(-0.9) + F32(0.05) * F32(step) + F32(nmax)) / rng
-            l = levels(iscale, mn)
-            np.multiply(w, l, out=u)  # w*l
-            sum_l = seqsum(u)
-            np.multiply(u, l, out=v)
-            sum_l2 = seqsum(v)
-            np.multiply(u, x, out=v)
-            sum_xl = seqsum(v)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            cand = mad(this_scale, this_min, l)
-            take = (D > 0) & (cand < best_mad) & ~flat
-            best_mad = np.where(take, cand, best_mad)
-            best_iscale, best_mn = np.where(take, iscale, best_iscale), np.where(take, mn, best_mn)
-            scale = np.where(take, this_scale, scale)
-            mn = np.where(take, this_min, mn)
-            rng = np.where(take, mx - mn, rng)
-        L = levels(best_iscale, best_mn).astype(np.int64)
-    L[:, flat] = 0
-    return np.where(flat, F32(0), scale), -mn, L
 
 
 # ---- the types ---------------------------------------------------------------------------------------
@@ -217,7 +149,7 @@ def _affine(rows: np.ndarray, imatrix: np.ndarray | None, nmax: int) -> tuple[np
     if imatrix is None:
         return _affine_ref(x, nmax)
     # quantize_row_q4_1_impl / q5_1_impl: m = -the_min
-    d, the_min, q = _make_qkx3_quants(x, row_weights(rows, imatrix), nmax)
+    d, the_min, q = make_qkx3_quants(x, row_weights(rows, imatrix), nmax, -0.9, 0.05, 36, False)
     return d, -the_min, q
 
 
