@@ -163,8 +163,10 @@ def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: 
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
     idx, w = route(xf, p, cfg)
+    # gather copies one expert's weights per (token, expert) pair; past E/2 pairs that traffic (a copy written
+    # and read) exceeds reading every expert once, so grouped matmuls win
     n_pairs = B * T * cfg.num_experts_per_tok
-    experts = _experts_gather if n_pairs <= cfg.n_routed_experts else _experts_ragged
+    experts = _experts_gather if 2 * n_pairs <= cfg.n_routed_experts else _experts_ragged
     out, h = experts(xf, idx, p)
     y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
     stats: Stats = {}
