@@ -29,10 +29,6 @@ class KVCache:
         """S, the number of slots per row."""
         return next(x for x in self.k if x is not None).shape[2]
 
-    @property
-    def batch(self) -> int:
-        return self.lengths.shape[0]
-
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         return KVCache(self.k, self.v, lengths.astype(jnp.int32))
 

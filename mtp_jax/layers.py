@@ -41,7 +41,7 @@ def rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> j
     return out.astype(x.dtype)
 
 
-def _sum2(x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+def sum_squares(x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     """x [B, T, C], mask [B, T] -> sum of x^2 over valid tokens per column, and the token count."""
     m = mask.astype(jnp.float32)
     xf = x.astype(jnp.float32)
@@ -95,9 +95,9 @@ def attention(
     y = jnp.einsum("btnh,nhd->btd", out, p.wo)
     stats: Stats = {}
     if collect_stats:
-        s_in = _sum2(x, mask)
+        s_in = sum_squares(x, mask)
         stats = {"attn_q": s_in, "attn_k": s_in, "attn_v": s_in,
-                 "attn_output": _sum2(out.reshape(B, T, -1), mask)}
+                 "attn_output": sum_squares(out.reshape(B, T, -1), mask)}
     return y, k, v, stats
 
 
@@ -107,8 +107,8 @@ def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suff
     y = jnp.einsum("btf,fd->btd", h, p.down)
     stats: Stats = {}
     if collect_stats:
-        s_in = _sum2(x, mask)
-        stats = {f"ffn_gate{suffix}": s_in, f"ffn_up{suffix}": s_in, f"ffn_down{suffix}": _sum2(h, mask)}
+        s_in = sum_squares(x, mask)
+        stats = {f"ffn_gate{suffix}": s_in, f"ffn_up{suffix}": s_in, f"ffn_down{suffix}": sum_squares(h, mask)}
     return y, stats
 
 
@@ -180,7 +180,7 @@ def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: 
         routed_in = {"sum2": jnp.einsum("nke,nd->ed", onehot, x2), "count": onehot.sum((0, 1))}
         h2 = jnp.square(h.astype(jnp.float32))
         stats |= {
-            "ffn_gate_inp": _sum2(x, mask),
+            "ffn_gate_inp": sum_squares(x, mask),
             "ffn_gate_exps": routed_in,
             "ffn_up_exps": routed_in,
             "ffn_down_exps": {"sum2": jnp.einsum("nke,nkf->ef", onehot, h2), "count": routed_in["count"]},

@@ -14,7 +14,7 @@ import numpy as np
 
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, write_block
-from mtp_jax.layers import Stats, decoder_block, rms_norm
+from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
 from mtp_jax.params import Params
 
 
@@ -104,15 +104,9 @@ def forward(
     elif logits != "none":
         raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
     if collect_stats:
-        stats["output"] = {"output": _output_stats(h, mask)}
+        stats["output"] = {"output": sum_squares(h, mask)}
     new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), lengths + n_valid)
     return h, out, new_cache, stats
-
-
-def _output_stats(h: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    m = mask.astype(jnp.float32)
-    hf = h.astype(jnp.float32)
-    return {"sum2": jnp.einsum("btc,bt->c", hf * hf, m), "count": m.sum()}
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg", "logits", "collect_stats"), donate_argnames=("cache",))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, write_block
-from mtp_jax.layers import Stats, _sum2, decoder_block, rms_norm
+from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
 from mtp_jax.model import output_weight, project_logits, take_last, valid_mask
 from mtp_jax.params import Params
 
@@ -71,7 +71,7 @@ def nextn_forward(
     elif logits != "none":
         raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
     if collect_stats:
-        stats = stats | {"eh_proj": _sum2(eh, mask), "shared_head_head": _sum2(out_h, mask)}
+        stats = stats | {"eh_proj": sum_squares(eh, mask), "shared_head_head": sum_squares(out_h, mask)}
     new_cache = None
     if cache is not None:
         new_cache = KVCache((write_block(cache.k[0], head, k_new, lengths),),
