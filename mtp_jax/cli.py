@@ -203,12 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Persist compiled programs across runs ($MTP_JAX_CACHE or ~/.cache/mtp-jax, /jax): a second run of the
+    same command skips compilation. JAX_COMPILATION_CACHE_DIR, when set, wins."""
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        root = Path(os.environ.get("MTP_JAX_CACHE", Path.home() / ".cache" / "mtp-jax"))
+        jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     # XLA cannot alias every donated cache buffer to an output (the NextN cache is not returned): harmless
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         return args.func(args)
     except ValueError as e:  # bad input: one clear line, no traceback
