@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax import generate as plain
+from mtp_jax import llama_cpp
 from mtp_jax import speculative
 from mtp_jax.kvcache import init_nextn_cache, init_trunk_cache
 from mtp_jax.model import forward
@@ -103,13 +104,10 @@ def run(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, sampl
     return rows
 
 
-LLAMA_BIN = Path.home() / ".cache" / "mtp-jax" / "llama-cpp-python-0.3.36" / "build" / "bin"
-
-
 def _llama(tool: str, *args) -> str:
     """Run a llama.cpp tool on one thread (on busy cores its OpenMP workers spin); --no-repack: its AMX
     repacking of quantized weights segfaults on this CPU. Returns stderr (its log)."""
-    p = subprocess.run([str(LLAMA_BIN / tool), *map(str, args), "-t", "1", "--no-repack"], capture_output=True,
+    p = subprocess.run([str(llama_cpp.bin_dir() / tool), *map(str, args), "-t", "1", "--no-repack"], capture_output=True,
                        text=True, errors="replace", timeout=600)
     if p.returncode:
         raise RuntimeError(f"{tool} failed ({p.returncode}): {p.stderr[-2000:]}")
@@ -119,7 +117,7 @@ def _llama(tool: str, *args) -> str:
 def llama_rows(model: str, prompt: str, ks, max_new: int) -> list[dict]:
     """llama.cpp on the same GGUF at batch 1: llama-completion (plain) and llama-speculative-simple
     --spec-type draft-mtp for each K, greedy, tokens/s as the tools report them."""
-    if not (LLAMA_BIN / "llama-speculative-simple").exists():
+    if not (llama_cpp.bin_dir() / "llama-speculative-simple").exists():
         print("llama.cpp tools not built: skipping the llama.cpp comparison")
         return []
     common = ["-m", model, "-p", prompt, "-n", max_new, "--temp", 0, "-c", 1024]
@@ -129,8 +127,7 @@ def llama_rows(model: str, prompt: str, ks, max_new: int) -> list[dict]:
     for K in ks:
         log = _llama("llama-speculative-simple", *common, "--spec-type", "draft-mtp", "--spec-draft-n-max", K)
         tps = float(re.search(r"decoded\s+\d+ tokens in\s+[0-9.]+ seconds, speed:\s+([0-9.]+) t/s", log).group(1))
-        drafted = int(re.search(r"n_drafted\s*=\s*(\d+)", log).group(1))
-        accepted = int(re.search(r"n_accept\s*=\s*(\d+)", log).group(1))
+        drafted, accepted = llama_cpp.speculative_counts(log)
         rows.append(dict(k=K, llama_plain_tok_s=plain_tps, llama_mtp_tok_s=tps, llama_speedup=tps / plain_tps,
                          llama_accept_rate=accepted / max(drafted, 1)))
         print(f"llama.cpp B=1 K={K}  plain {plain_tps:9.1f} tok/s  MTP {tps:9.1f} tok/s  speedup {tps / plain_tps:5.2f}x"

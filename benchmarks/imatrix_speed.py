@@ -23,11 +23,11 @@ from pathlib import Path
 import jax
 
 from mtp_jax import imatrix as IM
+from mtp_jax import llama_cpp
 from mtp_jax.cli import default_model
 from mtp_jax.io.load import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LLAMA_BIN = Path.home() / ".cache" / "mtp-jax" / "llama-cpp-python-0.3.36" / "build" / "bin"
 
 
 def stdlib_text(min_chars: int) -> str:
@@ -49,7 +49,7 @@ def time_ours(params, cfg, chunks, mtp: bool, batch: int) -> dict:
 
 
 def time_llama(model: str, text_file: Path, chunk: int, n_chunks: int, threads: int) -> dict | None:
-    exe = LLAMA_BIN / "llama-imatrix"
+    exe = llama_cpp.bin_dir() / "llama-imatrix"
     if not exe.exists():
         return None
     with tempfile.TemporaryDirectory() as d:

@@ -210,9 +210,10 @@ def _enable_compilation_cache() -> None:
 
     import jax
 
+    from mtp_jax.llama_cpp import cache_root
+
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        root = Path(os.environ.get("MTP_JAX_CACHE", Path.home() / ".cache" / "mtp-jax"))
-        jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

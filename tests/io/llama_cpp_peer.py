@@ -22,17 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = "0.3.36"
+from mtp_jax.llama_cpp import VERSION, bin_dir, root
+
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("llama-completion", "llama-speculative-simple", "llama-tokenize")
-
-
-def root() -> Path:
-    return Path(os.environ.get("MTP_JAX_CACHE", Path.home() / ".cache" / "mtp-jax")) / f"llama-cpp-python-{VERSION}"
-
-
-def bin_dir() -> Path:
-    return root() / "build" / "bin"
 
 
 def sdist() -> Path:

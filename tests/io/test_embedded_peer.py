@@ -4,13 +4,12 @@ rate close to ours on the same prompt (greedy, K=2)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from mtp_jax import speculative
 from mtp_jax.cli import EMBEDDED_MODEL
 from mtp_jax.io.load import load_model
+from mtp_jax.llama_cpp import speculative_counts
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Run the command line.\"\"\"\n"
 
@@ -37,8 +36,7 @@ def test_llama_cpp_drafts_with_a_similar_acceptance_rate(peer, embedded):
     p = peer.run_until("llama-speculative-simple", "-m", EMBEDDED_MODEL, "--spec-type", "draft-mtp",
                        "--spec-draft-n-max", K, "-p", PROMPT, "-n", n, "--temp", 0, "-t", 1, "-c", 512,
                        ok=lambda p: "n_accept" in p.stderr)
-    drafted = int(re.search(r"n_drafted\s*=\s*(\d+)", p.stderr).group(1))
-    accepted = int(re.search(r"n_accept\s*=\s*(\d+)", p.stderr).group(1))
+    drafted, accepted = speculative_counts(p.stderr)
     theirs = accepted / drafted
     res = speculative.generate(params, cfg, [tok.encode(PROMPT, add_special=True)], num_draft=K, max_new_tokens=n)
     hist = res.stats["accept_hist"]

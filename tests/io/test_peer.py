@@ -13,6 +13,7 @@ import pytest
 
 from mtp_jax import speculative
 from mtp_jax.generate import generate
+from mtp_jax.llama_cpp import speculative_counts
 from mtp_jax.model import forward
 
 pytestmark = pytest.mark.peer
@@ -99,7 +100,7 @@ def test_mtp_speculative_matches_llama_speculative_simple(peer, drafting_model, 
     assert out.startswith(text.encode())
     theirs_text = out[len(text.encode()):]
     assert theirs_text == tok.decode_bytes(rest)[: len(theirs_text)] and len(theirs_text) >= n_predict
-    n_accept = int(re.search(r"n_accept\s*=\s*(\d+)", p.stderr).group(1))
+    n_accept = speculative_counts(p.stderr)[1]
     assert n_accept == sum(acc for _, acc, _ in theirs)
     hist = np.bincount([acc for _, acc, _ in theirs], minlength=K + 1)
     assert (hist > 0).all(), f"acceptance counts {hist} do not exercise every path"

@@ -14,17 +14,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-LLAMA_CPP_VERSION = "0.3.36"
-
-
-def llama_cpp_bin_dir() -> Path:
-    cache = Path(os.environ.get("MTP_JAX_CACHE", Path.home() / ".cache" / "mtp-jax"))
-    return cache / f"llama-cpp-python-{LLAMA_CPP_VERSION}" / "build" / "bin"
-
+from mtp_jax import llama_cpp
 
 def ggml_lib_path() -> Path:
     env = os.environ.get("MTP_JAX_GGML_LIB")
-    return Path(env) if env else llama_cpp_bin_dir() / "libggml-base.so"
+    return Path(env) if env else llama_cpp.bin_dir() / "libggml-base.so"
 
 
 @lru_cache(maxsize=1)

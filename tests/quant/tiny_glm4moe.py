@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES
 
-from tests.quant.ggml_oracle import llama_cpp_bin_dir
+from mtp_jax.llama_cpp import bin_dir
 
 ARCH = gguf.MODEL_ARCH_NAMES[MODEL_ARCH.GLM4_MOE]  # "glm4moe"
 
@@ -178,7 +178,7 @@ def write_tiny_glm4moe(path: Path, cfg: TinyGlm4Moe = TinyGlm4Moe(), seed: int =
 
 def llama_tool(name: str) -> Path:
     """A built llama.cpp tool; skips locally when absent, fails under CI (like the libggml fixture)."""
-    path = llama_cpp_bin_dir() / name
+    path = bin_dir() / name
     if not path.exists():
         msg = f"{name} not found at {path} (run ../shared/tools/build-llama-cpp.sh)"
         if os.environ.get("CI"):
