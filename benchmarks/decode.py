@@ -67,22 +67,17 @@ def time_piece(params, cfg, B: int, T: int, head: bool, ctx: int, n: int = 50) -
     return (time.perf_counter() - t0) / n
 
 
-def best_of(fn, repeats: int):
-    fn()  # compile
-    return min((fn() for _ in range(repeats)), key=lambda r: r.seconds)
-
-
 def run(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, sampling: Sampling) -> list[dict]:
     rows = []
     for B in batches:
         prompts = prompts_for(B)
         ctx = int(np.mean([len(p) for p in prompts])) + max_new // 2
-        base = best_of(lambda: plain.generate(params, cfg, prompts, max_new_tokens=max_new, sampling=sampling,
+        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, max_new_tokens=max_new, sampling=sampling,
                                               eos_ids=[]), repeats)
         plain_tps = base.num_tokens / base.seconds
         t_decode = time_piece(params, cfg, B, 1, False, ctx)
         for K in ks:
-            res = best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=K, max_new_tokens=max_new,
+            res = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=K, max_new_tokens=max_new,
                                                        sampling=sampling, eos_ids=[]), repeats)
             tps = res.num_tokens / res.seconds
             t_verify = time_piece(params, cfg, B, K + 1, False, ctx)

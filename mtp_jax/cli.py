@@ -41,16 +41,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
 
 
-def _timed(fn, repeats: int):
-    """Warm up once (compiles), then the best wall time of ``repeats`` calls -> (result, seconds)."""
-    fn()
-    best = None
-    for _ in range(repeats):
-        res = fn()
-        best = res if best is None or res.seconds < best.seconds else best
-    return best
-
-
 def cmd_generate(args) -> int:
     from mtp_jax import generate as plain
     from mtp_jax import speculative
@@ -66,7 +56,7 @@ def cmd_generate(args) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     k = args.num_draft if cfg.has_mtp else 0
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
-    res = _timed(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace, **common),
+    res = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace, **common),
                  args.repeats)
     for i, toks in enumerate(res.tokens):
         if tok is not None:
@@ -82,7 +72,7 @@ def cmd_generate(args) -> int:
         print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {k}, tokens/step {s['mean_tokens_per_step']:.2f}, "
               f"acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}")
     if args.compare:
-        base = _timed(lambda: plain.generate(params, cfg, prompts, **common), args.repeats)
+        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, **common), args.repeats)
         print(f"plain baseline: {base.num_tokens} tokens in {base.seconds * 1e3:.1f} ms = "
               f"{base.num_tokens / base.seconds:.1f} tok/s; speedup {base.seconds / res.seconds * res.num_tokens / base.num_tokens:.2f}x"
               f"{'; outputs identical' if base.tokens == res.tokens else ''}")

@@ -45,6 +45,12 @@ class GenerateResult:
         return sum(len(t) for t in self.tokens)
 
 
+def best_of(run, repeats: int) -> GenerateResult:
+    """Call ``run`` once to compile, then ``repeats`` more times; the result with the least wall time."""
+    run()
+    return min((run() for _ in range(repeats)), key=lambda r: r.seconds)
+
+
 def stop_array(cfg: ModelConfig, eos_ids: Sequence[int] | None, stop: Sequence[int] | None) -> np.ndarray:
     """EOS ids (default: the config's) and extra stop ids as one int32 array (-1 = none, never matches)."""
     ids = list(cfg.eos_token_ids if eos_ids is None else eos_ids) + list(stop or [])

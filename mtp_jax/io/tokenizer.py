@@ -64,7 +64,7 @@ _SPM_SPACE = "\u2581"  # ▁
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's bytes_to_unicode, inverted: printable stand-in character -> byte (llama.cpp unicode_utf8_to_byte)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -147,7 +147,7 @@ class Tokenizer:
             return b""
         if self.model == "llama":
             return text.replace(_SPM_SPACE, " ").encode()
-        dec = _byte_decoder()
+        dec = byte_decoder()
         return bytes(dec[c] for c in text) if all(c in dec for c in text) else text.encode()
 
     def decode_bytes(self, ids: Sequence[int], special: bool = False) -> bytes:
