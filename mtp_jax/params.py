@@ -1,7 +1,7 @@
 """Weight pytrees with logical axis names, abstract shapes, random init and parameter counts.
 
 Every leaf is described once by an ``ArrayInfo`` (shape, logical axes, initializer); ``abstract`` builds the
-tree of infos, ``init`` draws random weights, ``axes`` gives the logical axes tree used by ``sharding``.
+tree of infos (``sharding`` maps their logical axes to mesh axes), ``init`` draws random weights.
 Layers of one kind are stacked on a leading ``layers`` axis and run with ``lax.scan``: the dense lead
 layers and the MoE layers are two stacks; the NextN layer has its own (unstacked) params.
 
@@ -177,11 +177,6 @@ def abstract(cfg: ModelConfig) -> Params:
         lm_head=None if cfg.tie_word_embeddings else ArrayInfo((D, V), ("embed", "vocab")),
         nextn=nextn,
     )
-
-
-def axes(cfg: ModelConfig) -> Params:
-    """Logical axis names per leaf (tuples), same tree structure as the params."""
-    return jax.tree.map(lambda i: i.axes, abstract(cfg), is_leaf=_is_info)
 
 
 def shape_dtype(cfg: ModelConfig) -> Params:
