@@ -8,6 +8,8 @@ is a different path and not reproduced here.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 from gguf import GGMLQuantizationType
 
@@ -16,6 +18,9 @@ from mtp_jax.quant.legacy import blocks32, inv_or_zero, pack_nibbles
 from mtp_jax.quant.primitives import (
     F32,
     GROUP_MAX_EPS,
+    _blend,
+    _select_bits,
+    dot0,
     element_major,
     fp16_bytes,
     nearest_int,
@@ -32,37 +37,87 @@ NTRY = 7
 # The decision points (midpoints of the integer kvalues) are multiples of 1/2 and C's float32 differences
 # are exact near them, so the index is constant on each [k/2, (k+1)/2): a table on floor(2v) reproduces
 # the C search for every float32 (checked exhaustively over |v| < 130), several times faster.
-_BEST_INDEX_LUT = best_index_int8_c(KVALUES_IQ4NL, np.arange(-256, 257, dtype=F32) / F32(2))
+_BEST_INDEX_LUT = best_index_int8_c(KVALUES_IQ4NL, np.arange(-256, 257, dtype=F32) / F32(2)).astype(np.uint8)
+_VALUE_LUT = KV[_BEST_INDEX_LUT]  # kvalues[best_index_int8(v)] by floor(2v) + 256: all the search needs
+_PIECE_BLOCKS = 2048  # 32-value blocks per search piece: 64K values, so the temporaries stay in L2
+
+
+def _lut_slots(t: np.ndarray, k: np.ndarray, clamp: bool) -> np.ndarray:
+    """k = floor(t) + 256 as int32, the table slot of v = t/2 (t is overwritten).
+
+    ``clamp`` first limits t to [-256, 256] (NaN -> 256, i.e. index 15 as in C), which keeps the float ->
+    int cast defined for any input; without it t must be finite and |t| < 2^31 - 256, and slots outside
+    [0, 512] are left for ``np.take(..., mode="clip")`` to map to the end entries.
+    """
+    if clamp:
+        np.fmin(t, F32(256), out=t)
+        np.fmax(t, F32(-256), out=t)
+    np.floor(t, out=t)
+    np.copyto(k, t, casting="unsafe")
+    k += 256
+    return k
 
 
 def best_index_int8(v: np.ndarray) -> np.ndarray:
-    """``best_index_int8(16, kvalues_iq4nl, v)``: f32[...] -> int[...], the nearest value, an exact tie
+    """``best_index_int8(16, kvalues_iq4nl, v)``: f32[...] -> u8[...], the nearest value, an exact tie
     going up; NaN gives 15 as in C."""
-    k = np.fmax(np.fmin(np.floor(v * F32(2)), F32(256)), F32(-256))  # fmin first: NaN -> 256
-    return _BEST_INDEX_LUT[k.astype(np.int64) + 256]
+    t = np.multiply(v, F32(2), dtype=F32)
+    return _BEST_INDEX_LUT[_lut_slots(t, np.empty(t.shape, np.int32), True)]
 
 
 def _block_scales(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The per-32 scale search of ``quantize_row_iq4_nl_impl``: f32[32, nb] -> f32[nb] (0 for |max| < eps)."""
-    mx, amax = signed_absmax(x)  # [nb]
+    """The per-32 scale search of ``quantize_row_iq4_nl_impl``: f32[32, nb] -> f32[nb] (0 for |max| < eps).
+
+    Runs on column pieces of about 64K values so that the 15 tries stream through the CPU cache rather
+    than memory; the pieces are balanced so that each has the two or more blocks ``dot0`` needs.
+    """
+    nb = x.shape[1]
+    if nb == 1:  # a lone block is searched twice
+        return _block_scales(np.repeat(x, 2, axis=1), np.repeat(w, 2, axis=1))[:1]
+    n = -(-nb // _PIECE_BLOCKS)
+    bounds = [nb * i // n for i in range(n + 1)]
+    d = np.empty(nb, F32)
+    for s, e in pairwise(bounds):
+        d[s:e] = _search_piece(np.ascontiguousarray(x[:, s:e]), np.ascontiguousarray(w[:, s:e]))
+    return d
+
+
+def _search_piece(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The scale search on one piece: x, w f32[32, B] C-contiguous, B >= 2 -> f32[B].
+
+    Each try needs only q = kv[best_index(id*x)], looked up by floor(2*id*x) with 2*id*x computed as
+    (2*id)*x (the same float: scaling by two is exact), and the sums (w*q)*x, (w*q)*q in C order (dot0).
+    Finite x keep |2*id*x| < 270, so only pieces with inf / NaN need the clamp; the per-block selections
+    are branch-free (``_blend``). The temporaries are reused in place.
+    """
+    mx, amax = signed_absmax(x)  # [B]
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
+    clamp = not np.isfinite(x).all()
+    t = np.empty_like(x)  # 2*id*x, [32, B]
+    k = np.empty(x.shape, np.int32)  # its table slot
+    q = np.empty_like(x)  # kv[index]
+    sums = np.empty((2, x.shape[1]), F32)  # sumqx, sumq2
 
-    def sums(id_):  # [nb] -> sumqx, sumq2
-        q = KV[best_index_int8(id_ * x)]  # [32, nb]
-        wq = w * q
-        return seqsum(wq * x), seqsum(wq * q)
+    def search_sums(id_):  # [B] -> sums
+        np.multiply(x, id_ * F32(2), out=t)
+        np.take(_VALUE_LUT, _lut_slots(t, k, clamp), mode="clip", out=q)
+        dot0(w, q, x, out=sums[0])
+        dot0(w, q, q, out=sums[1])
+        return sums
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        sumqx, sumq2 = sums(F32(1) / (-mx / KV[0]))
-        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(F32)
-        best = d * sumqx
+        sumqx, sumq2 = search_sums(F32(1) / (-mx / KV[0]))
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
+        state = np.stack([d * sumqx, d])  # best, d
+        new = np.empty_like(state)
         for itry in range(-NTRY, NTRY + 1):
-            sumqx, sumq2 = sums(F32(itry + KV[0]) / mx)
-            take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-            d = np.where(take, sumqx / sumq2, d)
-            best = np.where(take, d * sumqx, best)
-    return np.where(zero, F32(0), d)
+            sumqx, sumq2 = search_sums(F32(itry + KV[0]) / mx)
+            take = (sumq2 > 0) & (sumqx * sumqx > state[0] * sumq2)
+            np.divide(sumqx, sumq2, out=new[1])
+            np.multiply(new[1], sumqx, out=new[0])
+            state = _blend(_select_bits(take), new, state)
+    return np.where(zero, F32(0), state[1])
 
 
 def _subblocks(rows: np.ndarray, imatrix: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:

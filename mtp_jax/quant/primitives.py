@@ -58,9 +58,35 @@ def seqsum(a: np.ndarray, from_first: bool = False) -> np.ndarray:
     return np.add.reduce(a, axis=0) if from_first else np.add.reduce(a, axis=0, initial=F32(0))
 
 
-def _reduce0(a: np.ndarray) -> np.ndarray:
-    """seqsum for a C-contiguous [n, B >= 2] array (the hot-loop form, no checks)."""
-    return np.add.reduce(a, axis=0, initial=F32(0))
+def _einsum_is_sequential() -> bool:
+    """Whether ``np.einsum('ij,ij->j')`` (and the three-operand form) is C's ``s += a[i]*b[i]`` loop.
+
+    NumPy's baseline einsum kernels multiply, then add, row after row; a build whose kernels use FMA or
+    another order would differ in the last bit of most of these random 16-term sums (~60% with FMA).
+    """
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal((16, 257)).astype(F32) for _ in range(3))
+    s2 = np.zeros(257, F32)
+    s3 = np.zeros(257, F32)
+    for i in range(16):
+        s2 = s2 + a[i] * b[i]
+        s3 = s3 + (a[i] * b[i]) * c[i]
+    return np.array_equal(np.einsum("ij,ij->j", a, b), s2) and np.array_equal(np.einsum("ij,ij,ij->j", a, b, c), s3)
+
+
+_SEQUENTIAL_EINSUM = _einsum_is_sequential()
+
+
+def dot0(*ops: np.ndarray, out: np.ndarray | None = None, tmp: np.ndarray | None = None) -> np.ndarray:
+    """C's ``float s = 0; for (i) s += a[i]*b[i]`` (or ``(a[i]*b[i])*c[i]``) over axis 0 of C-contiguous
+    [n, B >= 2] arrays -> [B], in one pass when einsum is sequential (probed at import), else as
+    multiply(s) into ``tmp`` (or a new array) and a row-by-row reduction."""
+    if _SEQUENTIAL_EINSUM:
+        return np.einsum("ij,ij->j" if len(ops) == 2 else "ij,ij,ij->j", *ops, out=out)
+    t = np.multiply(ops[0], ops[1], out=tmp)
+    for o in ops[2:]:
+        np.multiply(t, o, out=t)
+    return np.add.reduce(t, axis=0, initial=F32(0), out=out)
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
@@ -149,14 +175,19 @@ def make_qx_quants(
 
 
 def _make_qx_core(x, nmax, rmse_type, w):
-    """make_qx_quants on one piece: x f32[n, B] (w f32[n, B] or None; rows may be strided views)."""
+    """make_qx_quants on one piece: x f32[n, B] (w f32[n, B] or None; rows may be strided views).
+
+    Speed: the levels of a step depend only on its iscale, not on which step won so far, so the element
+    passes (levels and the two sums) run first for all 19 scales and the sequential selection then runs
+    on per-block sums only; the winning levels are recomputed once from the winning iscale.
+    """
     nmax_f = F32(nmax)
     mx, amax = signed_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
     t = np.empty_like(x)
     u = np.empty_like(x)
-    sum0 = seqsum if x.shape[1] < 2 else _reduce0
+    B = x.shape[1]
 
     def levels(iscale):
         """t = clamp(nearest_int(iscale*x), -nmax, nmax-1); |iscale*x| <= nmax + 1, so np.rint is exact."""
@@ -171,34 +202,39 @@ def _make_qx_core(x, nmax, rmse_type, w):
         return (np.where(zero, F32(0), scale),), L.astype(np.uint8)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = -nmax_f / mx
         if rmse_type == 0:
+            iscale = -nmax_f / mx
             return result(F32(1) / iscale, iscale)
         if w is None:
             w = _RMSE_WEIGHTS[min(rmse_type, 4)](x)
         wx = w * x
-
-        def sums(l):
-            """(sum w*x*l, sum w*l*l) in C order."""
-            np.multiply(wx, l, out=u)
-            sumlx = sum0(u)
-            np.multiply(w, l, out=u)
-            np.multiply(u, l, out=u)
-            return sumlx, sum0(u)
-
-        sumlx, suml2 = sums(levels(iscale))
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        state = np.stack([scale * sumlx, scale, iscale])  # best, scale, the iscale of the kept levels
-        new = np.empty_like(state)
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            iscale = np.divide(-(nmax_f + F32(0.1) * F32(step)), mx, out=new[2])
-            sumlx, suml2 = sums(levels(iscale))
-            upd = (suml2 > 0) & (sumlx * sumlx > state[0] * suml2)
-            np.divide(sumlx, suml2, out=new[1])
-            np.multiply(new[1], sumlx, out=new[0])
-            state = _blend(_select_bits(upd), new, state)
+        # iscale of C's first try, then of is = -9..9 without 0: -(nmax + 0.1f*is)/max
+        steps = np.array([s for s in range(-9, 10) if s != 0], F32)
+        iscales = np.empty((19, B), F32)
+        iscales[0] = -nmax_f / mx
+        np.divide(-(nmax_f + F32(0.1) * steps)[:, None], mx, out=iscales[1:])
+        sumlx = np.empty((19, B), F32)  # sum w*x*l per try, C order
+        suml2 = np.empty((19, B), F32)  # sum w*l*l
+        for k in range(19):
+            l = levels(iscales[k])
+            if B < 2:
+                sumlx[k], suml2[k] = seqsum(wx * l), seqsum(w * l * l)
+            else:
+                dot0(wx, l, out=sumlx[k])
+                dot0(w, l, l, out=suml2[k], tmp=u)
+        # C: if (suml2 > 0 && sumlx*sumlx > best*suml2) { scale = sumlx/suml2; best = scale*sumlx; }
+        cand = np.empty((19, 3, B), F32)  # per try: best, scale, iscale if it wins
+        np.divide(sumlx, suml2, out=cand[:, 1])
+        cand[0, 1] = np.where(suml2[0] != 0, cand[0, 1], F32(0))  # the first try: scale = suml2 ? ... : 0
+        np.multiply(cand[:, 1], sumlx, out=cand[:, 0])
+        cand[:, 2] = iscales
+        np.multiply(sumlx, sumlx, out=sumlx)  # sumlx^2
+        ok = suml2 > 0
+        state = cand[0]
+        prod = np.empty(B, F32)
+        for k in range(1, 19):
+            upd = np.greater(sumlx[k], np.multiply(state[0], suml2[k], out=prod), out=ok[k], where=ok[k])
+            state = _blend(_select_bits(upd), cand[k], state)
         return result(state[1], state[2])
 
 
@@ -290,16 +326,16 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
         return t
 
     def error(scale, mn, l, out):
-        """out = sum_i w*f(scale*l + mn - x), f = |.| or square."""
+        """out = sum_i w*f(scale*l + mn - x), f = |.| or square (C: ``diff = diff*diff; mad += w*diff``)."""
         np.multiply(l, scale, out=u)
         np.add(u, mn, out=u)
         np.subtract(u, x, out=u)
-        if use_mad:
-            np.abs(u, out=u)
+        if B < 2:
+            out[...] = seqsum(w * (np.abs(u) if use_mad else u * u))
+        elif use_mad:
+            dot0(w, np.abs(u, out=u), out=out)
         else:
-            np.multiply(u, u, out=u)
-        np.multiply(u, w, out=u)
-        sum_into(u, out)
+            dot0(u, u, w, out=out, tmp=v)
         return out
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -322,12 +358,15 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
             iscale = np.divide(c, state[3], out=new[4])
             exact = not (bounded and ratio * float(c) * 1.001 < _SAFE_RINT)
             l = levels(iscale, state[2], ratio > 0 or float(c) >= nmax + 0.499 or not bounded, exact)
-            np.multiply(w, l, out=u)  # w*l
-            sum_into(u, S[2])
-            np.multiply(u, l, out=v)
-            sum_into(v, S[3])
-            np.multiply(u, x, out=v)
-            sum_into(v, S[4])
+            if B < 2:
+                np.multiply(w, l, out=u)  # w*l
+                sum_into(u, S[2])
+                sum_into(u * l, S[3])
+                sum_into(u * x, S[4])
+            else:  # sum_l += w*l; sum_l2 += w*l*l; sum_xl += w*l*x
+                dot0(w, l, out=S[2])
+                dot0(w, l, l, out=S[3], tmp=u)
+                dot0(w, l, x, out=S[4], tmp=u)
             s_w, s_x, s_l, s_l2, s_xl = S
             D = np.multiply(s_w, s_l2, out=prod[0])
             D -= np.multiply(s_l, s_l, out=prod[1])

@@ -147,6 +147,19 @@ def test_expert_tensor(ggml, qtype):
     _assert_exact(plain, ggml.ggml_quantize(data.reshape(-1, N), qtype).reshape(plain.shape), qtype, "rank 3")
 
 
+@pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
+def test_iq4_search_pieces(ggml, qtype):
+    """The IQ4 scale search runs on pieces of at most 2048 blocks: a lone block, an odd split into pieces
+    (2049 blocks), pieces that cut superblocks (2056 blocks) and several pieces."""
+    rng = np.random.default_rng(11)
+    shapes = [(1, 32), (2049, 32), (5, 32768)] if qtype == T.IQ4_NL else [(1, 256), (1, 256 * 257), (20, 8192)]
+    for rows, cols in shapes:
+        x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-3, 3, (rows, 1)))).astype(F32)
+        for imatrix in (None, rng.gamma(0.5, size=cols).astype(F32)):
+            ours = registry.quantize(x, qtype, imatrix)
+            _assert_exact(ours, ggml.ggml_quantize(x, qtype, imatrix), qtype, f"{rows}x{cols}")
+
+
 # relative RMS error of quantize -> dequantize on N(0, 1) rows (ternary types: on ternary data, exact)
 ROUNDTRIP_TOL = {
     T.Q8_0: 0.01, T.Q5_0: 0.05, T.Q5_1: 0.05, T.Q4_0: 0.12, T.Q4_1: 0.12,
