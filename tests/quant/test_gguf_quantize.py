@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import re
 
@@ -18,15 +17,13 @@ from mtp_jax.quant.cli import add_quantize_parser
 from mtp_jax.quant.gguf_quantize import quantize_gguf
 from tests.quant.tiny_glm4moe import SMALL, gguf_types, llama_error, run_tool, tiny_imatrix, write_tiny_glm4moe
 
-F16_SMALL = dataclasses.replace(SMALL, dtype=np.float16)
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize")
     return {
         "f32": write_tiny_glm4moe(root / "model-f32.gguf", SMALL),
-        "f16": write_tiny_glm4moe(root / "model-f16.gguf", F16_SMALL),
+        "f16": write_tiny_glm4moe(root / "model-f16.gguf", SMALL, "f16"),
         "imatrix": write_imatrix_gguf(tiny_imatrix(SMALL), root / "imatrix.gguf"),
         "imatrix_no_nextn": write_imatrix_gguf(tiny_imatrix(SMALL, skip=r"\.nextn\."), root / "imatrix-trunk.gguf"),
     }
@@ -151,10 +148,7 @@ def test_imatrix_of_the_wrong_size(files, tmp_path):
 
 
 def _nan_model(tmp_path, name):
-    shape = (SMALL.n_expert, SMALL.n_ff_exp, SMALL.n_embd) if "exps" in name else (SMALL.n_embd,)
-    data = np.ones(shape, np.float32)
-    data.reshape(-1)[7] = np.nan
-    return write_tiny_glm4moe(tmp_path / "nan.gguf", SMALL, edit={name: data})
+    return write_tiny_glm4moe(tmp_path / "nan.gguf", SMALL, nan_tensor=name)
 
 
 @pytest.mark.parametrize("name,threads", [("blk.1.ffn_up_exps.weight", 1), ("blk.1.ffn_up_exps.weight", 2),

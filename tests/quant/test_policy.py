@@ -9,19 +9,21 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, LlamaFileType
 
+from mtp_jax.config import ModelConfig
 from mtp_jax.io.imatrix_gguf import write_imatrix_gguf
 from mtp_jax.quant import policy
 from mtp_jax.quant.base import QuantError
 from mtp_jax.quant.policy import ModelInfo, QuantOptions, TensorDesc
-from tests.quant.tiny_glm4moe import TinyGlm4Moe, llama_error, run_tool, tiny_imatrix, write_tiny_glm4moe
+from tests.quant.tiny_glm4moe import TINY, llama_error, run_tool, tiny_imatrix, write_tiny_glm4moe
 
 # (a) the default: gqa 2, 4 experts, n_ff 288 (fallbacks to 32-blocks);
 # (b) gqa 4, 8 experts (the n_expert == 8 rules), n_ff 200 (no 32-block fits: F16), 8 trunk layers
-CONFIGS = {"a": TinyGlm4Moe(), "b": TinyGlm4Moe(n_layer=8, n_head_kv=1, n_expert=8, n_ff=200)}
+CONFIGS = {"a": TINY, "b": TINY.replace(num_hidden_layers=8, num_key_value_heads=1, n_routed_experts=8,
+                                        intermediate_size=200)}
 
 
 class Model:
-    def __init__(self, root, cfg: TinyGlm4Moe):
+    def __init__(self, root, cfg: ModelConfig):
         self.path = write_tiny_glm4moe(root / "model.gguf", cfg)
         self.imatrix = tiny_imatrix(cfg)
         self.imatrix_path = write_imatrix_gguf(self.imatrix, root / "imatrix.gguf")
