@@ -26,13 +26,14 @@ from mtp_jax.quant.primitives import (
     make_qkx3_quants,
     make_qp_quants,
     make_qx_quants,
+    make_qx_search,
     nearest_int,
     positive_max,
+    qx_levels,
     seqsum,
     signed_absmax,
 )
 
-_CHUNK = 4096  # superblocks per quantize_blocks call (1M values; the searches run on smaller pieces)
 
 
 def _subblocks(xb: np.ndarray, n: int) -> np.ndarray:
@@ -62,10 +63,11 @@ def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: np.ndarray, factor: float)
     return _subblocks(qw, n) * np.sqrt(np.repeat(sigma2, QK_K // n) + xt * xt)
 
 
-def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L: np.ndarray) -> np.ndarray:
+def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L) -> np.ndarray:
     """Final pass: ``l = clamp(nearest_int((x + dm)/d), lo, hi) - lo``, skipping sub-blocks with d == 0.
 
-    xt f32[n, B]; d, dm f32[B]; L u8[n, B] the search-stage levels, kept where d == 0 (stale, as in C).
+    xt f32[n, B]; d, dm f32[B]; L u8[n, B] the search-stage levels, kept where d == 0 (stale, as in C), or
+    a function giving them for some columns (``L(cols) -> u8[n, len(cols)]``), called only if needed.
     Uses the exact nearest_int: with a huge offset against a tiny range, (x + dm)/d can pass 2^22.
     """
     q = np.empty_like(xt)
@@ -82,7 +84,7 @@ def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: 
     out = l.astype(np.uint8)
     skip = np.flatnonzero(d == 0)
     if skip.size:
-        out[:, skip] = L[:, skip]
+        out[:, skip] = L(skip) if callable(L) else L[:, skip]
     return out
 
 
@@ -125,9 +127,12 @@ def _search(xb: np.ndarray, qw: np.ndarray | None, fn) -> tuple[np.ndarray, ...]
 
 
 class _KQuant(QuantType):
-    """Splits rows into chunks of superblocks (independent in every K-quant); subclasses implement
-    ``quantize_blocks``, whose search runs over smaller pieces (``_search``) so that its temporaries stay
-    in cache while the per-superblock steps see the whole chunk at once."""
+    """Splits rows into chunks of ``chunk`` superblocks (independent in every K-quant); subclasses implement
+    ``quantize_blocks``. A chunk of 256 superblocks (64K values, ``primitives._PIECE``) is one search piece,
+    so the whole pipeline of a chunk (layout, search, requantization) runs on cache-resident arrays; types
+    whose per-superblock steps cost more per call may use larger chunks, searched in pieces (``_search``)."""
+
+    chunk = 256
 
     @classmethod
     def quantize_rows(cls, rows, imatrix):
@@ -136,8 +141,8 @@ class _KQuant(QuantType):
         xb = rows.reshape(-1, QK_K)  # [R*nbr, 256]
         imb = None if imatrix is None else imatrix.reshape(nbr, QK_K)
         out = np.empty((xb.shape[0], cls.type_size()), np.uint8)
-        for s in range(0, xb.shape[0], _CHUNK):
-            e = min(s + _CHUNK, xb.shape[0])
+        for s in range(0, xb.shape[0], cls.chunk):
+            e = min(s + cls.chunk, xb.shape[0])
             qw = None if imb is None else imb[np.arange(s, e) % nbr]  # C: quant_weights + QK_K*i
             out[s:e] = cls.quantize_blocks(xb[s:e], qw)
         return out.reshape(R, -1)
@@ -199,6 +204,7 @@ class Q4_K(_KQuant):
     by max); imatrix -> quantize_row_q4_K_impl (make_qkx3_quants(15, -0.9, 0.05, 36), make_qp_quants(63))."""
 
     qtype = GGMLQuantizationType.Q4_K
+    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
@@ -214,6 +220,7 @@ class Q5_K(_KQuant):
     quantize_row_q5_K_impl (make_qkx3_quants(31, -0.9, 0.05, 36), make_qp_quants(63), MIN(63, .))."""
 
     qtype = GGMLQuantizationType.Q5_K
+    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
@@ -238,9 +245,8 @@ class Q6_K(_KQuant):
     @classmethod
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
-        scales, L = _search(
-            xb, qw, lambda x, q: make_qx_quants(_subblocks(x, 16), 32, 1, None if q is None else _subblocks(q, 16))
-        )
+        xt = _subblocks(xb, 16)  # [16, B*16]
+        scales, iscales, zero16 = make_qx_search(xt, 32, 1, None if qw is None else _subblocks(qw, 16))
         sc = _per_block(scales, 16)  # [16, B]
         max_scale, max_abs = signed_absmax(sc)  # [B]
         zero = max_abs < GROUP_MAX_EPS
@@ -248,7 +254,11 @@ class Q6_K(_KQuant):
         d = F32(1) / iscale
         isc = np.minimum(127, nearest_int(iscale * sc)).astype(np.int8)  # [16, B]
         dd = _sub_scale(d, isc.astype(F32))
-        L = _flat_blocks(_requant(_subblocks(xb, 16), dd, None, -32, 31, L))
+
+        def stale(cols):  # the search's levels, for sub-blocks whose scale code is 0
+            return qx_levels(xt[:, cols], iscales[cols], zero16[cols], 32)
+
+        L = _flat_blocks(_requant(xt, dd, None, -32, 31, stale))
         q = L.reshape(B, 2, 4, 32)  # element 128h + 32k + l
         ql = ((q[:, :, :2] & 0xF) | ((q[:, :, 2:] & 0xF) << 4)).reshape(B, 128)
         qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
@@ -293,6 +303,7 @@ class Q3_K(_KQuant):
     make_qx_quants(16, 32, scales, sw))."""
 
     qtype = GGMLQuantizationType.Q3_K
+    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
@@ -336,6 +347,7 @@ class Q2_K(_KQuant):
     make_qkx3_quants(16, 3, -0.9, 0.05, 36), make_qp_quants(16, 15))."""
 
     qtype = GGMLQuantizationType.Q2_K
+    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
 
     @classmethod
     def quantize_blocks(cls, xb, qw):

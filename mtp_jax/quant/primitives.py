@@ -33,6 +33,7 @@ GROUP_MAX_EPS_IQ1_S = F32(1e-12)
 
 _MAGIC = F32(12582912.0)  # 1.5 * 2^23, nearest_int's rounding constant
 _SAFE_RINT = F32(2**21)  # |v| below this: np.rint(v) == nearest_int(v) (exact for |v| < 2^22)
+_clip = getattr(np._core.umath, "clip", np.clip)  # the ufunc itself: np.clip adds ~3 us of Python per call
 _PIECE = 1 << 16  # values per piece of the search loops (temporaries of 256 KiB stay in L2)
 
 
@@ -169,17 +170,42 @@ def make_qx_quants(
     2 -> 1, 3 -> |x|, 4 -> sqrt|x|; rmse_type 0 skips the fit). Negative rmse_type is not supported.
     Returns (scale f32[*batch], L u8[n, *batch] in [0, 2*nmax-1]); blocks with max|x| < eps give 0, 0.
     """
+    scale, iscale, zero = make_qx_search(x, nmax, rmse_type, qw)
+    return scale, qx_levels(x, iscale, zero, nmax)
+
+
+def make_qx_search(
+    x: np.ndarray, nmax: int, rmse_type: int = 1, qw: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qx_quants without its levels: (scale, the winning iscale f32[*batch], zero bool[*batch]).
+
+    ``qx_levels`` gives the levels from these when (and where) a caller needs them; the K-quants need
+    them only for sub-blocks whose quantized scale is 0.
+    """
     if rmse_type < 0:
         raise NotImplementedError("make_qx_quants: negative rmse_type")
-    return _in_pieces(lambda xp, wp: _make_qx_core(xp, nmax, rmse_type, wp), x, qw, 1)
+    scale, iscale, zero, _ = _in_pieces(lambda xp, wp: _make_qx_core(xp, nmax, rmse_type, wp), x, qw, 3)
+    return scale, iscale, zero.astype(bool)
+
+
+def qx_levels(x: np.ndarray, iscale: np.ndarray, zero: np.ndarray, nmax: int) -> np.ndarray:
+    """make_qx_quants' L from its winning iscale: x f32[n, *batch] -> u8[n, *batch] (0 where ``zero``)."""
+    nmax_f = F32(nmax)
+    with np.errstate(invalid="ignore", over="ignore"):
+        t = np.multiply(x, iscale, dtype=F32)
+    np.rint(t, out=t)  # |iscale*x| <= nmax + 1, so np.rint is nearest_int
+    _clip(t, -nmax_f, nmax_f - 1, out=t)
+    t += nmax_f
+    t[:, zero] = 0
+    return t.astype(np.uint8)
 
 
 def _make_qx_core(x, nmax, rmse_type, w):
-    """make_qx_quants on one piece: x f32[n, B] (w f32[n, B] or None; rows may be strided views).
+    """make_qx_search on one piece: x f32[n, B] (w f32[n, B] or None) -> ((scale, iscale, zero), None).
 
     Speed: the levels of a step depend only on its iscale, not on which step won so far, so the element
     passes (levels and the two sums) run first for all 19 scales and the sequential selection then runs
-    on per-block sums only; the winning levels are recomputed once from the winning iscale.
+    on per-block sums only (branch-free).
     """
     nmax_f = F32(nmax)
     mx, amax = signed_absmax(x)
@@ -193,13 +219,10 @@ def _make_qx_core(x, nmax, rmse_type, w):
         """t = clamp(nearest_int(iscale*x), -nmax, nmax-1); |iscale*x| <= nmax + 1, so np.rint is exact."""
         np.multiply(x, iscale, out=t)
         np.rint(t, out=t)
-        return np.clip(t, -nmax_f, nmax_f - 1, out=t)
+        return _clip(t, -nmax_f, nmax_f - 1, out=t)
 
     def result(scale, iscale):
-        L = levels(iscale)
-        L += nmax_f
-        L[:, zero] = 0
-        return (np.where(zero, F32(0), scale),), L.astype(np.uint8)
+        return (np.where(zero, F32(0), scale), iscale, zero.astype(F32)), None
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if rmse_type == 0:
@@ -223,19 +246,22 @@ def _make_qx_core(x, nmax, rmse_type, w):
                 dot0(wx, l, out=sumlx[k])
                 dot0(w, l, l, out=suml2[k], tmp=u)
         # C: if (suml2 > 0 && sumlx*sumlx > best*suml2) { scale = sumlx/suml2; best = scale*sumlx; }
-        cand = np.empty((19, 3, B), F32)  # per try: best, scale, iscale if it wins
-        np.divide(sumlx, suml2, out=cand[:, 1])
-        cand[0, 1] = np.where(suml2[0] != 0, cand[0, 1], F32(0))  # the first try: scale = suml2 ? ... : 0
-        np.multiply(cand[:, 1], sumlx, out=cand[:, 0])
-        cand[:, 2] = iscales
+        scale = np.divide(sumlx, suml2)  # [19, B]: the scale and best of each try, if it wins
+        scale[0] = np.where(suml2[0] != 0, scale[0], F32(0))  # the first try: scale = suml2 ? ... : 0
+        cand = np.empty((19, 2, B), F32)  # per try: its best, its index (as float) if it wins
+        np.multiply(scale, sumlx, out=cand[:, 0])
+        cand[:, 1] = np.arange(19, dtype=F32)[:, None]
         np.multiply(sumlx, sumlx, out=sumlx)  # sumlx^2
         ok = suml2 > 0
         state = cand[0]
         prod = np.empty(B, F32)
+        upd = np.empty(B, bool)
         for k in range(1, 19):
-            upd = np.greater(sumlx[k], np.multiply(state[0], suml2[k], out=prod), out=ok[k], where=ok[k])
+            np.greater(sumlx[k], np.multiply(state[0], suml2[k], out=prod), out=upd)
+            upd &= ok[k]
             state = _blend(_select_bits(upd), cand[k], state)
-        return result(state[1], state[2])
+        pick = state[1].astype(np.intp) * B + np.arange(B)
+        return result(scale.reshape(-1)[pick], iscales.reshape(-1)[pick])
 
 
 def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -274,6 +300,10 @@ def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.n
                 break
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     return np.where(zero, F32(0), scale), np.where(zero, 0, l + nmax_f).astype(np.uint8)
+
+
+_DET_A, _DET_B = np.array([0, 0, 3]), np.array([3, 4, 1])  # rows of S in make_qkx's left products
+_DET_C, _DET_D = np.array([2, 1, 2]), np.array([2, 2, 4])  # ... and in its right products
 
 
 def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
@@ -322,7 +352,7 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
         else:
             np.rint(t, out=t)
         if clamp:
-            np.clip(t, F32(0), nmax_f, out=t)
+            _clip(t, F32(0), nmax_f, out=t)
         return t
 
     def error(scale, mn, l, out):
@@ -351,11 +381,11 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
         state[4] = iscale
         state[5] = mn
         new = np.empty_like(state)
-        prod = np.empty((2, B), F32)
+        prods = np.empty((2, 3, B), F32)  # the two products of D, of this_scale's and this_min's numerators
         ratio, bounded = 0.0, True  # max (min - x_min)/range; every range > 0
-        for step in range(nstep + 1 if nstep >= 1 else 0):
-            c = F32(rmin) + F32(rdelta) * F32(step) + nmax_f
-            iscale = np.divide(c, state[3], out=new[4])
+        steps = np.arange(nstep + 1 if nstep >= 1 else 0, dtype=F32)
+        for c in (F32(rmin) + F32(rdelta) * steps + nmax_f).tolist():  # exact float32 values as Python floats
+            iscale = np.divide(F32(c), state[3], out=new[4])
             exact = not (bounded and ratio * float(c) * 1.001 < _SAFE_RINT)
             l = levels(iscale, state[2], ratio > 0 or float(c) >= nmax + 0.499 or not bounded, exact)
             if B < 2:
@@ -367,14 +397,13 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
                 dot0(w, l, out=S[2])
                 dot0(w, l, l, out=S[3], tmp=u)
                 dot0(w, l, x, out=S[4], tmp=u)
-            s_w, s_x, s_l, s_l2, s_xl = S
-            D = np.multiply(s_w, s_l2, out=prod[0])
-            D -= np.multiply(s_l, s_l, out=prod[1])
-            np.multiply(s_w, s_xl, out=new[1])
-            new[1] -= np.multiply(s_x, s_l, out=prod[1])
-            np.multiply(s_l2, s_x, out=new[2])
-            new[2] -= np.multiply(s_l, s_xl, out=prod[1])
-            this = np.divide(new[1:3], D, out=new[1:3])  # this_scale, this_min
+            # D = sum_w*sum_l2 - sum_l*sum_l, this_scale = (sum_w*sum_xl - sum_x*sum_l)/D,
+            # this_min = (sum_l2*sum_x - sum_l*sum_xl)/D (S = sum_w, sum_x, sum_l, sum_l2, sum_xl)
+            np.multiply(S[_DET_A], S[_DET_B], out=prods[0])
+            np.multiply(S[_DET_C], S[_DET_D], out=prods[1])
+            np.subtract(prods[0], prods[1], out=prods[0])
+            D = prods[0, 0]
+            this = np.divide(prods[0, 1:], D, out=new[1:3])  # this_scale, this_min
             pos = this[1] > 0
             if pos.any():
                 this[1][pos] = 0
@@ -393,10 +422,11 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
 
 
 def _in_pieces(core, x, weights, n_out):
-    """Runs ``core(x_piece, w_piece) -> ((per-block results...), L)`` over pieces of the batch.
+    """Runs ``core(x_piece, w_piece) -> ((n_out per-block results...), L or None)`` over pieces of the batch.
 
     x f32[n, *batch] (weights broadcastable to it, or None) is flattened to [n, B] and cut into column
     pieces of about ``_PIECE`` values, so that the search loops' temporaries stay in the CPU cache.
+    Returns the per-block results [*batch] and L [n, *batch] (None if the core gives none).
     """
     shape = x.shape
     n = shape[0]
@@ -408,14 +438,17 @@ def _in_pieces(core, x, weights, n_out):
         outs, L = core(x, w)
     else:
         outs = tuple(np.empty(B, F32) for _ in range(n_out))
-        L = np.empty((n, B), np.uint8)
+        L = None
         for s in range(0, B, step):
             e = min(s + step, B)
             piece = (np.ascontiguousarray(a[:, s:e]) if a is not None else None for a in (x, w))  # contiguous: faster
-            o, L[:, s:e] = core(*piece)
+            o, Lp = core(*piece)
+            if Lp is not None:
+                L = np.empty((n, B), np.uint8) if L is None else L
+                L[:, s:e] = Lp
             for dst, src in zip(outs, o):
                 dst[s:e] = src
-    return (*(o.reshape(shape[1:]) for o in outs), L.reshape(shape))
+    return (*(o.reshape(shape[1:]) for o in outs), None if L is None else L.reshape(shape))
 
 
 def make_qkx2_quants(
@@ -472,22 +505,34 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         sumlx = seqsum(wx * l)
         suml2 = seqsum(w * l * l)
         Lw = (l.astype(np.int32) & 0xFF).astype(F32)
+        # C refines each block until a pass changes nothing (at most 5 passes): later passes run only on
+        # the blocks the previous pass changed (a pass without changes is a fixed point).
+        shape = x.shape
+        x2, w2, wx2, L2 = (np.broadcast_to(a, shape).reshape(n, -1) for a in (x, w, wx, Lw))
+        sumlx, suml2 = sumlx.reshape(-1), suml2.reshape(-1)
+        L2 = L2.copy()
+        act = np.arange(L2.shape[1])
         for _ in range(5):
-            n_changed = 0
+            xa, wa, wxa, La, slxa, sl2a = x2[:, act], w2[:, act], wx2[:, act], L2[:, act], sumlx[act], suml2[act]
+            changed = np.zeros(act.size, bool)
             for i in range(n):
-                li = Lw[i]
-                slx = sumlx - wx[i] * li
-                sl2 = suml2 - w[i] * li * li
-                new_l = np.minimum(nmax_f, nearest_int_f(x[i] * sl2 / slx))
-                slx_n = slx + wx[i] * new_l
-                sl2_n = sl2 + w[i] * new_l * new_l
-                acc = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_n * slx_n * suml2 > sumlx * sumlx * sl2_n)
-                Lw[i] = np.where(acc, (new_l.astype(np.int32) & 0xFF).astype(F32), li)
-                sumlx = np.where(acc, slx_n, sumlx)
-                suml2 = np.where(acc, sl2_n, suml2)
-                n_changed += int(acc.any())
-            if not n_changed:
+                li = La[i]
+                slx = slxa - wxa[i] * li
+                sl2 = sl2a - wa[i] * li * li
+                new_l = np.minimum(nmax_f, nearest_int_f(xa[i] * sl2 / slx))
+                slx_n = slx + wxa[i] * new_l
+                sl2_n = sl2 + wa[i] * new_l * new_l
+                acc = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_n * slx_n * sl2a > slxa * slxa * sl2_n)
+                La[i] = np.where(acc, (new_l.astype(np.int32) & 0xFF).astype(F32), li)
+                slxa = np.where(acc, slx_n, slxa)
+                sl2a = np.where(acc, sl2_n, sl2a)
+                changed |= acc
+            L2[:, act], sumlx[act], suml2[act] = La, slxa, sl2a
+            act = act[changed]
+            if not act.size:
                 break
+        Lw = L2.reshape(shape)
+        sumlx, suml2 = sumlx.reshape(shape[1:]), suml2.reshape(shape[1:])
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), Lw).astype(np.uint8)
 

@@ -139,9 +139,9 @@ def test_chunk_and_piece_boundaries(ggml, tname, piece, monkeypatch):
     """Tiny superblock chunks and search pieces must not change a byte."""
     from mtp_jax.quant import kquants, primitives
 
-    monkeypatch.setattr(kquants, "_CHUNK", 4)
-    monkeypatch.setattr(primitives, "_PIECE", piece)
     qtype = GGMLQuantizationType[tname]
+    monkeypatch.setattr(getattr(kquants, tname), "chunk", 4)
+    monkeypatch.setattr(primitives, "_PIECE", piece)
     x = _data("fp16", 11)[:5, :768]
     for im in (None, _imatrix("zeros", 11, 768)):
         _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
