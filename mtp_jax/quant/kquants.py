@@ -118,10 +118,10 @@ def _sub_scale(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return (fp16_round(d) * codes).T.reshape(-1)
 
 
-def _search(xb: np.ndarray, qw: np.ndarray | None, fn) -> tuple[np.ndarray, ...]:
+def _search(xb: np.ndarray, qw: np.ndarray | None, fn, pieces: int = 1) -> tuple[np.ndarray, ...]:
     """Runs ``fn(xb_piece, qw_piece)`` over cache-sized pieces of the superblocks f32[B, 256] (about
-    ``primitives._PIECE`` values each) and joins its outputs along their last (sub-block) axis."""
-    step = max(1, primitives._PIECE // QK_K)
+    ``pieces * primitives._PIECE`` values each) and joins its outputs along their last (sub-block) axis."""
+    step = max(1, pieces * primitives._PIECE // QK_K)
     parts = [fn(xb[s : s + step], None if qw is None else qw[s : s + step]) for s in range(0, xb.shape[0], step)]
     return parts[0] if len(parts) == 1 else tuple(np.concatenate(p, axis=-1) for p in zip(*parts))
 
@@ -170,7 +170,7 @@ def _search_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
 def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
     """quantize_row_q{4,5}_K_ref / _impl on f32[B, 256] -> (L u8[B, 256], d f32[B], dmin f32[B], scales u8[B, 12])."""
     B = xb.shape[0]
-    res = _search(xb, qw, lambda x, q: _search_q45_k(x, q, nmax))
+    res = _search(xb, qw, lambda x, q: _search_q45_k(x, q, nmax), primitives.QKX_PIECES)
     sc = _per_block(res[0], 8)  # [8, B]
     mn = _per_block(res[1], 8)
     if qw is None:
@@ -204,7 +204,7 @@ class Q4_K(_KQuant):
     by max); imatrix -> quantize_row_q4_K_impl (make_qkx3_quants(15, -0.9, 0.05, 36), make_qp_quants(63))."""
 
     qtype = GGMLQuantizationType.Q4_K
-    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
+    chunk = 1536  # two make_qkx search pieces (3 * _PIECE values each); per-superblock steps amortized
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
@@ -220,7 +220,7 @@ class Q5_K(_KQuant):
     quantize_row_q5_K_impl (make_qkx3_quants(31, -0.9, 0.05, 36), make_qp_quants(63), MIN(63, .))."""
 
     qtype = GGMLQuantizationType.Q5_K
-    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
+    chunk = 1536  # two make_qkx search pieces (3 * _PIECE values each); per-superblock steps amortized
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
@@ -347,12 +347,12 @@ class Q2_K(_KQuant):
     make_qkx3_quants(16, 3, -0.9, 0.05, 36), make_qp_quants(16, 15))."""
 
     qtype = GGMLQuantizationType.Q2_K
-    chunk = 1024  # the per-superblock steps (make_qp_quants, scale packing) cost per call: 4 search pieces
+    chunk = 1536  # two make_qkx search pieces (3 * _PIECE values each); per-superblock steps amortized
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
-        res = _search(xb, qw, _search_q2_k)
+        res = _search(xb, qw, _search_q2_k, primitives.QKX_PIECES)
         sc = _per_block(res[0], 16)  # [16, B]
         mn = _per_block(res[1], 16)
         if qw is None:
