@@ -86,6 +86,7 @@ def dot0(*ops: np.ndarray, out: np.ndarray | None = None, tmp: np.ndarray | None
     [n, B >= 2] arrays -> [B], in one pass when einsum is sequential (probed at import), else as
     multiply(s) into ``tmp`` (or a new array) and a row-by-row reduction."""
     if _SEQUENTIAL_EINSUM:
+        out = np.empty(ops[0].shape[1:], F32) if out is None else out
         return _c_einsum("ij,ij->j" if len(ops) == 2 else "ij,ij,ij->j", *ops, out=out)
     t = np.multiply(ops[0], ops[1], out=tmp)
     for o in ops[2:]:
