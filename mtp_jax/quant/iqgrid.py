@@ -2,16 +2,27 @@
 
 Mirrors ``quantize_row_{iq2_xxs,iq2_xs,iq2_s,iq3_xxs,iq3_s,iq1_s,iq1_m}_impl`` in ggml-quants.c (the
 llama.cpp tree vendored in llama-cpp-python 0.3.36, whose IQ1_M search is the fast prefix-sum one).
-Arrays are vectorized across sub-blocks (leading axis); Python loops run only over search steps and
-the elements of a sequential float32 reduction, in C operation order (no FMA, no pairwise sums).
 Level indices of the grids are derived from gguf-py's grid tables (they equal the C ``kgrid_*``).
 See shared/notes/gguf-quantization-spec.md sections 3.7-3.11 and 4.
+
+Structure: the five IQ2/IQ3 types share one pipeline (``_GridType``: weights, signs, a scale search whose
+every try snaps groups of n values to the grid, a re-snap, the superblock scales); IQ1_S and IQ1_M share
+another (``_OneBitType``: an exhaustive search over sorted splits, a snap, a refit). A type states only
+its parameters, its candidate scores (IQ1) and its byte layout. Off-grid groups of both go through
+``_best_neighbours``.
+
+Layout and speed, as in primitives.py: superblocks are quantized in pieces of ``_CHUNK``; inside a piece
+arrays are element-major ``[n, S]`` (element of a sub-block, sub-block), so that C's sequential sums are
+one-pass ``dot0`` reductions, and the tries keep only per-sub-block scalars and the grid indices of the
+best try, selected branch-free (``_blend``). Most of the time goes to the neighbour search (C's
+candidate loops); it looks C's distance terms up in per-group tables instead of recomputing them for
+every candidate, in batches of ``_CANDIDATES`` candidates whose temporaries stay in the CPU cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -24,6 +35,9 @@ from mtp_jax.quant.primitives import (
     GROUP_MAX_EPS_IQ1_S,
     GROUP_MAX_EPS_IQ2_S,
     GROUP_MAX_EPS_IQ3_XXS,
+    _blend,
+    _select_bits,
+    dot0,
     element_major,
     fp16_bytes,
     make_qp_quants,
@@ -32,130 +46,66 @@ from mtp_jax.quant.primitives import (
 )
 
 F = np.float32
-_CHUNK = 1024  # superblocks per vectorized pass (bounds the memory of the search temporaries)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """f32[..., n] -> f32[...]: C's ``s = 0; for (i) s += terms[i];`` over the last axis."""
-    return seqsum(element_major(terms))
-
-
-def _sumqx_sumq2(w: np.ndarray, x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """f32[S, B] x3 -> (sum w*x*q, sum w*q*q), sequential over B as the C sub-block loops."""
-    return _seq_sum(w * x * q), _seq_sum(w * q * q)
-
-
-def _make_qp_scale(x: np.ndarray, w: np.ndarray, nmax: int) -> np.ndarray:
-    """make_qp_quants(n, nmax, x, L, w) scale: f32[S, n] x2 -> f32[S] (IQ2_XXS ignores its L)."""
-    return make_qp_quants(element_major(x), nmax, element_major(w))[0]
-
-
-def _superblock_weights(xs: np.ndarray, qw: np.ndarray | None, sigma_mul: int, mode: str) -> np.ndarray:
-    """Per-value weights of a superblock: xs f32[T, 256], qw f32[T, 256] | None -> f32[T, 256].
-
-    With qw: qw*sqrt(sigma2 + x^2), sigma2 = sigma_mul*sum(x^2)/256 (sequential sum). Without: x^2
-    (mode "x2") or 0.25*sigma2 + x^2 (mode "iq2s").
-    """
-    sumx2 = _seq_sum(xs * xs)
-    sigma2 = (F(sigma_mul) * sumx2 / F(QK_K))[:, None]                # 1*s is exact: same as C's sumx2/QK_K
-    if qw is not None:
-        return qw * np.sqrt(sigma2 + xs * xs)
-    if mode == "iq2s":
-        return F(0.25) * sigma2 + xs * xs
-    return xs * xs
-
-
-def _parity_signs(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IQ2_XXS/IQ2_XS/IQ3_XXS sign trick: x, w f32[S, B] -> xval f32[S, B], signs u8[S, B/8] (7 bits).
-
-    Each group of 8 keeps an even number of negatives: on odd parity the element with the smallest
-    w*x*x keeps its sign (its xval becomes negative) and its bit is toggled.
-    """
-    S, B = x.shape
-    xg, wg = x.reshape(S, B // 8, 8), w.reshape(S, B // 8, 8)
-    neg = ~(xg >= 0)
-    xval = np.where(neg, -xg, xg)
-    bits = (1 << np.arange(8)).astype(np.int64)
-    s = (neg * bits).sum(-1)
-    odd = (neg.sum(-1) % 2) == 1
-    imin = np.argmin(wg * xg * xg, axis=-1)
-    flip = odd[..., None] & (np.arange(8) == imin[..., None])
-    xval = np.where(flip, -xval, xval)
-    s = np.where(odd, s ^ (1 << imin), s)
-    return xval.reshape(S, B), (s & 127).astype(np.uint8)
-
-
-def _plain_signs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IQ2_S/IQ3_S explicit signs: x f32[S, B] -> |x| (keeping -0.0 as C does) f32[S, B], signs u8[S, B/8]."""
-    S, B = x.shape
-    neg = ~(x >= 0)
-    xval = np.where(neg, -x, x)
-    s = (neg.reshape(S, B // 8, 8) * (1 << np.arange(8))).sum(-1)
-    return xval, s.astype(np.uint8)
-
-
-def _superblock_scales(scales: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """scales f32[T, nsub] -> (max_scale f32[T], d = max_scale/(2*nlev+1) f32[T], l i64[T, nsub]).
-
-    l = clamp(nearest_int(0.5*(s/d - 1)), 0, nlev) as the C superblock loops (valid where max_scale > 0).
-    """
-    max_scale = np.maximum(np.max(scales, axis=1), F(0))
-    d = max_scale / F(2 * nlev + 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        idv = F(1) / d
-        l = np.clip(nearest_int(F(0.5) * (idv[:, None] * scales - F(1))), 0, nlev)
-    return max_scale, d, l
+_CHUNK = 256  # superblocks per piece (times the type's ``chunks``)
+_CANDIDATES = 1 << 17  # neighbour candidates per batch of the search
+_MAGIC2 = F(25165824.0)  # v + 2*12582912 has the mantissa bits of 0.5*v + 12582912 (C's nearest_int)
+_OFF = np.int32(1 << 16)  # flag on a grid index: the group was off the grid (it came from the neighbour search)
 
 
 # ------------------------------------------------------------------------------- grids and neighbours
 
 @dataclass(frozen=True)
 class _Grid:
-    """A quantizer-side grid (iq2xs_init_impl / iq3xs_init_impl).
+    """A quantizer-side grid (iq2xs_init_impl / iq3xs_init_impl) and its neighbour lists.
 
-    levels: i64[G, n] level index l per coordinate; odd: f32[G, n] = 2l+1; kmap: i64[K] grid index of
-    an on-grid key u = sum l_k << bits*k, or -1; for an off-grid key, its neighbours (C order: by
-    (distance, grid index), all points within the nwant smallest distinct distances) are
-    nb[nb_start[u] : nb_start[u] + nb_count[u]].
+    Groups of n values have levels l in 0..nlev-1 and the key u = sum l_i << bits*i. levels i64[G, n]
+    and odd f32[G, n] = 2l+1 per grid point; kmap i32[K]: grid index of an on-grid key, -1 otherwise.
+    The neighbours of an off-grid key u, in C order (by distance, then index; every point within the
+    nwant smallest distinct distances), are nb[nb_start[u] : nb_start[u] + nb_count[u]].
+    codes i32[n - prefix + 1, len(nb)]: for each neighbour, its rows in the term table of
+    ``_best_neighbours`` (row 0: the partial sum over the first ``prefix`` values, nlev**prefix rows;
+    then nlev rows for each further value).
     """
 
     n: int
     bits: int
     nlev: int
+    prefix: int
     levels: np.ndarray
     odd: np.ndarray
-    levels_t: np.ndarray  # levels.T, contiguous [n, G]
-    odd_t: np.ndarray     # odd.T, contiguous [n, G]
     kmap: np.ndarray
     nb_start: np.ndarray
     nb_count: np.ndarray
     nb: np.ndarray
+    codes: np.ndarray
+
+    @property
+    def table_rows(self) -> int:
+        return self.nlev**self.prefix + (self.n - self.prefix) * self.nlev
 
 
-_GRID_SPECS = {  # grid name -> (gguf-py class holding grid_hex, bits per level, nlev, kmap size, nwant)
-    "iq2xxs": (gguf_quants.IQ2_XXS, 2, 3, 43692, 2),
-    "iq2xs": (gguf_quants.IQ2_XS, 2, 3, 43692, 2),
-    "iq2s": (gguf_quants.IQ2_S, 2, 3, 43692, 1),
-    "iq1s": (gguf_quants.IQ1_S, 2, 3, 43692, 3),
-    "iq3xxs": (gguf_quants.IQ3_XXS, 3, 8, 4096, 2),
-    "iq3s": (gguf_quants.IQ3_S, 3, 8, 4096, 3),
+_GRID_SPECS = {  # name -> (gguf-py class holding grid_hex, bits per level, nlev, kmap size, nwant, prefix)
+    # prefix: values folded into the first table lookup; more pays off where groups have more neighbours
+    "iq2xxs": (gguf_quants.IQ2_XXS, 2, 3, 43692, 2, 4),
+    "iq2xs": (gguf_quants.IQ2_XS, 2, 3, 43692, 2, 5),
+    "iq2s": (gguf_quants.IQ2_S, 2, 3, 43692, 1, 3),
+    "iq1s": (gguf_quants.IQ1_S, 2, 3, 43692, 3, 4),
+    "iq3xxs": (gguf_quants.IQ3_XXS, 3, 8, 4096, 2, 1),
+    "iq3s": (gguf_quants.IQ3_S, 3, 8, 4096, 3, 1),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _grid(name: str) -> _Grid:
     """Build (once) the grid, kmap and neighbour lists as iq2xs_init_impl / iq3xs_init_impl do."""
-    cls, bits, nlev, kmap_size, nwant = _GRID_SPECS[name]
+    cls, bits, nlev, kmap_size, nwant, prefix = _GRID_SPECS[name]
     cls.init_grid()
     values = cls.grid.reshape(cls.grid_shape)
     levels = np.searchsorted(np.array(cls.grid_map, dtype=F), values).astype(np.int64)   # [G, n]
     G, n = levels.shape
     shifts = bits * np.arange(n)
-    keys = (levels << shifts).sum(1)
-    kmap = np.full(kmap_size, -1, dtype=np.int64)
-    kmap[keys] = np.arange(G)
+    kmap = np.full(kmap_size, -1, dtype=np.int32)
+    kmap[(levels << shifts).sum(1)] = np.arange(G)
     odd = (2 * levels + 1).astype(F)
 
     off = np.flatnonzero(kmap < 0)
@@ -180,594 +130,617 @@ def _grid(name: str) -> _Grid:
         starts[u] = total + np.cumsum(cnt) - cnt
         total += len(cols)
         nbs.append(cols)
-    return _Grid(n, bits, nlev, levels, odd, np.ascontiguousarray(levels.T), np.ascontiguousarray(odd.T),
-                 kmap, starts, counts, np.concatenate(nbs).astype(np.int32))
+    nb = np.concatenate(nbs).astype(np.int32)
+
+    nl = levels[nb]                                                                      # [len(nb), n]
+    codes = [sum(nl[:, i] * nlev**i for i in range(prefix))]
+    codes += [nlev**prefix + (i - prefix) * nlev + nl[:, i] for i in range(prefix, n)]
+    return _Grid(n, bits, nlev, prefix, levels, odd, kmap, starts, counts, nb, np.stack(codes).astype(np.int32))
 
 
-def _best_neighbour(grid: _Grid, u: np.ndarray, xv: np.ndarray, w: np.ndarray, scale: np.ndarray,
-                    qval: np.ndarray | None = None) -> np.ndarray:
-    """iq2/iq3_find_best_neighbour (qval None: q = 2l+1) and iq1_find_best_neighbour2 (q = qval[l]).
+def _best_neighbours(grid: _Grid, u: np.ndarray, x: np.ndarray, w: np.ndarray, scale: np.ndarray,
+                     qv: np.ndarray) -> np.ndarray:
+    """iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2 for M groups at once.
 
-    u i64[M] off-grid keys, xv/w f32[M, n], scale f32[M], qval f32[M, 3] | None -> grid index i64[M]:
-    the first neighbour minimizing sum w*(scale*q - x)^2 (strict <, sequential over the n elements).
+    u i32[M] off-grid keys; x, w f32[n, M] the groups' values and weights; scale f32[M]; qv f32[nlev, M]
+    (or [nlev, 1]) the value of each level -> grid index i32[M] of the first neighbour minimizing C's
+    ``d2 += w*diff*diff`` (diff = scale*q - x, sequential over the n values, strict <).
+
+    Every term ``(w*diff)*diff`` depends only on the group, the value i and its level, so they are computed
+    once per group into a table [rows, M] whose first rows already hold C's running sums over the first
+    ``prefix`` values for every level combination; a candidate's d2 is then n - prefix + 1 lookups and
+    additions in C order. Raises where C aborts: a group without a distance below FLT_MAX (NaN, inf).
     """
     M = len(u)
+    p, nlev, n = grid.prefix, grid.nlev, grid.n
+    table = np.empty((grid.table_rows, M), F)
+    head = np.empty((p, nlev, M), F)  # terms of the first p values
+    level_x = scale * qv                                                                # [nlev, M]
+    for dst, lo, hi in ((head, 0, p), (table[nlev**p:].reshape(n - p, nlev, M), p, n)):
+        if hi > lo:  # dst [hi-lo, nlev, M] = (w*diff)*diff
+            diff = np.subtract(level_x[None], x[lo:hi, None], out=np.empty(dst.shape, F))
+            np.multiply(w[lo:hi, None], diff, out=dst)
+            dst *= diff
+    part = head[0]
+    part += F(0)  # C starts d2 at +0
+    for i in range(1, p):  # row of (l_0..l_i) = sum l_k nlev^k
+        dst = table[:nlev**(i + 1)] if i == p - 1 else np.empty((nlev**(i + 1), M), F)
+        np.add(part[None], head[i][:, None], out=dst.reshape(nlev, -1, M))
+        part = dst
+    if p == 1:
+        table[:nlev] = part
+
     cnt = grid.nb_count[u]
-    first = np.cumsum(cnt) - cnt
-    seg = np.repeat(np.arange(M, dtype=np.int32), cnt)                 # candidate -> group
-    flat = np.arange(len(seg), dtype=np.int32)
-    cand = grid.nb[grid.nb_start[u][seg] + flat - first[seg]]          # [T] candidate grid indices
-    # element-major [n, T] gathers keep the per-element loop on contiguous rows
-    if qval is None:
-        q = grid.odd_t[:, cand]
-    else:
-        q = np.ascontiguousarray(qval.T).reshape(-1)[grid.levels_t[:, cand] * M + seg]   # qval[seg, level]
-    sc = scale[seg]
-    xs = np.ascontiguousarray(xv.T)[:, seg]
-    ws = np.ascontiguousarray(w.T)[:, seg]
-    d2 = np.zeros(len(seg), dtype=F)
-    for i in range(grid.n):
-        diff = sc * q[i] - xs[i]
-        d2 = d2 + ws[i] * diff * diff
-    segmin = np.minimum.reduceat(d2, first)
-    best = np.minimum.reduceat(np.where(d2 == segmin[seg], flat, np.int32(len(seg))), first)
-    return cand[best]
+    first = np.cumsum(cnt) - cnt                                                         # [M]
+    T = int(first[-1] + cnt[-1])
+    seg = np.repeat(np.arange(M, dtype=np.int32), cnt)                                   # [T] -> group
+    pos = np.take(grid.nb_start[u] - first, seg)                                         # [T] into nb
+    pos += np.arange(T)
+    flat = table.reshape(-1)
+    idx = np.empty(T, np.int32)
+    d2 = np.empty(T, F)
+    term = np.empty(T, F)
+    for c, codes in enumerate(grid.codes):
+        np.take(codes, pos, out=idx, mode="clip")
+        idx *= np.int32(M)
+        idx += seg
+        np.take(flat, idx, out=term if c else d2, mode="clip")
+        if c:
+            d2 += term
+    # the first minimum per group: the least int64 key (d2 as an ordered int in the high word, position low)
+    rank = d2.view(np.int32)
+    rank ^= (rank >> 31) & 0x7FFFFFFF  # negative floats (from negative weights) order below +0
+    key = np.left_shift(rank, 32, dtype=np.int64)
+    key |= np.arange(T)
+    best = np.minimum.reduceat(key, first)
+    hi = best >> 32
+    if ((hi >= 0x7F7FFFFF) | (hi < -0x7F800001)).any():  # the least is FLT_MAX or more, or NaN
+        raise RuntimeError("neighbour search found no distance below FLT_MAX")  # GGML_ASSERT in C
+    best &= 0xFFFFFFFF
+    return grid.nb[pos[best]]
 
 
 def _keys(grid: _Grid, levels: np.ndarray) -> np.ndarray:
-    """levels i64[..., n] -> kmap keys i64[...]."""
-    return (levels << (grid.bits * np.arange(grid.n))).sum(-1)
+    """Levels i32[B, S] (element-major, overwritten) -> keys i32[B/n, S] of the groups of n values."""
+    B, S = levels.shape
+    levels <<= (grid.bits * (np.arange(B, dtype=np.int32) % grid.n))[:, None]
+    return np.bitwise_or.reduce(levels.reshape(B // grid.n, grid.n, S), axis=1)
 
 
-def _snap(grid: _Grid, xval: np.ndarray, waux: np.ndarray, idv: np.ndarray, scale: np.ndarray,
-          need: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Round to levels l = clamp(nearest_int(0.5*(id*x - 1)), 0, nlev-1) and move each off-grid group to
-    its best neighbour at ``scale`` (the body of the IQ2/IQ3 search loops and of their re-snap).
+def _round_keys(grid: _Grid, xval: np.ndarray, idv: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Keys i32[B/n, S] of the levels clamp(nearest_int(0.5*(idv*xval - 1)), 0, nlev-1), computed in the
+    int32 buffer ``levels`` [B, S]: v + 2*12582912 has the mantissa bits of C's 0.5*v + 12582912 (scaling
+    by two is exact), so the 0.5 multiply is folded into the constant."""
+    t = levels.view(F)
+    np.multiply(xval, idv, out=t)
+    t -= F(1)
+    t += _MAGIC2
+    levels &= 0x7FFFFF
+    levels -= 0x400000
+    np.clip(levels, 0, grid.nlev - 1, out=levels)
+    return _keys(grid, levels)
 
-    xval, waux f32[S, B]; idv, scale f32[S]; need bool[S, B/n] | None (groups to search) ->
-    levels i64[S, B] (only meaningful for needed groups), on_grid bool[S, B/n].
+
+def _group_major(a: np.ndarray, n: int) -> np.ndarray:
+    """f32[B, S] -> [n, B/n*S]: column k*S + s is group k of sub-block s (the flat index of a group)."""
+    B, S = a.shape
+    return np.ascontiguousarray(a.reshape(B // n, n, S).transpose(1, 0, 2)).reshape(n, -1)
+
+
+def _snap(grid: _Grid, u: np.ndarray, search: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np.ndarray,
+          qv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys u i32[k, S] -> (grid index i32[k, S], off bool[k, S]: the key is off the grid). Off-grid groups
+    where ``search`` (bool[k, S]) get their best neighbour (values xg, weights wg [n, k*S] group-major,
+    scale f32[S] per sub-block, level values qv f32[nlev, k*S] or [nlev, 1]); other off-grid ones get -1."""
+    gi = np.take(grid.kmap, u)
+    off = gi < 0
+    f = np.flatnonzero(off & search)
+    if f.size:  # in batches of about _CANDIDATES candidates, whose temporaries stay in the CPU cache
+        total = np.cumsum(grid.nb_count[u.reshape(-1)[f]])
+        for fb in np.split(f, np.searchsorted(total, np.arange(_CANDIDATES, total[-1], _CANDIDATES))):
+            gi.reshape(-1)[fb] = _best_neighbours(grid, u.reshape(-1)[fb], np.take(xg, fb, axis=1),
+                                                  np.take(wg, fb, axis=1), scale[fb % u.shape[1]],
+                                                  qv if qv.shape[1] == 1 else np.take(qv, fb, axis=1))
+    return gi, off
+
+
+def _grid_values(table: np.ndarray, gi: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Per-value rows of grid points: table [G, n], gi i32[k, S] -> out [k*n, S] element-major."""
+    k, S = gi.shape
+    np.copyto(out.reshape(k, -1, S), np.take(table, gi, axis=0, mode="clip").transpose(0, 2, 1))
+    return out
+
+
+def _dot(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """C's ``s += a*b`` (or ``(a*b)*c``) over axis 0 of [n, B] -> f32[B], also for a lone block."""
+    ops = (a, b) if c is None else (a, b, c)
+    if a.shape[1] >= 2:
+        return dot0(*ops, out=np.empty(a.shape[1], F))
+    return seqsum(a * b if c is None else (a * b) * c)
+
+
+# -------------------------------------------------------------------------------- shared per-type steps
+
+class _PieceType(QuantType):
+    """A type quantized superblock by superblock (rows are independent), in pieces of _CHUNK*chunks."""
+
+    chunks = 1
+
+    @classmethod
+    def quantize_rows(cls, rows, imatrix):
+        R, N = rows.shape
+        nbl = N // QK_K
+        xs = np.ascontiguousarray(rows, dtype=F).reshape(R * nbl, QK_K)
+        qw = None if imatrix is None else np.asarray(imatrix, dtype=F).reshape(nbl, QK_K)
+        out = np.empty((R * nbl, cls.type_size()), np.uint8)
+        step = _CHUNK * cls.chunks
+        for t0 in range(0, R * nbl, step):
+            t1 = min(t0 + step, R * nbl)
+            out[t0:t1] = cls._quantize(xs[t0:t1], None if qw is None else qw[np.arange(t0, t1) % nbl])
+        return out.reshape(R, nbl * cls.type_size())
+
+    @classmethod
+    def _quantize(cls, xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        """Superblocks f32[T, 256] (+ their imatrix columns f32[T, 256]) -> blocks u8[T, type_size]."""
+        raise NotImplementedError
+
+
+def _subblocks(xs: np.ndarray, qw: np.ndarray | None, sub: int, sigma_mul: int,
+               plain: str = "x2") -> tuple[np.ndarray, np.ndarray]:
+    """xs f32[T, 256] (+ qw) -> x, w f32[sub, S]: element-major sub-blocks of ``sub`` values, S = T*256/sub.
+
+    With qw: w = qw*sqrt(sigma2 + x^2), sigma2 = sigma_mul*sum(x^2)/256 per superblock (sequential sum).
+    Without: x^2 (plain "x2") or 0.25*sigma2 + x^2 ("iq2s").
     """
-    S, B = xval.shape
-    n = grid.n
-    l = np.clip(nearest_int(F(0.5) * (idv[:, None] * xval - F(1))), 0, grid.nlev - 1).reshape(S, B // n, n)
-    u = _keys(grid, l)
-    gi = grid.kmap[u]
-    on_grid = gi >= 0
-    todo = ~on_grid if need is None else ~on_grid & need
-    if todo.any():
-        si, gk = np.nonzero(todo)
-        xg, wg = xval.reshape(S, B // n, n), waux.reshape(S, B // n, n)
-        gi[si, gk] = _best_neighbour(grid, u[si, gk], xg[si, gk], wg[si, gk], scale[si])
-        l[si, gk] = grid.levels[gi[si, gk]]
-    return l.reshape(S, B), on_grid
+    x = element_major(xs.reshape(-1, sub))
+    sigma2 = np.repeat(F(sigma_mul) * seqsum(element_major(xs * xs)) / F(QK_K), QK_K // sub)   # [S]
+    if qw is not None:
+        return x, element_major(qw.reshape(-1, sub)) * np.sqrt(sigma2 + x * x)
+    return x, (x * x if plain == "x2" else F(0.25) * sigma2 + x * x)
 
 
-# ------------------------------------------------------------------------- IQ2_XXS/XS/S, IQ3_XXS/S core
+def _signs(x: np.ndarray, w: np.ndarray, parity: bool) -> tuple[np.ndarray, np.ndarray]:
+    """x, w f32[B, S] -> xval = |x| (C keeps -0.0) f32[B, S], sign codes u8[B/8, S] (bit i: value 8k+i < 0).
 
-@dataclass(frozen=True)
-class _Search:
+    ``parity`` (IQ2_XXS, IQ2_XS, IQ3_XXS store 7 bits, the 8th is the parity): a group of 8 with an odd
+    number of negatives keeps the sign of its element with the smallest w*x*x (the first on ties; its
+    xval turns negative) and that bit is toggled.
+    """
+    B, S = x.shape
+    neg = ~(x >= 0)
+    xval = np.where(neg, -x, x)
+    neg8 = neg.reshape(B // 8, 8, S)
+    signs = np.packbits(neg8, axis=1, bitorder="little")[:, 0]
+    if parity:
+        odd = np.logical_xor.reduce(neg8, axis=1)                                         # [B/8, S]
+        imin = np.argmin(((w * x) * x).reshape(B // 8, 8, S), axis=1)
+        flip = odd[:, None] & (np.arange(8)[:, None] == imin[:, None])                    # [B/8, 8, S]
+        np.negative(xval, out=xval, where=flip.reshape(B, S))
+        signs ^= np.where(odd, np.left_shift(1, imin), 0).astype(np.uint8)
+        signs &= 127
+    return xval, signs
+
+
+def _superblock_scales(scales: np.ndarray, lmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scales f32[T, nsub] -> (has = max_scale > 0 bool[T], d = max_scale/(2*lmax+1) f32[T], l i64[T, nsub]).
+
+    l = clamp(nearest_int(0.5*(s/d - 1)), 0, lmax) as the C superblock loops (meaningful where has).
+    """
+    max_scale = np.maximum(np.max(scales, axis=1), F(0))
+    d = max_scale / F(2 * lmax + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = np.clip(nearest_int(F(0.5) * ((F(1) / d)[:, None] * scales - F(1))), 0, lmax)
+    return max_scale > 0, d, l.astype(np.int64)
+
+
+def _rows(a: np.ndarray, T: int) -> np.ndarray:
+    """Element-major data of the sub-blocks [m, S] -> [T, S/T*m], in the superblock's memory order."""
+    return a.T.reshape(T, -1)
+
+
+def _fields(values: np.ndarray, width: int) -> np.ndarray:
+    """C's ``v |= values[j] << width*j`` over the last axis: int[..., m] -> int64[...]."""
+    return (values.astype(np.int64) << (width * np.arange(values.shape[-1]))).sum(-1)
+
+
+def _nibbles(ls: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """Scale codes i64[T, 2m] -> u8[T, m] (even sub-block low, odd high); 0 where the superblock is zero."""
+    return np.where(has[:, None], ls[:, 0::2] | (ls[:, 1::2] << 4), 0).astype(np.uint8)
+
+
+def _front(a: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """[T, nsub, m] -> [T, nsub*m]: the written sub-blocks (act bool[T, nsub]) moved to the front, zeros
+    after (IQ3_S advances its qs/signs pointers only past the sub-blocks it writes)."""
+    T, nsub, m = a.shape
+    slot = np.where(act, np.cumsum(act, axis=1) - 1, nsub)                               # nsub: dropped
+    out = np.zeros((T, nsub + 1, m), a.dtype)
+    out[np.arange(T)[:, None], slot] = a
+    return out[:, :nsub].reshape(T, -1)
+
+
+# ------------------------------------------------------------------------------ IQ2_XXS/XS/S, IQ3_XXS/S
+
+class _GridType(_PieceType):
+    """quantize_row_{iq2_xxs,iq2_xs,iq2_s,iq3_xxs,iq3_s}_impl: one scale per sub-block, searched over tries
+    id = (2*nlev - 1 + step*is)/max (IQ2_XXS: /(nlev*make_qp scale)), each snapping the groups to the grid
+    (off-grid ones to their best neighbour) and scoring sum(w*x*q)^2/sum(w*q*q); then a re-snap at the
+    winning scale and a refit."""
+
     grid: str
-    eps: np.float32 | None  # max < eps -> zero sub-block; None: `if (!max)` (IQ3_S)
-    nsteps: int           # is = -nsteps..nsteps
+    sub: int                 # values per sub-block
+    sigma_mul: int           # sigma2 = sigma_mul*sum(x^2)/256
+    plain = "x2"             # weights without an imatrix (see _subblocks)
+    parity: bool             # 7-bit even-parity sign codes instead of sign bytes
+    eps: np.float32 | None   # max < eps: nothing written; None: ``if (!max)``
+    nsteps: int              # is = -nsteps..nsteps
     step: float
-    resnap: str           # "all" (IQ2_XXS), "offgrid" (only off-grid groups), "all_if_offgrid" (IQ3_S)
-    on_grid0: bool        # is_on_grid before the search (false only in IQ3_S)
-    qp_start: bool        # IQ2_XXS: start from make_qp_quants instead of max/(2*kMaxQ-1)
+    resnap: str              # re-snap "all" groups, the "offgrid" ones, or "all_if_offgrid" (any is)
+    qp_start = False         # IQ2_XXS: start from make_qp_quants(n, nlev+1) instead of max/(2*nlev-1)
 
+    @classmethod
+    def _quantize(cls, xs, qw):
+        T = len(xs)
+        x, w = _subblocks(xs, qw, cls.sub, cls.sigma_mul, cls.plain)                     # [sub, S]
+        xval, signs = _signs(x, w, cls.parity)
+        scale, gi, act = cls._search(xval, w)
+        signs ^= np.where(scale < 0, 127 if cls.parity else 255, 0).astype(np.uint8)     # C flips sign and codes
+        signs *= act
+        has, d, ls = _superblock_scales(np.abs(scale).reshape(T, -1), 15)
+        return cls._bytes(has, d, ls, _rows(gi, T), _rows(signs, T), act.reshape(T, -1))
 
-def _search_subblocks(sp: _Search, xval: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The per-sub-block scale/grid search shared by the IQ2/IQ3 impls.
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, signs, act) -> np.ndarray:
+        """has bool[T] (max_scale > 0), d f32[T] (max_scale/31), ls i64[T, nsub] scale codes, gi i32[T, 256/n]
+        grid indices, signs u8[T, 32] sign codes, act bool[T, nsub] (sub-blocks C writes) -> u8[T, type_size]."""
+        raise NotImplementedError
 
-    xval, w f32[S, B] -> scale f32[S] (may be negative: the caller flips signs), levels i64[S, B],
-    written bool[S]. Sub-blocks that C skips (`continue`, nothing written) get scale 0 and levels 0.
-    """
-    grid = _grid(sp.grid)
-    S, B = xval.shape
-    kmaxq = grid.nlev
-    L = np.zeros((S, B), dtype=np.int64)
-    scale_out = np.zeros(S, dtype=F)
-    mx = np.max(xval, axis=1)
-    act = (mx != 0) if sp.eps is None else ~(mx < sp.eps)
-    if sp.qp_start:
-        sc = np.zeros(S, dtype=F)
-        sc[act] = _make_qp_scale(xval[act], w[act], kmaxq + 1)
-        denom = sc * F(kmaxq)                                          # eff_max
-        act &= denom > 0
-    else:
-        denom = mx
-        sc = mx / F(2 * kmaxq - 1)
-    idx = np.flatnonzero(act)
-    if not len(idx):
-        return scale_out, L, act
-    xv, ww, den = xval[idx], w[idx], denom[idx]
-    wa = np.sqrt(ww)
-    scale = sc[idx]
-    best = np.zeros(len(idx), dtype=F)
-    Lb = np.zeros((len(idx), B), dtype=np.int64)
-    on_grid = np.full((len(idx), B // grid.n), sp.on_grid0)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for is_ in range(-sp.nsteps, sp.nsteps + 1):
-            idv = (F(2 * kmaxq - 1) + F(is_) * F(sp.step)) / den
-            la, og = _snap(grid, xv, wa, idv, F(1) / idv)
-            sumqx, sumq2 = _sumqx_sumq2(ww, xv, (2 * la + 1).astype(F))
-            acc = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-            scale = np.where(acc, sumqx / sumq2, scale)
-            best = np.where(acc, scale * sumqx, best)
-            Lb[acc] = la[acc]
-            on_grid[acc] = og[acc]
-        if sp.resnap == "all":
-            rs = scale > 0
-            need = None
+    @classmethod
+    def _search(cls, xval: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """xval, w f32[B, S] -> (scale f32[S] (negative: the caller flips the signs), grid indices
+        i32[B/n, S], act bool[S]: the sub-blocks C writes; the others get scale 0 and index 0).
+
+        The tries are independent up to the selection, which keeps per sub-block best and scale and per
+        group the grid index of the best try (| _OFF if that group was off the grid, for the re-snap).
+        """
+        grid = _grid(cls.grid)
+        B, S = xval.shape
+        k = B // grid.n
+        wx = w * xval
+        xg, wg = _group_major(xval, grid.n), _group_major(np.sqrt(w), grid.n)             # C's waux = sqrt(w)
+        odd = (2 * np.arange(grid.nlev) + 1).astype(F)[:, None]                           # q of each level
+        mx = np.max(xval, axis=0)
+        act = (mx != 0) if cls.eps is None else ~(mx < cls.eps)
+        top = F(2 * grid.nlev - 1)
+        if cls.qp_start:
+            scale0 = make_qp_quants(xval, grid.nlev + 1, w)[0]
+            den = scale0 * F(grid.nlev)
+            act &= den > 0
         else:
-            rs = (~on_grid).any(1) & (scale > 0)
-            need = None if sp.resnap == "all_if_offgrid" else ~on_grid[rs]
-        if rs.any():
-            s = scale[rs]
-            la, _ = _snap(grid, xv[rs], wa[rs], F(1) / s, s, need)
-            if need is not None:
-                la = np.where(np.repeat(need, grid.n, axis=1), la, Lb[rs])
-            Lb[rs] = la
-            sumqx, sumq2 = _sumqx_sumq2(ww[rs], xv[rs], (2 * la + 1).astype(F))
-            scale[rs] = np.where(sumq2 > 0, sumqx / sumq2, s)
-    scale_out[idx] = scale
-    L[idx] = Lb
-    return scale_out, L, act
+            den, scale0 = mx, mx / top
+        levels, q, sums = np.empty((B, S), np.int32), np.empty((B, S), F), np.empty((2, S), F)
+
+        def snap(idv, scale, search):
+            return _snap(grid, _round_keys(grid, xval, idv, levels), search, xg, wg, scale, odd)
+
+        def fit(gi):
+            """C's sum (w*x)*q, sum (w*q)*q over the sub-block, q = 2l+1 of the grid points gi."""
+            _grid_values(grid.odd, gi, q)
+            return dot0(wx, q, out=sums[0]), dot0(w, q, q, out=sums[1])
+
+        state = np.stack([np.zeros(S, F), scale0])                                        # best, scale
+        new = np.empty_like(state)
+        no_try = grid.kmap[0] | (_OFF if cls.resnap == "all_if_offgrid" else 0)          # C's L = 0 (memset)
+        win = np.full((k, S), no_try, np.int32)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for is_ in range(-cls.nsteps, cls.nsteps + 1):
+                idv = (top + F(is_) * F(cls.step)) / den
+                gi, off = snap(idv, F(1) / idv, act)
+                sumqx, sumq2 = fit(gi)
+                take = (sumq2 > 0) & (sumqx * sumqx > state[0] * sumq2)
+                np.divide(sumqx, sumq2, out=new[1])
+                np.multiply(new[1], sumqx, out=new[0])
+                bits = _select_bits(take)
+                state = _blend(bits, new, state)
+                np.bitwise_or(gi, _OFF, out=gi, where=off)
+                win = _blend(bits, gi.view(F), win.view(F)).view(np.int32)
+            scale = state[1].copy()
+            off, gi = (win & _OFF) != 0, win & (_OFF - 1)
+            redo = act & (scale > 0)
+            if cls.resnap == "offgrid":
+                redo = off & redo
+            elif cls.resnap == "all_if_offgrid":
+                redo = off.any(0) & redo
+            redo = np.broadcast_to(redo, (k, S))
+            if redo.any():  # re-snap at id = 1/scale, neighbours at scale, then refit
+                gi = np.where(redo, snap(F(1) / scale, scale, redo)[0], gi)
+                sumqx, sumq2 = fit(gi)
+                scale = np.where(redo.any(0) & (sumq2 > 0), sumqx / sumq2, scale)
+        return np.where(act, scale, F(0)), np.where(act, gi, 0), act
 
 
-def _grid_indices(grid: _Grid, L: np.ndarray) -> np.ndarray:
-    """Final levels i64[S, B] -> grid indices i64[S, B/n] (C aborts on an off-grid point)."""
-    S, B = L.shape
-    gi = grid.kmap[_keys(grid, L.reshape(S, B // grid.n, grid.n))]
-    if (gi < 0).any():
-        raise RuntimeError("grid search left a point off the grid")  # GGML_ABORT in C
-    return gi
+@register
+class IQ2_XXS(_GridType):
+    """66 B: d, then per 32 values u32 (4 grid bytes) and u32 (4 x 7-bit sign codes | scale << 28)."""
+
+    qtype = GGMLQuantizationType.IQ2_XXS
+    imatrix = "required"
+    grid, sub, sigma_mul, parity = "iq2xxs", 32, 1, True
+    eps, nsteps, step, resnap, qp_start = GROUP_MAX_EPS, 6, 0.1, "all", True
+
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, signs, act):
+        T = len(d)
+        words = np.stack([_fields(gi.reshape(T, 8, 4), 8), _fields(signs.reshape(T, 8, 4), 7) | (ls << 28)], -1)
+        words = np.where(has[:, None, None], words, 0).astype("<u4").reshape(T, 16)
+        return np.concatenate([fp16_bytes(np.where(has, d, F(0))), words.view(np.uint8)], axis=1)
 
 
-def _to_superblocks(rows: np.ndarray, imatrix: np.ndarray | None):
-    """rows f32[R, N] (+ imatrix f32[N]) -> chunks of (xs f32[T, 256], qw f32[T, 256] | None)."""
-    R, N = rows.shape
-    nbl = N // QK_K
-    xs = np.ascontiguousarray(rows, dtype=F).reshape(R * nbl, QK_K)
-    qw = None if imatrix is None else np.asarray(imatrix, dtype=F).reshape(nbl, QK_K)
-    for t0 in range(0, R * nbl, _CHUNK):
-        t1 = min(t0 + _CHUNK, R * nbl)
-        yield xs[t0:t1], None if qw is None else qw[np.arange(t0, t1) % nbl]
+@register
+class IQ2_XS(_GridType):
+    """74 B: d, qs u16[32] (9-bit grid index | 7-bit sign code << 9), scales[8] (a nibble per 16 values)."""
+
+    qtype = GGMLQuantizationType.IQ2_XS
+    imatrix = "required"
+    grid, sub, sigma_mul, parity = "iq2xs", 16, 1, True
+    eps, nsteps, step, resnap = GROUP_MAX_EPS, 9, 0.1, "offgrid"
+
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, signs, act):
+        qs = np.where(has[:, None], gi | (signs.astype(np.int32) << 9), 0).astype("<u2")
+        return np.concatenate([fp16_bytes(np.where(has, d, F(0))), qs.view(np.uint8), _nibbles(ls, has)], axis=1)
 
 
-def _run(cls, rows: np.ndarray, imatrix: np.ndarray | None, blocks_fn) -> np.ndarray:
-    R, N = rows.shape
-    parts = [blocks_fn(xs, qw) for xs, qw in _to_superblocks(rows, imatrix)]
-    out = np.concatenate(parts) if parts else np.zeros((0, cls.type_size()), np.uint8)
-    return out.reshape(R, N // QK_K * cls.type_size())
+@register
+class IQ2_S(_GridType):
+    """82 B: d, qs[32] (grid index low bytes), signs[32], qh[8] (2 high bits per group), scales[8].
+
+    ggml quantizes IQ2_S without an imatrix too (w = 0.25*sigma2 + x^2); llama-quantize demands one.
+    """
+
+    qtype = GGMLQuantizationType.IQ2_S
+    imatrix = "optional"
+    grid, sub, sigma_mul, plain, parity = "iq2s", 16, 2, "iq2s", False
+    eps, nsteps, step, resnap = GROUP_MAX_EPS_IQ2_S, 9, 0.1, "offgrid"
+    chunks = 2  # few neighbours per group: bigger pieces amortize the per-try calls (~10%)
+
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, signs, act):
+        T = len(d)
+        parts = [fp16_bytes(np.where(has, d * F(0.9875), F(0))), gi & 255, signs,
+                 _fields((gi >> 8).reshape(T, 8, 4), 2), _nibbles(ls, has)]
+        return np.concatenate([p.astype(np.uint8) for p in parts], axis=1)
 
 
-# ---------------------------------------------------------------------------------- IQ2 / IQ3 writers
+@register
+class IQ3_XXS(_GridType):
+    """98 B: d, qs[64] (a grid index per 4 values), then per 32 values u32 (4 x 7-bit sign codes | scale << 28)."""
 
-_IQ2_XXS = _Search("iq2xxs", GROUP_MAX_EPS, 6, 0.1, "all", True, True)
-_IQ2_XS = _Search("iq2xs", GROUP_MAX_EPS, 9, 0.1, "offgrid", True, False)
-_IQ2_S = _Search("iq2s", GROUP_MAX_EPS_IQ2_S, 9, 0.1, "offgrid", True, False)
-_IQ3_XXS = _Search("iq3xxs", GROUP_MAX_EPS_IQ3_XXS, 15, 0.2, "offgrid", True, False)
-_IQ3_S = _Search("iq3s", None, 9, 0.2, "all_if_offgrid", False, False)
+    qtype = GGMLQuantizationType.IQ3_XXS
+    imatrix = "optional"
+    grid, sub, sigma_mul, parity = "iq3xxs", 32, 2, True
+    eps, nsteps, step, resnap = GROUP_MAX_EPS_IQ3_XXS, 15, 0.2, "offgrid"
 
-
-def _iq2_xxs_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq2_xxs_impl: f32[T, 256] -> u8[T, 66]."""
-    T = len(xs)
-    w = _superblock_weights(xs, qw, 1, "x2").reshape(T * 8, 32)
-    xval, signs = _parity_signs(xs.reshape(T * 8, 32), w)              # signs u8[T*8, 4]
-    scale, L, act = _search_subblocks(_IQ2_XXS, xval, w)
-    neg = scale < 0
-    scale = np.abs(scale)
-    signs = np.where(neg[:, None], ~signs & 127, signs)
-    signs = np.where(act[:, None], signs, 0).astype(np.uint32)
-    gi = _grid_indices(_grid("iq2xxs"), L).astype(np.uint32)           # [T*8, 4]
-    a = (gi << (8 * np.arange(4, dtype=np.uint32))).sum(1, dtype=np.uint32).reshape(T, 8)
-    b = (signs << (7 * np.arange(4, dtype=np.uint32))).sum(1, dtype=np.uint32).reshape(T, 8)
-    max_scale, d, ls = _superblock_scales(scale.reshape(T, 8), 15)
-    has = max_scale > 0
-    b = np.where(has[:, None], b | (ls.astype(np.uint32) << 28), 0)
-    a = np.where(has[:, None], a, 0)
-    q = np.stack([a, b], axis=-1).reshape(T, 16).astype("<u4")
-    out = np.empty((T, 66), dtype=np.uint8)
-    out[:, :2] = fp16_bytes(np.where(has, d, F(0)))
-    out[:, 2:] = q.view(np.uint8)
-    return out
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, signs, act):
+        T = len(d)
+        ss = np.where(has[:, None], _fields(signs.reshape(T, 8, 4), 7) | (ls << 28), 0).astype("<u4")
+        qs = np.where(has[:, None], gi, 0).astype(np.uint8)
+        return np.concatenate([fp16_bytes(np.where(has, d * F(1.0125), F(0))), qs, ss.view(np.uint8)], axis=1)
 
 
-def _iq2_xs_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq2_xs_impl: f32[T, 256] -> u8[T, 74]."""
-    T = len(xs)
-    w = _superblock_weights(xs, qw, 1, "x2").reshape(T * 16, 16)
-    xval, signs = _parity_signs(xs.reshape(T * 16, 16), w)             # [T*16, 2]
-    scale, L, act = _search_subblocks(_IQ2_XS, xval, w)
-    neg = scale < 0
-    scale = np.abs(scale)
-    signs = np.where(neg[:, None], ~signs & 127, signs)
-    signs = np.where(act[:, None], signs, 0).astype(np.uint16)
-    gi = _grid_indices(_grid("iq2xs"), L).astype(np.uint16)            # [T*16, 2]
-    qs = (gi | (signs << 9)).reshape(T, 32)
-    max_scale, d, ls = _superblock_scales(scale.reshape(T, 16), 15)
-    has = max_scale > 0
-    qs = np.where(has[:, None], qs, 0).astype("<u2")
-    sc = (ls[:, 0::2] | (ls[:, 1::2] << 4)).astype(np.uint8)
-    sc = np.where(has[:, None], sc, 0)
-    out = np.empty((T, 74), dtype=np.uint8)
-    out[:, :2] = fp16_bytes(np.where(has, d, F(0)))
-    out[:, 2:66] = qs.view(np.uint8)
-    out[:, 66:] = sc
-    return out
+@register
+class IQ3_S(_GridType):
+    """110 B: d, qs[64] (grid index low bytes), qh[8] (high bits), signs[32], scales[4]."""
 
+    qtype = GGMLQuantizationType.IQ3_S
+    imatrix = "optional"
+    grid, sub, sigma_mul, parity = "iq3s", 32, 2, False
+    eps, nsteps, step, resnap = None, 9, 0.2, "all_if_offgrid"
 
-def _iq2_s_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq2_s_impl: f32[T, 256] -> u8[T, 82] (d, qs[32] grid low bytes, signs[32], qh[8], scales[8])."""
-    T = len(xs)
-    w = _superblock_weights(xs, qw, 2, "iq2s").reshape(T * 16, 16)
-    x = xs.reshape(T * 16, 16)
-    xval, signs = _plain_signs(x)                                      # [T*16, 2]
-    scale, L, act = _search_subblocks(_IQ2_S, xval, w)
-    neg = scale < 0
-    scale = np.abs(scale)
-    signs = np.where(neg[:, None], ~signs, signs)
-    signs = np.where(act[:, None], signs, 0).astype(np.uint8)
-    gi = _grid_indices(_grid("iq2s"), L)                               # [T*16, 2]
-    gi = np.where(act[:, None], gi, 0).reshape(T, 32)
-    qh = ((gi >> 8).reshape(T, 8, 4) << (2 * np.arange(4))).sum(-1).astype(np.uint8)
-    max_scale, d, ls = _superblock_scales(scale.reshape(T, 16), 15)
-    has = max_scale > 0
-    sc = np.where(has[:, None], ls[:, 0::2] | (ls[:, 1::2] << 4), 0).astype(np.uint8)
-    out = np.empty((T, 82), dtype=np.uint8)
-    out[:, :2] = fp16_bytes(np.where(has, d * F(0.9875), F(0)))
-    out[:, 2:34] = (gi & 255).astype(np.uint8)
-    out[:, 34:66] = signs.reshape(T, 32)
-    out[:, 66:74] = qh
-    out[:, 74:] = sc
-    return out
-
-
-def _iq3_xxs_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq3_xxs_impl(256): f32[T, 256] -> u8[T, 98] (d, qs[64], scales_and_signs u32[8])."""
-    T = len(xs)
-    w = _superblock_weights(xs, qw, 2, "x2").reshape(T * 8, 32)
-    xval, signs = _parity_signs(xs.reshape(T * 8, 32), w)              # [T*8, 4]
-    scale, L, act = _search_subblocks(_IQ3_XXS, xval, w)
-    neg = scale < 0
-    scale = np.abs(scale)
-    signs = np.where(neg[:, None], ~signs & 127, signs)
-    signs = np.where(act[:, None], signs, 0).astype(np.uint32)
-    gi = _grid_indices(_grid("iq3xxs"), L).reshape(T, 64)
-    ss = (signs << (7 * np.arange(4, dtype=np.uint32))).sum(1, dtype=np.uint32).reshape(T, 8)
-    max_scale, d, ls = _superblock_scales(scale.reshape(T, 8), 15)
-    has = max_scale > 0
-    ss = np.where(has[:, None], ss | (ls.astype(np.uint32) << 28), 0).astype("<u4")
-    out = np.empty((T, 98), dtype=np.uint8)
-    out[:, :2] = fp16_bytes(np.where(has, d * F(1.0125), F(0)))
-    out[:, 2:66] = np.where(has[:, None], gi, 0).astype(np.uint8)
-    out[:, 66:] = ss.view(np.uint8)
-    return out
-
-
-def _iq3_s_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq3_s_impl(32): f32[T, 256] -> u8[T, 110] (d, qs[64], qh[8], signs[32], scales[4])."""
-    T = len(xs)
-    w = _superblock_weights(xs, qw, 2, "x2").reshape(T * 8, 32)
-    xval, signs = _plain_signs(xs.reshape(T * 8, 32))                  # [T*8, 4]
-    scale, L, act = _search_subblocks(_IQ3_S, xval, w)
-    neg = scale < 0
-    scale = np.abs(scale)
-    signs = np.where(neg[:, None], ~signs, signs)
-    signs = np.where(act[:, None], signs, 0).astype(np.uint8)
-    gi = _grid_indices(_grid("iq3s"), L)                               # [T*8, 8]
-    gi = np.where(act[:, None], gi, 0)
-    qh = ((gi >> 8) << np.arange(8)).sum(1).astype(np.uint8).reshape(T, 8)
-    max_scale, d, ls = _superblock_scales(scale.reshape(T, 8), 15)
-    has = max_scale > 0
-    sc = np.where(has[:, None], ls[:, 0::2] | (ls[:, 1::2] << 4), 0).astype(np.uint8)
-    # C advances its qs/signs pointers only past sub-blocks it writes (max != 0): the written ones are
-    # packed to the front and the tail stays zero; qh and scales are indexed by ib.
-    act = act.reshape(T, 8)
-    slot = np.where(act, np.cumsum(act, axis=1) - 1, 8)                # 8: a scratch slot, dropped
-    rows = np.arange(T)[:, None]
-    qs = np.zeros((T, 9, 8), dtype=np.uint8)
-    qs[rows, slot] = (gi & 255).astype(np.uint8).reshape(T, 8, 8)
-    sg = np.zeros((T, 9, 4), dtype=np.uint8)
-    sg[rows, slot] = signs.reshape(T, 8, 4)
-    out = np.empty((T, 110), dtype=np.uint8)
-    out[:, :2] = fp16_bytes(np.where(has, d * F(1.033), F(0)))
-    out[:, 2:66] = qs[:, :8].reshape(T, 64)
-    out[:, 66:74] = qh
-    out[:, 74:106] = sg[:, :8].reshape(T, 32)
-    out[:, 106:] = sc
-    return out
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, signs, act):
+        T = len(d)
+        parts = [fp16_bytes(np.where(has, d * F(1.033), F(0))), _front((gi & 255).reshape(T, 8, 8), act),
+                 _fields((gi >> 8).reshape(T, 8, 8), 1), _front(signs.reshape(T, 8, 4), act), _nibbles(ls, has)]
+        return np.concatenate([p.astype(np.uint8) for p in parts], axis=1)
 
 
 # ----------------------------------------------------------------------------------------- IQ1_S, IQ1_M
 
-_IQ1_DELTA = F(0.125)
-_X_P = np.array([F(-1) + _IQ1_DELTA, _IQ1_DELTA, F(1) + _IQ1_DELTA], dtype=F)
-_X_M = np.array([F(-1) - _IQ1_DELTA, -_IQ1_DELTA, F(1) - _IQ1_DELTA], dtype=F)
+_XX = np.array([[-0.875, 0.125, 1.125], [-1.125, -0.125, 0.875]], F)  # C's x_p, x_m: -1, 0, 1 +- delta 0.125
 
 
-def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i1, i2) for 0 <= i1 <= i2 <= n in the C loop order."""
-    return np.triu_indices(n + 1)
+def _scan(blocks, scale0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2; best = scale*sumqx; }`` with
+    best = -FLT_MAX, over blocks of candidates (sumqx, sumq2 f32[r, S]) in C order -> (scale f32[S], index
+    i32[S] of the last candidate taken, -1 if none).
 
-
-def _scan_best(sumqx: np.ndarray, sumq2: np.ndarray, scale0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sequential `if (sumq2 > 0 && sumqx^2 > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx;}`
-    with best = -FLT_MAX: f32[S, C] candidates (C order) -> (scale f32[S], best candidate i64[S] or -1)."""
-    S, C = sumqx.shape
-    best = np.full(S, -np.finfo(F).max, dtype=F)
-    scale = scale0.copy()
-    arg = np.full(S, -1, dtype=np.int64)
-    qx, q2 = np.ascontiguousarray(sumqx.T), np.ascontiguousarray(sumq2.T)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        for c in range(C):
-            a, b = qx[c], q2[c]
-            acc = (b > 0) & (a * a > best * b)
-            if acc.any():
-                scale = np.where(acc, a / b, scale)
-                best = np.where(acc, scale * a, best)
-                arg[acc] = c
-    return scale, arg
-
-
-def _split_levels(order: np.ndarray, i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
-    """L[idx[j]] = 0 for j < i1, 1 for i1 <= j < i2, 2 after: order i64[S, B] -> L i64[S, B]."""
-    S, B = order.shape
-    j = np.arange(B)
-    ls = (j >= i1[:, None]).astype(np.int64) + (j >= i2[:, None])
-    L = np.empty_like(ls)
-    np.put_along_axis(L, order, ls, axis=1)
-    return L
-
-
-def _iq1_snap(grid: _Grid, L: np.ndarray, x: np.ndarray, w: np.ndarray, scale: np.ndarray,
-              xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map each group of 8 through kmap, off-grid ones via iq1_find_best_neighbour2.
-
-    L i64[S, B], x/w f32[S, B], scale f32[S], xx f32[S, B/8, 3] -> grid index i64[S, B/8], all_on_grid bool[S].
+    Each candidate's scale and best are computed for a whole block at once; per candidate only the
+    comparison and a masked copy of the three per-sub-block states remain (after the first candidates
+    few are taken, so the copy's branches predict well).
     """
-    S, B = L.shape
-    u = _keys(grid, L.reshape(S, B // 8, 8))
-    gi = grid.kmap[u]
-    off = gi < 0
-    if off.any():
-        si, gk = np.nonzero(off)
-        gi[si, gk] = _best_neighbour(grid, u[si, gk], x.reshape(S, B // 8, 8)[si, gk],
-                                     w.reshape(S, B // 8, 8)[si, gk], scale[si], xx[si, gk])
-    return gi, ~off.any(1)
+    S = len(scale0)
+    state = np.stack([np.full(S, -np.finfo(F).max, F), scale0, np.full(S, -1, np.int32).view(F)])
+    prod = np.empty(S, F)
+    take = np.empty(S, bool)
+    c0 = 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for qx, q2 in blocks:
+            r = len(qx)
+            cand = np.empty((r, 3, S), F)                                                 # best, scale, index
+            np.divide(qx, q2, out=cand[:, 1])
+            np.multiply(cand[:, 1], qx, out=cand[:, 0])
+            cand[:, 2].view(np.int32)[...] = np.arange(c0, c0 + r, dtype=np.int32)[:, None]
+            sq = qx * qx
+            np.copyto(sq, -np.inf, where=~(q2 > 0))  # never taken: sumq2 > 0 fails (no weight)
+            for j in range(r):
+                np.greater(sq[j], np.multiply(state[0], q2[j], out=prod), out=take)
+                np.copyto(state, cand[j], where=take)
+            c0 += r
+    return state[1], state[2].view(np.int32)
 
 
-def _iq1_refit(grid: _Grid, gi: np.ndarray, x: np.ndarray, w: np.ndarray, xx: np.ndarray):
-    """sum w*q*x, sum w*q*q over the sub-block with q = xx[level]: gi i64[S, G] -> f32[S] x2."""
-    S, G = gi.shape
-    q = np.take_along_axis(xx, grid.levels[gi], axis=2).reshape(S, G * 8)
-    return _seq_sum(w * q * x), _seq_sum(w * q * q)
+def _split_table(n: int, masks: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The IQ1 candidates in C order (``for i1 <= n: for i2 = i1..n: for each delta mask``): i1, i2, mask."""
+    i1, i2 = np.triu_indices(n + 1)
+    return np.repeat(i1, len(masks)), np.repeat(i2, len(masks)), np.tile(masks, len(i1))
 
 
-def _iq1_s_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq1_s_impl: f32[T, 256] -> u8[T, 50] (d, qs[32], qh u16[8])."""
-    grid = _grid("iq1s")
-    T = len(xs)
-    S = T * 8
-    w = _superblock_weights(xs, qw, 2, "x2").reshape(S, 32)
-    x = xs.reshape(S, 32)
-    mx = np.max(np.abs(x), axis=1)
-    act = np.flatnonzero(~(mx < GROUP_MAX_EPS_IQ1_S))
-    scales = np.zeros(S, dtype=F)
-    shifts = np.ones(S, dtype=np.int64)
-    gi_all = np.zeros((S, 4), dtype=np.int64)
-    if len(act):
-        xa, wa = x[act], w[act]
-        order = np.argsort(xa, axis=1, kind="stable")                  # glibc qsort: stable merge sort
-        wx = np.take_along_axis(wa * xa, order, axis=1)
-        ws = np.take_along_axis(wa, order, axis=1)
-        sumx = np.zeros((len(act), 33), dtype=F)
-        sumw = np.zeros((len(act), 33), dtype=F)
-        for j in range(32):
-            sumx[:, j + 1] = sumx[:, j] + wx[:, j]
-            sumw[:, j + 1] = sumw[:, j] + ws[:, j]
-        i1, i2 = _pairs(32)
-        cand_qx, cand_q2 = [], []
-        for xv in (_X_P, _X_M):
-            a, b, c = sumx[:, i1] - sumx[:, :1], sumx[:, i2] - sumx[:, i1], sumx[:, 32:] - sumx[:, i2]
-            cand_qx.append(a * xv[0] + b * xv[1] + c * xv[2])
-            a, b, c = sumw[:, i1] - sumw[:, :1], sumw[:, i2] - sumw[:, i1], sumw[:, 32:] - sumw[:, i2]
-            cand_q2.append(a * xv[0] * xv[0] + b * xv[1] * xv[1] + c * xv[2] * xv[2])
-        npair = len(i1)
-        # C order: for each pair, the x_p candidate then the x_m one
-        qx = np.stack(cand_qx, axis=2).reshape(len(act), 2 * npair)
-        q2 = np.stack(cand_q2, axis=2).reshape(len(act), 2 * npair)
-        scale, arg = _scan_best(qx, q2, mx[act])
-        found = arg >= 0
-        pair, shift = arg // 2, np.where(arg % 2 == 0, 1, -1)
-        L = _split_levels(order, i1[pair], i2[pair])
-        neg = scale < 0
-        L = np.where(neg[:, None], 2 - L, L)
+class _OneBitType(_PieceType):
+    """quantize_row_iq1_{s,m}_impl: per sub-block the values are sorted and every split into the levels
+    -1, 0, 1 (+ or - delta) is scored from prefix sums; the best is snapped to the grid in groups of 8
+    (off-grid groups to their best neighbour, scored with the same level values) and refitted."""
+
+    sub: int
+    eps: np.float32
+    splits: tuple[np.ndarray, np.ndarray, np.ndarray]  # _split_table; mask bit g: group g uses -delta
+    chunks = 1
+
+    @classmethod
+    def _quantize(cls, xs, qw):
+        T = len(xs)
+        x, w = _subblocks(xs, qw, cls.sub, 2)                                            # [sub, S]
+        scale, mask, gi = cls._search(x, w)
+        has, d, ls = _superblock_scales(scale.reshape(T, -1), 7)
+        return cls._bytes(has, d, ls, _rows(gi, T), mask.reshape(T, -1), x, w)
+
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, mask, x, w) -> np.ndarray:
+        """has bool[T], d f32[T] (max_scale/15), ls i64[T, nsub], gi i32[T, 256/8], delta masks i64[T, nsub],
+        x, w f32[sub, S] -> u8[T, type_size]."""
+        raise NotImplementedError
+
+    @classmethod
+    def _scores(cls, wx: np.ndarray, w: np.ndarray, order: np.ndarray):
+        """Sorted w*x and w f32[sub, S], order i64[sub, S] -> blocks of (sumqx, sumq2) f32[r, S] in C order."""
+        raise NotImplementedError
+
+    @classmethod
+    def _search(cls, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x, w f32[B, S] -> (scale f32[S], delta mask i64[S], grid indices i32[B/8, S]); sub-blocks that C
+        skips get 0, 0, 0."""
+        grid = _grid("iq1s")
+        B, S = x.shape
+        k = B // 8
+        mx = np.max(np.abs(x), axis=0)
+        order = np.argsort(x, axis=0, kind="stable")  # C's qsort (glibc's is a stable merge sort)
+        scale, arg = _scan(cls._scores(np.take_along_axis(w * x, order, 0), np.take_along_axis(w, order, 0),
+                                       order), mx)
+        found = ~(mx < cls.eps) & (arg >= 0)
+        i1, i2, masks = (a[np.where(found, arg, 0)] for a in cls.splits)
+        L = np.empty((B, S), np.int32)  # L[order[j]] = 0 for j < i1, 1 for j < i2, else 2
+        j = np.arange(B)[:, None]
+        np.put_along_axis(L, order, (j >= i1).astype(np.int32) + (j >= i2), axis=0)
+        flip = scale < 0  # C mirrors the levels and the deltas
+        L = np.where(flip, 2 - L, L)
         scale = np.abs(scale)
-        shift = np.where(neg, -shift, shift)
-        xx = np.where((shift == 1)[:, None], _X_P, _X_M)[:, None, :].repeat(4, axis=1)   # [S', 4, 3]
-        with np.errstate(over="ignore", invalid="ignore"):
-            gi, on = _iq1_snap(grid, L, xa, wa, scale, xx)
-            sqx, sq2 = _iq1_refit(grid, gi, xa, wa, xx)
-            scale = np.where(~on & (sqx > 0) & (sq2 > 0), sqx / sq2, scale)
-        keep = act[found]
-        scales[keep] = scale[found]
-        shifts[keep] = shift[found]
-        gi_all[keep] = gi[found]
-    gi_all = gi_all.reshape(T, 32)
-    qh = ((gi_all >> 8).reshape(T, 8, 4) << (3 * np.arange(4))).sum(-1)
-    max_scale, d, ls = _superblock_scales(scales.reshape(T, 8), 7)
-    has = max_scale > 0
-    ls = ls | np.where(shifts.reshape(T, 8) == -1, 8, 0)
-    qh = np.where(has[:, None], qh | (ls << 12), qh).astype("<u2")
-    out = np.empty((T, 50), dtype=np.uint8)
-    out[:, :2] = fp16_bytes(np.where(has, d * F(1.125), F(0)))
-    out[:, 2:34] = (gi_all & 255).astype(np.uint8)
-    out[:, 34:] = qh.view(np.uint8)
-    return out
-
-
-def _iq1_m_blocks(xs: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    """quantize_row_iq1_m_impl (vendored fast search): f32[T, 256] -> u8[T, 56] (qs[32], qh[16], scales u16[4])."""
-    grid = _grid("iq1s")
-    T = len(xs)
-    S = T * 16
-    w = _superblock_weights(xs, qw, 2, "x2").reshape(S, 16)
-    x = xs.reshape(S, 16)
-    mx = np.max(np.abs(x), axis=1)
-    act = np.flatnonzero(~(mx < GROUP_MAX_EPS_IQ1_M))
-    scales = np.zeros(S, dtype=F)
-    shifts = np.zeros(S, dtype=np.int64)
-    gi_all = np.zeros((S, 2), dtype=np.int64)
-    if len(act):
-        xa, wa = x[act], w[act]
-        n = len(act)
-        order = np.argsort(xa, axis=1, kind="stable")
-        wx = np.take_along_axis(wa * xa, order, axis=1)
-        ws = np.take_along_axis(wa, order, axis=1)
-        half = (order >= 8).astype(np.int64)                           # h of the j-th sorted value
-        px = np.zeros((2, n, 17), dtype=F)
-        pw = np.zeros((2, n, 17), dtype=F)
-        rows = np.arange(n)
-        for j in range(16):
-            h = half[:, j]
-            px[:, :, j + 1] = px[:, :, j]
-            pw[:, :, j + 1] = pw[:, :, j]
-            px[h, rows, j + 1] = px[h, rows, j] + wx[:, j]
-            pw[h, rows, j + 1] = pw[h, rows, j] + ws[:, j]
-        p2, m2 = _X_P[2], _X_M[2]
-        cp1 = _X_P[0] * _X_P[0] - _X_P[1] * _X_P[1]
-        cp2 = _X_P[1] * _X_P[1] - _X_P[2] * _X_P[2]
-        cm1 = _X_M[0] * _X_M[0] - _X_M[1] * _X_M[1]
-        cm2 = _X_M[1] * _X_M[1] - _X_M[2] * _X_M[2]
-        i1, i2 = _pairs(16)
-        qx_p, qx_m, q2_p, q2_m = [], [], [], []
-        for h in range(2):
-            txs, tws = px[h, :, 16:], pw[h, :, 16:]
-            sx = px[h][:, i1] + px[h][:, i2]
-            qx_p.append(txs * p2 - sx)
-            qx_m.append(txs * m2 - sx)
-            q2_p.append(tws * p2 * p2 + pw[h][:, i1] * cp1 + pw[h][:, i2] * cp2)
-            q2_m.append(tws * m2 * m2 + pw[h][:, i1] * cm1 + pw[h][:, i2] * cm2)
-        qx = np.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], axis=2)
-        q2 = np.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], axis=2)
-        scale, arg = _scan_best(qx.reshape(n, -1), q2.reshape(n, -1), mx[act])
-        found = arg >= 0
-        pair, best_k = arg // 4, arg % 4
-        L = _split_levels(order, i1[pair], i2[pair])
-        neg = scale < 0
-        L = np.where(neg[:, None], 2 - L, L)
-        scale = np.abs(scale)
-        best_k = np.where(neg, 3 - best_k, best_k)
-        xx = np.stack([np.where((best_k < 2)[:, None], _X_P, _X_M),
-                       np.where((best_k % 2 == 0)[:, None], _X_P, _X_M)], axis=1)      # [S', 2, 3]
-        with np.errstate(over="ignore", invalid="ignore"):
-            gi, on = _iq1_snap(grid, L, xa, wa, scale, xx)
-            sqx, sq2 = _iq1_refit(grid, gi, xa, wa, xx)
-            scale = np.where(~on & (sqx > 0) & (sq2 > 0), sqx / sq2, scale)
-        keep = act[found]
-        scales[keep] = scale[found]
-        shifts[keep] = best_k[found]
-        gi_all[keep] = gi[found]
-    qs = (gi_all & 255).astype(np.uint8).reshape(T, 32)
-    qh = ((gi_all[:, 0] >> 8) | ((gi_all[:, 1] >> 8) << 4)).reshape(T, 16)
-    max_scale, d, ls = _superblock_scales(scales.reshape(T, 16), 7)
-    has = max_scale > 0
-    masks = np.array([0x00, 0x80, 0x08, 0x88])
-    qh = np.where(has[:, None], qh | masks[shifts.reshape(T, 16)], qh)
-    # Final refit of d over the whole superblock with the stored levels, sequential over ib, k, j.
-    xx = np.stack([np.where((shifts < 2)[:, None], _X_P, _X_M),
-                   np.where((shifts % 2 == 0)[:, None], _X_P, _X_M)], axis=1)          # [S, 2, 3]
-    q = np.take_along_axis(xx, grid.levels[gi_all], axis=2).reshape(T, 16, 16)
-    q = q * (2 * ls[:, :, None] + 1).astype(F)
-    wt, xt = w.reshape(T, 16, 16), x.reshape(T, 16, 16)
-    sqx = _seq_sum((wt * q * xt).reshape(T, 256))
-    sq2 = _seq_sum((wt * q * q).reshape(T, 256))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(sq2 > 0, sqx / sq2, d)
-    s16 = fp16_bytes(d * F(1.1125)).view("<u2")[:, 0].astype(np.int64)
-    sc = (ls.reshape(T, 4, 4) << (3 * np.arange(4))).sum(-1)
-    sc = sc | np.stack([(s16 & 0x000F) << 12, (s16 & 0x00F0) << 8, (s16 & 0x0F00) << 4, s16 & 0xF000], axis=1)
-    sc = np.where(has[:, None], sc, 0).astype("<u2")
-    out = np.empty((T, 56), dtype=np.uint8)
-    out[:, :32] = qs
-    out[:, 32:48] = qh.astype(np.uint8)
-    out[:, 48:] = sc.view(np.uint8)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- the types
-
-@register
-class IQ2_XXS(QuantType):
-    qtype = GGMLQuantizationType.IQ2_XXS
-    imatrix = "required"
-
-    @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq2_xxs_blocks)
+        mask = masks ^ np.where(flip, (1 << k) - 1, 0)
+        minus = (mask >> np.arange(k)[:, None]) & 1                                       # [k, S]
+        gi, off = _snap(grid, _keys(grid, L), np.broadcast_to(found, (k, S)), _group_major(x, 8),
+                        _group_major(w, 8), scale, _XX[minus.reshape(-1)].T)
+        values = _XX[:, grid.levels].reshape(-1, 8)                                       # [2G, 8]
+        q = _grid_values(values, gi + minus * len(grid.levels), np.empty((B, S), F))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            sqx, sq2 = _dot(w, q, x), _dot(w, q, q)
+            scale = np.where(off.any(0) & (sqx > 0) & (sq2 > 0), sqx / sq2, scale)
+        return np.where(found, scale, F(0)), np.where(found, mask, 0), np.where(found, gi, 0)
 
 
 @register
-class IQ2_XS(QuantType):
-    qtype = GGMLQuantizationType.IQ2_XS
-    imatrix = "required"
+class IQ1_S(_OneBitType):
+    """50 B: d, qs[32] (grid index low bytes), qh u16[8] (3 high bits per group | scale << 12 | minus << 15)."""
 
-    @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq2_xs_blocks)
-
-
-@register
-class IQ2_S(QuantType):
-    """ggml quantizes IQ2_S without an imatrix too (w = 0.25*sigma2 + x^2); llama-quantize demands one."""
-
-    qtype = GGMLQuantizationType.IQ2_S
-    imatrix = "optional"
-
-    @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq2_s_blocks)
-
-
-@register
-class IQ3_XXS(QuantType):
-    qtype = GGMLQuantizationType.IQ3_XXS
-    imatrix = "optional"
-
-    @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq3_xxs_blocks)
-
-
-@register
-class IQ3_S(QuantType):
-    qtype = GGMLQuantizationType.IQ3_S
-    imatrix = "optional"
-
-    @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq3_s_blocks)
-
-
-@register
-class IQ1_S(QuantType):
     qtype = GGMLQuantizationType.IQ1_S
     imatrix = "required"
+    sub, eps = 32, GROUP_MAX_EPS_IQ1_S
+    splits = _split_table(32, [0, 15])  # x_p, then x_m for all four groups
 
     @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq1_s_blocks)
+    def _scores(cls, wx, w, order):
+        """The three runs of sorted values (sums a, b, c of w*x) give sumqx = a*x0 + b*x1 + c*x2 and, with
+        the sums of w, sumq2 = a*x0*x0 + b*x1*x1 + c*x2*x2 (x_p then x_m); one block per i1."""
+        (p0, p1, p2), (m0, m1, m2) = _XX
+        S = w.shape[1]
+        zero = np.zeros((1, S), F)
+        sx = np.add.accumulate(np.concatenate([zero, wx]), axis=0)                        # [33, S]
+        sw = np.add.accumulate(np.concatenate([zero, w]), axis=0)
+        cx, cw = sx[-1] - sx, sw[-1] - sw
+        cxp, cxm, cwp, cwm = cx * p2, cx * m2, (cw * p2) * p2, (cw * m2) * m2
+        for a in range(33):
+            ax, aw = sx[a] - sx[0], sw[a] - sw[0]
+            b, bw = sx[a:] - sx[a], sw[a:] - sw[a]
+            qx = np.empty((33 - a, 2, S), F)
+            q2 = np.empty_like(qx)
+            np.add(ax * p0 + b * p1, cxp[a:], out=qx[:, 0])
+            np.add(ax * m0 + b * m1, cxm[a:], out=qx[:, 1])
+            np.add((aw * p0) * p0 + (bw * p1) * p1, cwp[a:], out=q2[:, 0])
+            np.add((aw * m0) * m0 + (bw * m1) * m1, cwm[a:], out=q2[:, 1])
+            yield qx.reshape(-1, S), q2.reshape(-1, S)
+
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, mask, x, w):
+        T = len(d)
+        code = np.where(has[:, None], (ls | np.where(mask != 0, 8, 0)) << 12, 0)
+        qh = (_fields((gi >> 8).reshape(T, 8, 4), 3) | code).astype("<u2")
+        return np.concatenate([fp16_bytes(np.where(has, d * F(1.125), F(0))), (gi & 255).astype(np.uint8),
+                               qh.view(np.uint8)], axis=1)
 
 
 @register
-class IQ1_M(QuantType):
-    """ggml quantizes IQ1_M without an imatrix too (w = x^2); llama-quantize demands one."""
+class IQ1_M(_OneBitType):
+    """56 B: qs[32] (grid index low bytes), qh[16] (per group 3 high bits | minus << 3), scales u16[4]
+    (3-bit scales; the fp16 superblock scale spread over their top nibbles).
+
+    ggml quantizes IQ1_M without an imatrix too (w = x^2); llama-quantize demands one.
+    """
 
     qtype = GGMLQuantizationType.IQ1_M
     imatrix = "optional"
+    sub, eps = 16, GROUP_MAX_EPS_IQ1_M
+    splits = _split_table(16, [0, 2, 1, 3])  # C's k = 0..3: (+,+) (+,-) (-,+) (-,-) for the two groups
 
     @classmethod
-    def quantize_rows(cls, rows, imatrix):
-        return _run(cls, rows, imatrix, _iq1_m_blocks)
+    def _scores(cls, wx, w, order):
+        """C's prefix sums per half (the sorted values of group h): as x1 - x0 = x2 - x1 = 1, half h of a
+        split scores sumqx_h = T_h*x2 - (P_h[i1] + P_h[i2]), sumq2_h = W_h*x2*x2 + Q_h[i1]*c1 + Q_h[i2]*c2;
+        the four candidates add the halves' x_p/x_m terms. One block per i1."""
+        S = w.shape[1]
+        zero = np.zeros((1, S), F)
+        halves = []  # per half: prefix sums of w*x, and per level set: T*x2, W*x2*x2, pw*c1, pw*c2
+        for h in (0, 1):
+            mine = (order >= 8) == h
+            px = np.add.accumulate(np.concatenate([zero, np.where(mine, wx, F(0))]), axis=0)   # [17, S]
+            pw = np.add.accumulate(np.concatenate([zero, np.where(mine, w, F(0))]), axis=0)
+            halves.append((px, [(px[16] * v2, (pw[16] * v2) * v2, pw * (v0 * v0 - v1 * v1), pw * (v1 * v1 - v2 * v2))
+                                for v0, v1, v2 in _XX]))
+        for a in range(17):
+            parts = []  # parts[h][v]: (sumqx_h, sumq2_h) [17-a, S] with level set v
+            for px, consts in halves:
+                sx = px[a] + px[a:]
+                parts.append([(tx - sx, (t2 + c1[a]) + c2[a:]) for tx, t2, c1, c2 in consts])
+            qx = np.empty((17 - a, 4, S), F)
+            q2 = np.empty_like(qx)
+            for kk, (v0, v1) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                np.add(parts[0][v0][0], parts[1][v1][0], out=qx[:, kk])
+                np.add(parts[0][v0][1], parts[1][v1][1], out=q2[:, kk])
+            yield qx.reshape(-1, S), q2.reshape(-1, S)
+
+    @classmethod
+    def _bytes(cls, has, d, ls, gi, mask, x, w):
+        T = len(d)
+        # C refits d over the whole superblock with the stored levels, sequentially over its 256 values
+        minus = np.stack([mask & 1, mask >> 1], axis=-1)                                  # [T, 16, 2]
+        q = _XX[minus[..., None], _grid("iq1s").levels[gi.reshape(T, 16, 2)]]            # [T, 16, 2, 8]
+        q = element_major((q.reshape(T, 16, 16) * (2 * ls[:, :, None] + 1).astype(F)).reshape(T, 256))
+        wt, xt = element_major(_rows(w, T)), element_major(_rows(x, T))                   # [256, T]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sqx, sq2 = _dot(wt, q, xt), _dot(wt, q, q)
+            d = np.where(sq2 > 0, sqx / sq2, d)
+        s16 = fp16_bytes(d * F(1.1125)).view("<u2")[:, 0].astype(np.int64)
+        sc = _fields(ls.reshape(T, 4, 4), 3)
+        sc |= np.stack([(s16 & 0x000F) << 12, (s16 & 0x00F0) << 8, (s16 & 0x0F00) << 4, s16 & 0xF000], axis=1)
+        gi = gi.reshape(T, 16, 2)
+        qh = (gi[..., 0] >> 8) | ((gi[..., 1] >> 8) << 4)
+        qh |= np.where(has[:, None], ((mask & 1) << 3) | ((mask >> 1) << 7), 0)  # C's masks[k]
+        return np.concatenate([(gi & 255).astype(np.uint8).reshape(T, 32), qh.astype(np.uint8),
+                               np.where(has[:, None], sc, 0).astype("<u2").view(np.uint8)], axis=1)

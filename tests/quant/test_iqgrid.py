@@ -162,3 +162,41 @@ def test_roundtrip(qtype):
     assert y.shape == x.shape
     assert np.linalg.norm(y - x) / np.linalg.norm(x) < RT_TOL[qtype]
     assert not quantize(np.zeros((1, COLS), np.float32), qtype, np.ones(COLS, np.float32)).any()
+
+
+def _neighbour_loop(grid, u, x, w, scale, qv):
+    """iq2/iq3_find_best_neighbour, iq1_find_best_neighbour2 as the C loops, in float32 scalars."""
+    out = []
+    for m in range(len(u)):
+        best, best_g = np.float32(np.finfo(np.float32).max), -1
+        for g in grid.nb[grid.nb_start[u[m]]:grid.nb_start[u[m]] + grid.nb_count[u[m]]]:
+            d2 = np.float32(0)
+            for i in range(grid.n):
+                diff = scale[m] * qv[grid.levels[g, i], m % qv.shape[1]] - x[i, m]
+                d2 = d2 + (w[i, m] * diff) * diff
+            if d2 < best:
+                best, best_g = d2, g
+        out.append(best_g)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", ["iq2xxs", "iq2xs", "iq2s", "iq1s", "iq3xxs", "iq3s"])
+def test_best_neighbours(name):
+    """The table search against the C loop: rounded data (ties: the first neighbour wins), zero and (for
+    IQ1's raw weights) negative weights, per-group level values."""
+    grid = iqgrid._grid(name)
+    rng = np.random.default_rng(len(name))
+    nlev_keys = (np.arange(len(grid.kmap))[:, None] >> (grid.bits * np.arange(grid.n))) & ((1 << grid.bits) - 1)
+    valid = np.flatnonzero((grid.kmap < 0) & (nlev_keys < grid.nlev).all(1))
+    M = 300
+    u = rng.choice(valid, M).astype(np.int32)
+    x = (rng.integers(0, 2 * grid.nlev, (grid.n, M)) * 0.5).astype(np.float32)
+    w = rng.choice(np.float32([0, 0.25, 1, 3]), (grid.n, M))
+    w[:, :20] = 0                                                   # all distances 0: the first neighbour
+    scale = rng.choice(np.float32([0.5, 1, 1.25]), M)
+    qv = (2 * np.arange(grid.nlev) + 1).astype(np.float32)[:, None]
+    if name == "iq1s":
+        w[:, 20:60] *= -1
+        qv = iqgrid._XX[rng.integers(0, 2, M)].T.copy()
+    got = iqgrid._best_neighbours(grid, u, x, w, scale, qv)
+    assert np.array_equal(got, _neighbour_loop(grid, u, x, w, scale, qv))
