@@ -22,13 +22,13 @@ from mtp_jax.quant.primitives import (
     fp16_bytes,
     fp16_round,
     make_q3_quants,
-    make_qkx2_quants,
-    make_qkx3_quants,
+    make_qkx_search,
     make_qp_quants,
     make_qx_quants,
     make_qx_search,
     nearest_int,
     positive_max,
+    qkx_levels,
     qx_levels,
     seqsum,
     signed_absmax,
@@ -157,14 +157,20 @@ class _KQuant(QuantType):
 
 
 def _search_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
-    """Sub-block fits of quantize_row_q{4,5}_K_ref / _impl: (scales, mins, L u8[32, B*8]) (+ sw with qw)."""
+    """Sub-block fits of quantize_row_q{4,5}_K_ref / _impl: make_qkx_search's (scales, mins, iscale, lmin,
+    degenerate) [B*8] (+ sw with qw)."""
     xt = _subblocks(xb, 32)  # [32, B*8]
     if qw is None:
         av_x = np.sqrt(seqsum(xt * xt) / F32(32))  # [B*8]
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
-        return make_qkx2_quants(xt, av_x + np.abs(xt), nmax, rmin, 0.1, nstep, False)
+        return make_qkx_search(xt, av_x + np.abs(xt), nmax, rmin, 0.1, nstep, False)
     w = _impl_weights(xb, xt, qw, 2.0)
-    return (*make_qkx3_quants(xt, w, nmax, -0.9, 0.05, 36, False), seqsum(w))
+    return (*make_qkx_search(xt, w, nmax, -0.9, 0.05, 36, False), seqsum(w))
+
+
+def _stale_qkx(xt: np.ndarray, res: tuple[np.ndarray, ...], nmax: int):
+    """The search-stage levels of some sub-blocks (for ``_requant``), from make_qkx_search's results."""
+    return lambda cols: qkx_levels(xt[:, cols], res[2][cols], res[3][cols], res[4][cols], nmax)
 
 
 def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
@@ -184,7 +190,7 @@ def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
         d = max_scale / F32(63)
         dmin = max_min / F32(63)
     else:
-        sw8 = _per_block(res[3], 8)  # [8, B]
+        sw8 = _per_block(res[5], 8)  # [8, B]
         # make_qp_quants(8, 63, scales, Ls, sw) and (mins, Lm, sw) as one batch of 2B blocks
         dm, Lsm = make_qp_quants(np.concatenate([sc, mn], axis=1), 63, np.concatenate([sw8, sw8], axis=1))
         d, dmin = dm[:B], dm[B:]
@@ -194,7 +200,8 @@ def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
             lm = np.minimum(63, lm)
     packed = _pack_scale_min_k4(ls, lm)  # [B, 12]
     sc_q, m_q = _unpack_scale_min_k4(packed)
-    L = _requant(_subblocks(xb, 32), _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, res[2])
+    xt = _subblocks(xb, 32)
+    L = _requant(xt, _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, _stale_qkx(xt, res, nmax))
     return _flat_blocks(L), d, dmin, packed
 
 
@@ -332,12 +339,12 @@ class Q3_K(_KQuant):
 
 
 def _search_q2_k(xb: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """Sub-block fits of quantize_row_q2_K_ref / _impl: (scales, mins, L u8[16, B*16]) (+ sw with qw)."""
+    """Sub-block fits of quantize_row_q2_K_ref / _impl: make_qkx_search's results [B*16] (+ sw with qw)."""
     xt = _subblocks(xb, 16)  # [16, B*16]
     if qw is None:
-        return make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
+        return make_qkx_search(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
     w = _impl_weights(xb, xt, qw, 1.0)
-    return (*make_qkx3_quants(xt, w, 3, -0.9, 0.05, 36, False), seqsum(w))
+    return (*make_qkx_search(xt, w, 3, -0.9, 0.05, 36, False), seqsum(w))
 
 
 @register
@@ -364,7 +371,7 @@ class Q2_K(_KQuant):
             d = max_scale / F32(15)
             dmin = max_min / F32(15)
         else:
-            sw16 = _per_block(res[3], 16)
+            sw16 = _per_block(res[5], 16)
             # make_qp_quants(16, 15, scales, Ls, sw) and (mins, Lm, sw) as one batch of 2B blocks
             dm, Lsm = make_qp_quants(np.concatenate([sc, mn], axis=1), 15, np.concatenate([sw16, sw16], axis=1))
             d, dmin = dm[:B], dm[B:]
@@ -372,5 +379,6 @@ class Q2_K(_KQuant):
         scale_bytes = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # [16, B]
         dd = _sub_scale(d, (scale_bytes & 0xF).astype(F32))
         dm = _sub_scale(dmin, (scale_bytes >> 4).astype(F32))
-        Lb = _flat_blocks(_requant(_subblocks(xb, 16), dd, dm, 0, 3, res[2]))
+        xt = _subblocks(xb, 16)
+        Lb = _flat_blocks(_requant(xt, dd, dm, 0, 3, _stale_qkx(xt, res, 3)))
         return np.concatenate([scale_bytes.T, _pack_2bit(Lb), fp16_bytes(d), fp16_bytes(dmin)], axis=-1)

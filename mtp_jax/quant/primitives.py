@@ -309,7 +309,7 @@ def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.n
 def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
     """make_qkx2/3_quants on one piece: x, w f32[n, B] (their degenerate tests agree on finite input).
 
-    Speed: each step selects only per-block scalars; the winning levels are recomputed once at the end from
+    Speed: each step selects only per-block scalars; the winning levels are recomputed (qkx_levels) from
     the winning (iscale, min) pair, which reproduces them exactly. Temporaries are reused in place. The
     clamps and the exact rounding are applied only where they can matter: iscale*(x - min) <= c*(1 + 2^-22)
     for the step constant c = rmin + rdelta*is + nmax (float rounding is monotonic), and it is >= 0 unless an
@@ -355,8 +355,9 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
             _clip(t, F32(0), nmax_f, out=t)
         return t
 
-    def error(scale, mn, l, out):
-        """out = sum_i w*f(scale*l + mn - x), f = |.| or square (C: ``diff = diff*diff; mad += w*diff``)."""
+    def error(scale, mn, l, out, u=u):
+        """out = sum_i w*f(scale*l + mn - x), f = |.| or square (C: ``diff = diff*diff; mad += w*diff``).
+        ``u`` receives the differences (the levels' own buffer when they are not needed afterwards)."""
         np.multiply(l, scale, out=u)
         np.add(u, mn, out=u)
         np.subtract(u, x, out=u)
@@ -412,7 +413,7 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
                 pos = this[1] > 0
                 this[1][pos] = 0
                 this[0][pos] = (S[4] / S[3])[pos]
-            err = error(this[0], this[1], l, new[0])
+            err = error(this[0], this[1], l, new[0], u=l)  # the levels' last use
             upd = (D > 0) & (err < state[0])
             if upd.any():
                 np.subtract(mx, this[1], out=new[3])
@@ -420,9 +421,7 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
                 state = _blend(_select_bits(upd), new, state)
                 bounded = bool(state[3].min() > 0)
                 ratio = float(((state[2] - xmin) / state[3]).max()) if bounded else np.inf
-        L = levels(state[4], state[5], True, True)
-    L[:, degenerate] = 0
-    return (np.where(degenerate, F32(0), state[1]), -state[2]), L.astype(np.uint8)
+    return (np.where(degenerate, F32(0), state[1]), -state[2], state[4], state[5], degenerate.astype(F32)), None
 
 
 def _in_pieces(core, x, weights, n_out, piece=None):
@@ -464,8 +463,31 @@ def make_qkx2_quants(
     x: f32[n, *batch]; weights: broadcastable to x (required). Returns (scale f32[*batch],
     the_min f32[*batch] (= -min, >= 0 except for constant negative blocks), L u8[n, *batch]).
     """
+    scale, the_min, iscale, lmin, degenerate = make_qkx_search(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, qkx_levels(x, iscale, lmin, degenerate, nmax)
+
+
+def make_qkx_search(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, ...]:
+    """make_qkx2_quants without its levels: (scale, the_min, and the (iscale, min) pair of the kept levels
+    f32[*batch], degenerate bool[*batch]); ``qkx_levels`` gives the levels where a caller needs them."""
     core = lambda xp, wp: _make_qkx_core(xp, wp, nmax, rmin, rdelta, nstep, use_mad)  # noqa: E731
-    return _in_pieces(core, x, weights, 2, QKX_PIECES * _PIECE)
+    *res, degenerate = _in_pieces(core, x, weights, 5, QKX_PIECES * _PIECE)[:5]
+    return (*res, degenerate.astype(bool))
+
+
+def qkx_levels(x: np.ndarray, iscale: np.ndarray, lmin: np.ndarray, degenerate: np.ndarray, nmax: int) -> np.ndarray:
+    """make_qkx2_quants' L from its kept (iscale, min): clamp(nearest_int(iscale*(x - min)), 0, nmax), 0 for
+    degenerate blocks: x f32[n, *batch] -> u8[n, *batch]. The exact nearest_int: an accepted least-squares
+    min far above the block's values can push iscale*(x - min) past 2^22."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        t = np.subtract(x, lmin, dtype=F32)
+        t *= iscale
+        t = nearest_int_f(t)
+    _clip(t, F32(0), F32(nmax), out=t)
+    t[:, degenerate] = 0
+    return t.astype(np.uint8)
 
 
 def make_qkx3_quants(
