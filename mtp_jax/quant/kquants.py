@@ -18,6 +18,8 @@ from mtp_jax.quant.base import QK_K, QuantType, register
 from mtp_jax.quant.primitives import (
     F32,
     GROUP_MAX_EPS,
+    _clip,
+    dot0,
     element_major,
     fp16_bytes,
     fp16_round,
@@ -27,13 +29,13 @@ from mtp_jax.quant.primitives import (
     make_qx_quants,
     make_qx_search,
     nearest_int,
+    nearest_int_inplace,
     positive_max,
     qkx_levels,
     qx_levels,
     seqsum,
     signed_absmax,
 )
-
 
 
 def _subblocks(xb: np.ndarray, n: int) -> np.ndarray:
@@ -59,8 +61,14 @@ def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: np.ndarray, factor: float)
     xb f32[B, 256], its sub-blocks xt f32[n, B*k], qw f32[B, 256] -> f32[n, B*k].
     """
     n = xt.shape[0]
-    sigma2 = F32(factor) * seqsum(element_major(xb * xb)) / F32(QK_K)  # [B]
-    return _subblocks(qw, n) * np.sqrt(np.repeat(sigma2, QK_K // n) + xt * xt)
+    xe = element_major(xb)  # [256, B]
+    sum_x2 = dot0(xe, xe) if xe.shape[1] > 1 else seqsum(xe * xe)  # [B]: sum_x2 += x[l]*x[l]
+    sigma2 = F32(factor) * sum_x2 / F32(QK_K)
+    w = np.multiply(xt, xt)
+    w += np.repeat(sigma2, QK_K // n)
+    np.sqrt(w, out=w)
+    w *= _subblocks(qw, n)
+    return w
 
 
 def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L) -> np.ndarray:
@@ -77,8 +85,8 @@ def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: 
             np.divide(q, d, out=q)
         else:
             np.divide(xt, d, out=q)
-        l = nearest_int(q)
-    np.clip(l, lo, hi, out=l)
+        l = nearest_int_inplace(q)
+    _clip(l, lo, hi, out=l)
     if lo:
         l -= lo
     out = l.astype(np.uint8)

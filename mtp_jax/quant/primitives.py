@@ -104,6 +104,16 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
 
 
+def nearest_int_inplace(t: np.ndarray) -> np.ndarray:
+    """``nearest_int`` of a float32 scratch array, computed in its own memory: returns an int32 view of ``t``
+    (no temporaries: the final requantizations run it on a million values per chunk)."""
+    t += _MAGIC
+    i = t.view(np.int32)
+    i &= 0x007FFFFF
+    i -= 0x00400000
+    return i
+
+
 def nearest_int_f(v: np.ndarray) -> np.ndarray:
     """``nearest_int`` as float32 (for use in further float arithmetic), exact on every input."""
     return nearest_int(v).astype(F32)
@@ -472,7 +482,7 @@ def make_qkx_search(
 ) -> tuple[np.ndarray, ...]:
     """make_qkx2_quants without its levels: (scale, the_min, and the (iscale, min) pair of the kept levels
     f32[*batch], degenerate bool[*batch]); ``qkx_levels`` gives the levels where a caller needs them."""
-    core = lambda xp, wp: _make_qkx_core(xp, wp, nmax, rmin, rdelta, nstep, use_mad)  # noqa: E731
+    core = lambda xp, wp: _make_qkx_core(xp, wp, nmax, rmin, rdelta, nstep, use_mad)
     *res, degenerate = _in_pieces(core, x, weights, 5, QKX_PIECES * _PIECE)[:5]
     return (*res, degenerate.astype(bool))
 
