@@ -260,21 +260,21 @@ def _make_qx_core(x, nmax, rmse_type, w):
                 dot0(wx, l, out=sumlx[k])
                 dot0(w, l, l, out=suml2[k], tmp=u)
         # C: if (suml2 > 0 && sumlx*sumlx > best*suml2) { scale = sumlx/suml2; best = scale*sumlx; }
+        # C: scale = suml2 ? sumlx/suml2 : 0; best = scale*sumlx; then for each further try
+        # if (suml2 > 0 && sumlx*sumlx > best*suml2) { scale = sumlx/suml2; best = scale*sumlx; }
         scale = np.divide(sumlx, suml2)  # [19, B]: the scale and best of each try, if it wins
-        scale[0] = np.where(suml2[0] != 0, scale[0], F32(0))  # the first try: scale = suml2 ? ... : 0
-        cand = np.empty((19, 2, B), F32)  # per try: its best, its index (as float) if it wins
-        np.multiply(scale, sumlx, out=cand[:, 0])
-        cand[:, 1] = np.arange(19, dtype=F32)[:, None]
+        scale[0] = np.where(suml2[0] != 0, scale[0], F32(0))
+        best_k = np.multiply(scale, sumlx)
         np.multiply(sumlx, sumlx, out=sumlx)  # sumlx^2
-        ok = suml2 > 0
-        state = cand[0]
+        upd = np.zeros((19, B), bool)  # try k replaced the best
+        best = best_k[0]
         prod = np.empty(B, F32)
-        upd = np.empty(B, bool)
         for k in range(1, 19):
-            np.greater(sumlx[k], np.multiply(state[0], suml2[k], out=prod), out=upd)
-            upd &= ok[k]
-            state = _blend(_select_bits(upd), cand[k], state)
-        pick = state[1].astype(np.intp) * B + np.arange(B)
+            np.greater(sumlx[k], np.multiply(best, suml2[k], out=prod), out=upd[k])
+            upd[k] &= suml2[k] > 0
+            best = _blend(_select_bits(upd[k]), best_k[k], best)
+        win = np.multiply(upd, np.arange(19, dtype=np.int8)[:, None]).max(axis=0)  # the last replacing try
+        pick = win.astype(np.intp) * B + np.arange(B)
         return result(scale.reshape(-1)[pick], iscales.reshape(-1)[pick])
 
 
