@@ -55,10 +55,10 @@ def _flat_blocks(Lt: np.ndarray) -> np.ndarray:
     return Lt.reshape(n, -1, QK_K // n).transpose(1, 2, 0).reshape(-1, QK_K)
 
 
-def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: np.ndarray, factor: float) -> np.ndarray:
+def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: _Imatrix, factor: float) -> np.ndarray:
     """``qw[l] * sqrtf(sigma2 + x[l]*x[l])``, sigma2 = factor*sum_x2/QK_K per superblock.
 
-    xb f32[B, 256], its sub-blocks xt f32[n, B*k], qw f32[B, 256] -> f32[n, B*k].
+    xb f32[B, 256], its sub-blocks xt f32[n, B*k], qw their imatrix -> f32[n, B*k].
     """
     n = xt.shape[0]
     xe = element_major(xb)  # [256, B]
@@ -67,7 +67,7 @@ def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: np.ndarray, factor: float)
     w = np.multiply(xt, xt)
     w += np.repeat(sigma2, QK_K // n)
     np.sqrt(w, out=w)
-    w *= _subblocks(qw, n)
+    w *= qw.sub(n)
     return w
 
 
@@ -126,7 +126,7 @@ def _sub_scale(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return (fp16_round(d) * codes).T.reshape(-1)
 
 
-def _search(xb: np.ndarray, qw: np.ndarray | None, fn, pieces: int = 1) -> tuple[np.ndarray, ...]:
+def _search(xb: np.ndarray, qw: _Imatrix | None, fn, pieces: int = 1) -> tuple[np.ndarray, ...]:
     """Runs ``fn(xb_piece, qw_piece)`` over cache-sized pieces of the superblocks f32[B, 256] (about
     ``pieces * primitives._PIECE`` values each) and joins its outputs along their last (sub-block) axis."""
     step = max(1, pieces * primitives._PIECE // QK_K)
@@ -147,24 +147,48 @@ class _KQuant(QuantType):
         R, N = rows.shape
         nbr = N // QK_K
         xb = rows.reshape(-1, QK_K)  # [R*nbr, 256]
-        imb = None if imatrix is None else imatrix.reshape(nbr, QK_K)
+        step = max(1, cls.chunk // nbr) * nbr  # whole rows, so that every full chunk has the same imatrix
+        # C: quant_weights + QK_K*i for superblock i of a row
+        qw = None if imatrix is None else _Imatrix(np.tile(imatrix.reshape(nbr, QK_K), (step // nbr, 1)))
         out = np.empty((xb.shape[0], cls.type_size()), np.uint8)
-        for s in range(0, xb.shape[0], cls.chunk):
-            e = min(s + cls.chunk, xb.shape[0])
-            qw = None if imb is None else imb[np.arange(s, e) % nbr]  # C: quant_weights + QK_K*i
-            out[s:e] = cls.quantize_blocks(xb[s:e], qw)
+        for s in range(0, xb.shape[0], step):
+            e = min(s + step, xb.shape[0])
+            out[s:e] = cls.quantize_blocks(xb[s:e], None if qw is None else qw[: e - s])
         return out.reshape(R, -1)
 
     @classmethod
-    def quantize_blocks(cls, xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-        """xb f32[B, 256], qw f32[B, 256] | None -> u8[B, type_size]."""
+    def quantize_blocks(cls, xb: np.ndarray, qw: _Imatrix | None) -> np.ndarray:
+        """xb f32[B, 256], qw the imatrix of these superblocks (or None) -> u8[B, type_size]."""
         raise NotImplementedError
+
+
+class _Imatrix:
+    """The imatrix of a run of superblocks, f32[B, 256], with its element-major sub-block layouts
+    (``sub(n)`` = ``_subblocks(raw, n)``) computed once: every row-aligned chunk of a tensor has the same
+    imatrix, so the chunks and the search pieces share them."""
+
+    def __init__(self, raw: np.ndarray, subs: dict[int, np.ndarray] | None = None):
+        self.raw = raw
+        self._subs = {} if subs is None else subs
+
+    def sub(self, n: int) -> np.ndarray:
+        """f32[n, B*256/n]."""
+        if n not in self._subs:
+            self._subs[n] = _subblocks(self.raw, n)
+        return self._subs[n]
+
+    def __getitem__(self, sl: slice) -> _Imatrix:
+        """Superblocks ``sl`` (a slice with start/stop); the cached layouts are sliced, not recomputed."""
+        a, b, _ = sl.indices(len(self.raw))
+        if (a, b) == (0, len(self.raw)):
+            return self
+        return _Imatrix(self.raw[a:b], {n: v[:, a * (QK_K // n) : b * (QK_K // n)] for n, v in self._subs.items()})
 
 
 # ---------------------------------------------------------------------------------------------- Q4_K / Q5_K
 
 
-def _search_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
+def _search_q45_k(xb: np.ndarray, qw: _Imatrix | None, nmax: int):
     """Sub-block fits of quantize_row_q{4,5}_K_ref / _impl: make_qkx_search's (scales, mins, iscale, lmin,
     degenerate) [B*8] (+ sw with qw)."""
     xt = _subblocks(xb, 32)  # [32, B*8]
@@ -181,7 +205,7 @@ def _stale_qkx(xt: np.ndarray, res: tuple[np.ndarray, ...], nmax: int):
     return lambda cols: qkx_levels(xt[:, cols], res[2][cols], res[3][cols], res[4][cols], nmax)
 
 
-def _quantize_q45_k(xb: np.ndarray, qw: np.ndarray | None, nmax: int):
+def _quantize_q45_k(xb: np.ndarray, qw: _Imatrix | None, nmax: int):
     """quantize_row_q{4,5}_K_ref / _impl on f32[B, 256] -> (L u8[B, 256], d f32[B], dmin f32[B], scales u8[B, 12])."""
     B = xb.shape[0]
     res = _search(xb, qw, lambda x, q: _search_q45_k(x, q, nmax), primitives.QKX_PIECES)
@@ -261,7 +285,7 @@ class Q6_K(_KQuant):
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
         xt = _subblocks(xb, 16)  # [16, B*16]
-        scales, iscales, zero16 = make_qx_search(xt, 32, 1, None if qw is None else _subblocks(qw, 16))
+        scales, iscales, zero16 = make_qx_search(xt, 32, 1, None if qw is None else qw.sub(16))
         sc = _per_block(scales, 16)  # [16, B]
         max_scale, max_abs = signed_absmax(sc)  # [B]
         zero = max_abs < GROUP_MAX_EPS
@@ -304,7 +328,7 @@ def _unpack_q3_scales(q: np.ndarray) -> np.ndarray:
     return ((lo | (hi << 4)) - 32).astype(F32)
 
 
-def _search_q3_k_impl(xb: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, ...]:
+def _search_q3_k_impl(xb: np.ndarray, qw: _Imatrix) -> tuple[np.ndarray, ...]:
     """Sub-block fits of quantize_row_q3_K_impl: (scales f32[B*16], L u8[16, B*16], sw f32[B*16])."""
     xt = _subblocks(xb, 16)  # [16, B*16]
     w = _impl_weights(xb, xt, qw, 2.0)
@@ -346,7 +370,7 @@ class Q3_K(_KQuant):
 # ---------------------------------------------------------------------------------------------- Q2_K
 
 
-def _search_q2_k(xb: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, ...]:
+def _search_q2_k(xb: np.ndarray, qw: _Imatrix | None) -> tuple[np.ndarray, ...]:
     """Sub-block fits of quantize_row_q2_K_ref / _impl: make_qkx_search's results [B*16] (+ sw with qw)."""
     xt = _subblocks(xb, 16)  # [16, B*16]
     if qw is None:

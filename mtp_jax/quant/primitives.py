@@ -15,8 +15,10 @@ Float rules (spec section 1): float32 everywhere, C operation order (``w*x*l`` i
 literal a float32, no FMA. Integer temporaries that C stores in narrow types wrap like C.
 
 Speed: the long searches (make_qx_quants, make_qkx2/3_quants) run on cache-sized pieces of the batch
-(``_PIECE`` values), reuse their temporaries in place, keep only per-block scalars per step (the winning
-levels are recomputed once at the end) and select them branch-free (``_blend``).
+(``_PIECE`` values), reuse their temporaries in place, keep only per-block scalars per step and select them
+branch-free (``_blend``); a product summed over a block is one einsum pass (``dot0``, sequential like C).
+The searches return the winning parameters (``make_qx_search``, ``make_qkx_search``); the K-quants need
+the search-stage levels only for sub-blocks whose quantized scale is 0 (``qx_levels``, ``qkx_levels``).
 """
 
 from __future__ import annotations
