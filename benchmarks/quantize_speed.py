@@ -4,7 +4,8 @@ For each type, quantizes one rows x cols float32 tensor (with an imatrix; types 
 and prints MB/s of f32 input for both (best of --repeats), their ratio, and whether the bytes are identical.
 Both run single-threaded in this process; MB/s is given for wall time and for process CPU time (the
 latter is steadier on a shared machine; the ratio column uses it). Writes
-benchmarks/results/quantize_speed.json. Needs libggml-base.so (tests/quant/ggml_oracle.py).
+benchmarks/results/quantize_speed.json and a bar chart of the ratios beside it (.png, needs matplotlib).
+Needs libggml-base.so (tests/quant/ggml_oracle.py).
 
     python benchmarks/quantize_speed.py [--types Q4_K Q6_K ...] [--rows 4096] [--cols 4096] [--repeats 3]
 """
@@ -40,6 +41,27 @@ def best_time(fn, repeats: int) -> tuple[float, float, np.ndarray]:
         out = fn()
         wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
     return wall, cpu, out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Bar chart of ggml CPU time / ours per type (> 1: ours faster), a line at parity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["type"] for r in rows]
+    ratios = [r["ratio_cpu"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 3.6))
+    ax.bar(names, ratios, color=["tab:green" if v >= 1 else "tab:gray" for v in ratios])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("libggml CPU time / ours")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -102,6 +124,11 @@ def main() -> None:
     }
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
+    try:
+        plot(rows, args.out.with_suffix(".png"), f"NumPy quantizer vs libggml, {args.rows}x{args.cols}, imatrix, 1 thread")
+        print(f"wrote {args.out.with_suffix('.png')}")
+    except ImportError:  # matplotlib is in the bench extra
+        print("matplotlib not installed: no plot")
 
 
 if __name__ == "__main__":
