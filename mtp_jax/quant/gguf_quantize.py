@@ -5,7 +5,9 @@ metadata tools/quantize/quantize.cpp adds: the same key/value pairs in the same 
 order and types (mtp_jax.quant.policy), the same data and alignment, so the output can be compared
 byte for byte with llama-quantize's. Differences: the header is written first and tensors streamed
 after it (the input stays memory-mapped; one tensor's rows are in memory at a time), every imatrix /
-input-type error is raised before any data is written, and the output appears only on success.
+input-type error is raised before any data is written, and the output appears only on success (a
+failed llama-quantize leaves a partial file). Quantized inputs (--allow-requantize) are dequantized by
+gguf-py; split (multi-file) inputs are not read.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ from mtp_jax.quant.policy import FLOAT_TYPES, ModelInfo, QuantOptions, TensorDes
 
 log = logging.getLogger(__name__)
 
-Q = GGMLQuantizationType
-
 # quantize.cpp's LLM_KV_QUANTIZE_IMATRIX_*
 KEY_IMATRIX_FILE = "quantize.imatrix.file"
 KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
@@ -58,13 +58,14 @@ class TensorReport:
 
 @dataclass(frozen=True)
 class QuantizeSummary:
-    out_path: Path
-    ftype: LlamaFileType
+    out_path: Path | None  # None: a dry run
+    ftype: str  # the file type's name, COPY included
     tensors: tuple[TensorReport, ...]
     n_elements: int
     n_fallback: int  # tensors whose row size forced a fallback type
     mtp_promoted: tuple[str, ...]  # NextN/MTP tensors promoted by mtp_fallback
     seconds: float
+    would_fail: str | None = None  # a dry run: the first error the real run would raise
 
     @property
     def bytes_in(self) -> int:
@@ -84,9 +85,13 @@ class QuantizeSummary:
 
     def describe(self) -> str:
         lines = [f"model size  = {self.bytes_in / 2**20:8.2f} MiB ({self.bpw_in:.2f} BPW)",
-                 f"quant size  = {self.bytes_out / 2**20:8.2f} MiB ({self.bpw_out:.2f} BPW)",
-                 f"{len(self.tensors)} tensors as {policy.ftype_name(self.ftype)} -> {self.out_path} "
-                 f"in {self.seconds:.1f} s"]
+                 f"quant size  = {self.bytes_out / 2**20:8.2f} MiB ({self.bpw_out:.2f} BPW)"]
+        if self.out_path is None:
+            lines.append(f"dry run: {len(self.tensors)} tensors as {self.ftype}, no file written")
+        else:
+            lines.append(f"{len(self.tensors)} tensors as {self.ftype} -> {self.out_path} in {self.seconds:.1f} s")
+        if self.would_fail:
+            lines.append(f"WARNING: dry run completed, but the quantization itself would fail: {self.would_fail}")
         if self.n_fallback:
             lines.append(f"WARNING: {self.n_fallback} of {len(self.tensors)} tensor(s) required fallback quantization")
         if self.mtp_promoted:
@@ -95,54 +100,89 @@ class QuantizeSummary:
         return "\n".join(lines)
 
 
-def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, ftype: str | int | LlamaFileType,
-                  imatrix: str | os.PathLike | None = None, *, pure: bool = False,
-                  output_tensor_type: str | GGMLQuantizationType | None = None,
+def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike | None,
+                  ftype: str | int | LlamaFileType, imatrix: str | os.PathLike | None = None, *,
+                  pure: bool = False, output_tensor_type: str | GGMLQuantizationType | None = None,
                   token_embedding_type: str | GGMLQuantizationType | None = None,
                   tensor_types: Sequence[str | tuple[str, str | GGMLQuantizationType]] = (),
+                  include_weights: Sequence[str] = (), exclude_weights: Sequence[str] = (),
+                  leave_output_tensor: bool = False, allow_requantize: bool = False, dry_run: bool = False,
                   mtp_fallback: str | GGMLQuantizationType | None = None, threads: int | None = None,
                   progress: bool = True) -> QuantizeSummary:
     """Quantize the GGUF at ``in_path`` to ``out_path`` as ``llama-quantize [options] IN OUT FTYPE [threads]``.
 
-    imatrix: a GGUF or legacy .dat importance matrix (--imatrix). tensor_types: 'PATTERN=TYPE' strings
-    or (pattern, type) pairs (--tensor-type). mtp_fallback: the type a NextN/MTP-block tensor gets when
-    it needs an imatrix and has no entry (None: llama.cpp's error). threads: worker processes for large
-    tensors (default: all CPUs). Raises QuantError (a ValueError) on bad input; no output is left then.
+    ftype: a file type's name or number, or "COPY" (every tensor copied as it is, general.file_type
+    kept). imatrix: a GGUF or legacy .dat importance matrix (--imatrix). tensor_types: 'PATTERN=TYPE'
+    strings or (pattern, type) pairs (--tensor-type). include_weights / exclude_weights: name substrings
+    that select the imatrix entries to keep / to drop (--include-weights / --exclude-weights, one or the
+    other). leave_output_tensor: output.weight keeps its type. allow_requantize: quantized input tensors
+    are dequantized and quantized again instead of refused. dry_run: plan and size every tensor and
+    write nothing (``out_path`` unused); the errors llama-quantize's dry run skips end up in the
+    summary's ``would_fail``. mtp_fallback: the type a NextN/MTP-block tensor gets when it needs an
+    imatrix and has no entry (None: llama.cpp's error). threads: worker processes for large tensors
+    (default: all CPUs). Raises QuantError (a ValueError) on bad input; no output is left then.
     """
     t0 = time.perf_counter()
-    in_path, out_path = Path(in_path), Path(out_path)
-    opts = _options(ftype, pure, output_tensor_type, token_embedding_type, tensor_types, mtp_fallback)
+    opts = _options(ftype, pure, output_tensor_type, token_embedding_type, tensor_types, mtp_fallback,
+                    leave_output_tensor, allow_requantize)
+    if out_path is None and not dry_run:
+        raise QuantError("an output path is required (except for a dry run)")
+    in_path, out_path = Path(in_path), None if dry_run else Path(out_path)
     _check_paths(in_path, out_path)
     threads = (os.cpu_count() or 1) if threads is None else threads
     if threads < 1:
         raise QuantError(f"threads must be >= 1, got {threads}")
 
-    weights, imatrix_kvs = _load_imatrix(imatrix)
+    weights, imatrix_kvs = _load_imatrix(imatrix, include_weights, exclude_weights)
     reader = _open(in_path)
-    model = ModelInfo.from_metadata({k: f.contents() for k, f in reader.fields.items()
-                                     if not k.startswith("tokenizer.")})
-    plans = policy.plan_tensors(model, _tensor_descs(reader), opts, {k: v.size for k, v in weights.items()})
-    for p in plans:
-        if p.converts and p.type not in FLOAT_TYPES:
-            registry.quant_type(p.type)  # raises if no quantizer is registered for the type
-    header = _header(_metadata(reader, opts.ftype, imatrix_kvs), plans, int(reader.alignment))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    descs = _tensor_descs(reader)
+    deferred = [] if dry_run else None
+    plans = policy.plan_tensors(ModelInfo.from_metadata(fields), descs, opts,
+                                {k: v.size for k, v in weights.items()}, deferred)
+    _check_quantizers(plans, deferred)
 
     reports: list[TensorReport] = []
-    atomic_write(out_path, lambda f: _write_data(f, header, reader, plans, weights, threads, progress, reports))
-    return QuantizeSummary(out_path, opts.ftype, tuple(reports), sum(int(np.prod(p.desc.ne)) for p in plans),
+    if dry_run:
+        for i, p in enumerate(plans):
+            reports.append(_report(p, _nbytes(p.type, p.desc.ne)))
+            _log_tensor(i, len(plans), p, reports[-1], dry_run=True)
+    else:
+        file_type = policy.copy_file_type(fields.get(Keys.General.FILE_TYPE), descs) if opts.only_copy else opts.ftype
+        header = _header(_metadata(reader, file_type, imatrix_kvs), plans, int(reader.alignment))
+        atomic_write(out_path, lambda f: _write_data(f, header, reader, plans, weights, threads, progress, reports))
+    return QuantizeSummary(out_path, policy.COPY if opts.only_copy else policy.ftype_name(opts.ftype),
+                           tuple(reports), sum(int(np.prod(p.desc.ne)) for p in plans),
                            sum(p.fallback for p in plans), tuple(p.name for p in plans if p.mtp_promoted),
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, deferred[0] if deferred else None)
 
 
-def _options(ftype, pure, output_tensor_type, token_embedding_type, tensor_types, mtp_fallback) -> QuantOptions:
+def _options(ftype, pure, output_tensor_type, token_embedding_type, tensor_types, mtp_fallback,
+             leave_output_tensor, allow_requantize) -> QuantOptions:
     def qtype(t):
         return None if t is None else policy.parse_ggml_type(t)
 
+    only_copy = isinstance(ftype, str) and ftype.strip().upper() == policy.COPY
     return QuantOptions(
-        ftype=policy.parse_ftype(ftype), pure=pure, output_tensor_type=qtype(output_tensor_type),
-        token_embedding_type=qtype(token_embedding_type), mtp_fallback=qtype(mtp_fallback),
+        ftype=LlamaFileType.ALL_F32 if only_copy else policy.parse_ftype(ftype), pure=pure, only_copy=only_copy,
+        quantize_output_tensor=not leave_output_tensor, allow_requantize=allow_requantize,
+        output_tensor_type=qtype(output_tensor_type), token_embedding_type=qtype(token_embedding_type),
+        mtp_fallback=qtype(mtp_fallback),
         tensor_types=tuple(policy.parse_tensor_type(
             s if isinstance(s, str) else f"{s[0]}={getattr(s[1], 'name', s[1])}") for s in tensor_types))
+
+
+def _check_quantizers(plans: Sequence[TensorPlan], deferred: list[str] | None) -> None:
+    """Every target type needs a registered quantizer; a dry run notes the first that has none."""
+    for p in plans:
+        if p.converts and p.type not in FLOAT_TYPES:
+            try:
+                registry.quant_type(p.type)
+            except QuantError as e:
+                if deferred is None:
+                    raise
+                deferred.append(str(e))
+                return
 
 
 def _write_data(f, header: bytes, reader: GGUFReader, plans: Sequence[TensorPlan], weights: dict[str, np.ndarray],
@@ -175,9 +215,12 @@ def _write_data(f, header: bytes, reader: GGUFReader, plans: Sequence[TensorPlan
             pool.shutdown(cancel_futures=True)
 
 
-def _check_paths(in_path: Path, out_path: Path) -> None:
+def _check_paths(in_path: Path, out_path: Path | None) -> None:
+    """The input exists; the output (None for a dry run) can be created and is not the input."""
     if not in_path.is_file():
         raise QuantError(f"input file {in_path} does not exist")
+    if out_path is None:
+        return
     if not out_path.parent.is_dir():
         raise QuantError(f"output directory {out_path.parent} does not exist")
     if out_path.exists() and os.path.samefile(in_path, out_path):
@@ -185,10 +228,16 @@ def _check_paths(in_path: Path, out_path: Path) -> None:
 
 
 def _open(path: Path) -> GGUFReader:
+    """The input as one GGUFReader; a split model would lose the other files' tensors, so it is refused."""
     try:
-        return GGUFReader(path)
+        reader = GGUFReader(path)
     except (ValueError, IndexError) as e:
         raise QuantError(f"{path}: not a valid GGUF file ({e})") from None
+    n_split = reader.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
+    if n_split is not None and int(n_split.contents()) > 1:
+        raise QuantError(f"{path} is one of {int(n_split.contents())} split files; split input is not supported "
+                         "(merge it first: llama-gguf-split --merge)")
+    return reader
 
 
 def _tensor_descs(reader: GGUFReader) -> list[TensorDesc]:
@@ -201,14 +250,30 @@ def _tensor_descs(reader: GGUFReader) -> list[TensorDesc]:
     return descs
 
 
-def _load_imatrix(path: str | os.PathLike | None) -> tuple[dict[str, np.ndarray], list[bytes]]:
-    """The per-column weights (to_quant_weights) and the quantize.imatrix.* pairs quantize.cpp adds."""
+def _load_imatrix(path: str | os.PathLike | None, include: Sequence[str],
+                  exclude: Sequence[str]) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """The per-column weights (to_quant_weights) and the quantize.imatrix.* pairs quantize.cpp adds.
+
+    As prepare_imatrix: entries whose name contains an ``exclude`` string are dropped, or only those
+    that contain an ``include`` string kept; entries_count counts what is left, and nothing left means
+    no imatrix at all (no pairs, and the mixtures of a model without one)."""
+    if include and exclude:
+        raise QuantError("--include-weights and --exclude-weights cannot be used together")
     if path is None:
+        if include or exclude:
+            raise QuantError("--include-weights / --exclude-weights select importance matrix entries; "
+                             "pass --imatrix")
         return {}, []
     data = read_imatrix(path)
     weights = to_quant_weights(data)
     log.info("loaded %d importance matrix entries from %s computed on %d chunks", len(weights), path,
              data.chunk_count)
+    if include or exclude:
+        weights = {k: v for k, v in weights.items()
+                   if not any(s in k for s in exclude) and (not include or any(s in k for s in include))}
+        log.info("have %d importance matrix entries", len(weights))
+    if not weights:
+        return {}, []
     kvs = [_kv_str(KEY_IMATRIX_FILE, os.fspath(path))]
     if data.datasets:
         kvs.append(_kv_str(KEY_IMATRIX_DATASET, data.datasets[0]))
@@ -240,11 +305,11 @@ def _kv_name(kv: bytes) -> str:
     return kv[8:8 + n].decode("utf-8")
 
 
-def _metadata(reader: GGUFReader, ftype: LlamaFileType, imatrix_kvs: list[bytes]) -> list[bytes]:
+def _metadata(reader: GGUFReader, file_type: int, imatrix_kvs: list[bytes]) -> list[bytes]:
     """The key/value pairs in llama-quantize's order: gguf_set_kv copies the input's; set_val removes a
     key and appends it (quantization_version, file_type, then the --imatrix overrides); split keys go."""
     appended = [_kv_u32(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION),
-                _kv_u32(Keys.General.FILE_TYPE, int(ftype)), *imatrix_kvs]
+                _kv_u32(Keys.General.FILE_TYPE, int(file_type)), *imatrix_kvs]
     dropped = {*_SPLIT_KEYS, *(_kv_name(kv) for kv in appended)}
     kept = []
     for name, f in reader.fields.items():
@@ -300,23 +365,17 @@ def _jobs(p: TensorPlan, offset: int, imatrix: np.ndarray | None, pieces: int) -
             for e in range(n_mat) for r in range(0, per_expert, step)]
 
 
-def _to_f32(raw: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
-    if t == Q.F32:
-        return raw.view(np.float32)
-    if t == Q.F16:
-        return raw.view(np.float16).astype(np.float32)
-    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)  # BF16
-
-
 def _run_job(data: np.ndarray, j: _Job) -> bytes:
     """data: the input file as u8 (memory-mapped). Returns the output bytes of the job's rows.
 
-    Float data is validated as llama_model_loader::load_data_range does (check_tensors)."""
+    Float data, and quantized data that is requantized, is validated as llama_model_loader::load_data_range
+    does (check_tensors); quantized data that is copied is not."""
     src_row = policy.row_bytes(j.src, j.n_per_row)
     raw = data[j.offset + j.row0 * src_row: j.offset + (j.row0 + j.nrows) * src_row]
-    if j.src not in FLOAT_TYPES:
+    if j.src == j.dst and j.src not in FLOAT_TYPES:
         return raw.tobytes()
-    x = _to_f32(raw, j.src).reshape(j.nrows, j.n_per_row)  # f32[nrows, n_per_row]
+    # f32[nrows, n_per_row]; quantized rows as llama_tensor_dequantize_impl's to_float
+    x = gguf_quants.dequantize(raw.reshape(j.nrows, src_row), j.src).astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise QuantError(f"tensor '{j.name}' has invalid data (NaN or Inf)")
     if j.src == j.dst:
@@ -342,10 +401,14 @@ def _report(p: TensorPlan, n_out: int) -> TensorReport:
     return TensorReport(p.name, p.desc.ne, p.desc.type, p.type, _nbytes(p.desc.type, p.desc.ne), n_out)
 
 
-def _log_tensor(i: int, n: int, p: TensorPlan, r: TensorReport) -> None:
+def _log_tensor(i: int, n: int, p: TensorPlan, r: TensorReport, dry_run: bool = False) -> None:
+    """llama-quantize's line for the tensor; a dry run's is the same as llama-quantize --dry-run's."""
     shape = ", ".join(f"{d:6d}" for d in (*r.ne, *(1,) * (4 - len(r.ne))))
     head = f"[{i + 1:4d}/{n:4d}] {r.name:<36} - [{shape}], type = {ggml_type_name(r.src_type):>6}, "
-    if p.converts:
+    if p.converts and dry_run:
+        log.info("%ssize = %8.2f MiB -> %8.2f MiB (%s)", head, r.bytes_in / 2**20, r.bytes_out / 2**20,
+                 ggml_type_name(r.dst_type))
+    elif p.converts:
         note = " (fallback)" if p.fallback else " (mtp_fallback)" if p.mtp_promoted else ""
         log.info("%sconverting to %s%s .. size = %8.2f MiB -> %8.2f MiB", head, ggml_type_name(r.dst_type), note,
                  r.bytes_in / 2**20, r.bytes_out / 2**20)

@@ -6,6 +6,7 @@ The source is the llama.cpp tree vendored in llama-cpp-python 0.3.36. ``plan_ten
 ``llama_tensor_get_type_impl`` and ``tensor_type_fallback``), ``tensor_requires_imatrix`` and the imatrix
 checks of the main loop, with llama.cpp's error texts. The one addition is ``mtp_fallback``: a tensor of
 the NextN/MTP block that needs an imatrix but has no entry is promoted to that type (llama.cpp errors).
+--allow-requantize reads quantized inputs through gguf-py's dequantizers, so it covers the types those know.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import quants as gguf_quants
 
 from mtp_jax.quant.base import QuantError
 
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 FT = LlamaFileType
 
-# tools/quantize/quantize.cpp QUANT_OPTIONS (Q2_0 left out: gguf-py has no such type; COPY not supported)
+# tools/quantize/quantize.cpp QUANT_OPTIONS (Q2_0 left out: gguf-py has no such type; COPY: see below)
 FTYPES: dict[str, LlamaFileType] = {
     "Q1_0": FT.MOSTLY_Q1_0, "Q4_0": FT.MOSTLY_Q4_0, "Q4_1": FT.MOSTLY_Q4_1, "MXFP4_MOE": FT.MOSTLY_MXFP4_MOE,
     "Q5_0": FT.MOSTLY_Q5_0, "Q5_1": FT.MOSTLY_Q5_1, "IQ2_XXS": FT.MOSTLY_IQ2_XXS, "IQ2_XS": FT.MOSTLY_IQ2_XS,
@@ -54,7 +57,23 @@ DEFAULT_TYPE: dict[LlamaFileType, GGMLQuantizationType] = {
     FT.MOSTLY_IQ4_NL: Q.IQ4_NL, FT.MOSTLY_IQ4_XS: Q.IQ4_XS, FT.MOSTLY_IQ3_S: Q.IQ3_S, FT.MOSTLY_IQ3_M: Q.IQ3_S,
 }
 
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)  # the inputs we quantize from
+# quantize.cpp's last QUANT_OPTIONS entry: ALL_F32 with only_copy (every tensor copied as it is); by name
+# only, the number 0 is F32
+COPY = "COPY"
+
+# llama_model_loader's file type guess (without general.file_type): the most frequent tensor type's ftype,
+# marked LLAMA_FTYPE_GUESSED; the types missing here give ALL_F32
+_GUESSED_FTYPE: dict[GGMLQuantizationType, LlamaFileType] = {
+    Q.F32: FT.ALL_F32, Q.F16: FT.MOSTLY_F16, Q.BF16: FT.MOSTLY_BF16, Q.Q4_0: FT.MOSTLY_Q4_0, Q.Q4_1: FT.MOSTLY_Q4_1,
+    Q.Q5_0: FT.MOSTLY_Q5_0, Q.Q5_1: FT.MOSTLY_Q5_1, Q.Q8_0: FT.MOSTLY_Q8_0, Q.Q2_K: FT.MOSTLY_Q2_K,
+    Q.Q3_K: FT.MOSTLY_Q3_K_M, Q.Q4_K: FT.MOSTLY_Q4_K_M, Q.Q5_K: FT.MOSTLY_Q5_K_M, Q.Q6_K: FT.MOSTLY_Q6_K,
+    Q.TQ1_0: FT.MOSTLY_TQ1_0, Q.TQ2_0: FT.MOSTLY_TQ2_0, Q.IQ2_XXS: FT.MOSTLY_IQ2_XXS, Q.IQ2_XS: FT.MOSTLY_IQ2_XS,
+    Q.IQ2_S: FT.MOSTLY_IQ2_S, Q.IQ3_XXS: FT.MOSTLY_IQ3_XXS, Q.IQ1_S: FT.MOSTLY_IQ1_S, Q.IQ1_M: FT.MOSTLY_IQ1_M,
+    Q.IQ4_NL: FT.MOSTLY_IQ4_NL, Q.IQ4_XS: FT.MOSTLY_IQ4_XS, Q.IQ3_S: FT.MOSTLY_IQ3_S, Q.NVFP4: FT.MOSTLY_NVFP4,
+    Q.Q1_0: FT.MOSTLY_Q1_0,
+}
+
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)  # the inputs we quantize from without --allow-requantize
 
 
 def ggml_type_name(t: GGMLQuantizationType) -> str:
@@ -77,6 +96,20 @@ def parse_ftype(text: str | int | LlamaFileType) -> LlamaFileType:
 
 def ftype_name(ftype: LlamaFileType) -> str:
     return next(n for n, f in FTYPES.items() if f == ftype and n not in ("Q3_K", "Q4_K", "Q5_K"))
+
+
+def copy_file_type(file_type: int | None, tensors: Sequence[TensorDesc]) -> int:
+    """general.file_type of a COPY: the input's, else llama_model_loader's guess from the tensor types (the
+    first type, in loader order, to reach the highest count), or-ed with LLAMA_FTYPE_GUESSED."""
+    if file_type is not None:
+        return file_type
+    counts: dict[GGMLQuantizationType, int] = {}
+    best, n_best = Q.F32, 0
+    for t in loader_order(tensors):
+        counts[t.type] = counts.get(t.type, 0) + 1
+        if counts[t.type] > n_best:
+            best, n_best = t.type, counts[t.type]
+    return int(_GUESSED_FTYPE.get(best, FT.ALL_F32)) | int(FT.GUESSED)
 
 
 def parse_ggml_type(text: str | GGMLQuantizationType) -> GGMLQuantizationType:
@@ -109,6 +142,15 @@ def parse_tensor_type(spec: str) -> tuple[str, GGMLQuantizationType]:
 def is_quantized(t: GGMLQuantizationType) -> bool:
     """ggml_is_quantized: block types (F32/F16/BF16 and the integer types are not)."""
     return GGML_QUANT_SIZES[t][0] > 1
+
+
+def dequantizable(t: GGMLQuantizationType) -> bool:
+    """Whether gguf-py can dequantize type t, the condition for requantizing from it."""
+    try:
+        gguf_quants.dequantize(np.zeros(GGML_QUANT_SIZES[t][1], np.uint8), t)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def block_size(t: GGMLQuantizationType) -> int:
@@ -179,10 +221,17 @@ class TensorDesc:
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """llama_model_quantize_params as far as the type choice goes, plus ``mtp_fallback``."""
+    """llama_model_quantize_params as far as the type choice goes, plus ``mtp_fallback``.
+
+    only_copy: the COPY file type (ftype is then ALL_F32, as in quantize.cpp); quantize_output_tensor=False:
+    --leave-output-tensor; allow_requantize: --allow-requantize.
+    """
 
     ftype: LlamaFileType
     pure: bool = False
+    only_copy: bool = False
+    quantize_output_tensor: bool = True
+    allow_requantize: bool = False
     output_tensor_type: GGMLQuantizationType | None = None
     token_embedding_type: GGMLQuantizationType | None = None
     tensor_types: tuple[tuple[str, GGMLQuantizationType], ...] = ()  # (regex, type); the first that matches
@@ -284,11 +333,14 @@ _NOT_QUANTIZED_GLM5_NEXT = (
 )
 
 
-def allows_quantization(arch: str, t: TensorDesc) -> bool:
-    """tensor_allows_quantization: 2-D/3-D weights, minus norms, routers and a list of small tensors."""
-    if len(t.ne) < 2 or not t.name.endswith("weight"):
+def allows_quantization(opts: QuantOptions, arch: str, t: TensorDesc) -> bool:
+    """tensor_allows_quantization: 2-D/3-D weights, minus norms, routers and a list of small tensors; none
+    for COPY, and output.weight not with --leave-output-tensor (it keeps its type, overrides included)."""
+    if opts.only_copy or len(t.ne) < 2 or not t.name.endswith("weight"):
         return False
     if t.name in ("position_embd.weight", "token_types.weight"):
+        return False
+    if t.name == "output.weight" and not opts.quantize_output_tensor:
         return False
     banned = _NOT_QUANTIZED + (_NOT_QUANTIZED_GLM5_NEXT if arch == "glm5-next" else ())
     return not any(s in t.name for s in banned)
@@ -319,6 +371,14 @@ class _State:
     i_ffn_gate: int = 0
     i_ffn_up: int = 0
     fallbacks: set[str] = field(default_factory=set)
+    deferred: list[str] | None = None  # plan_tensors' ``deferred``
+
+
+def _error(qs: _State, msg: str) -> None:
+    """Raise one of the errors llama-quantize's dry run does not check for, or note it for the dry run."""
+    if qs.deferred is None:
+        raise QuantError(msg)
+    qs.deferred.append(msg)
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -548,27 +608,32 @@ def _is_mtp(model: ModelInfo, name: str) -> bool:
 
 
 def plan_tensors(model: ModelInfo, tensors: Sequence[TensorDesc], opts: QuantOptions,
-                 imatrix_sizes: Mapping[str, int] | None = None) -> list[TensorPlan]:
+                 imatrix_sizes: Mapping[str, int] | None = None,
+                 deferred: list[str] | None = None) -> list[TensorPlan]:
     """Every tensor's output type, in llama-quantize's output order; raises llama.cpp's imatrix errors.
 
     imatrix_sizes: tensor name -> number of imatrix values (K, or n_expert*K for 3-D tensors); None or
-    empty = no imatrix (llama-quantize passes none when the file has no entries).
+    empty = no imatrix (llama-quantize passes none when the file has no entries). deferred: a list for
+    --dry-run. llama-quantize's dry run skips the imatrix and requantizing checks (it sizes an IQ2_XXS
+    model before there is an imatrix), so their errors are appended to it instead of raised, in the
+    order the real run meets them, and the tensor keeps the type chosen before the failed check.
     """
     ordered = loader_order(tensors)
     has_imatrix = bool(imatrix_sizes)
     qs = _State(model=model, opts=opts, has_imatrix=has_imatrix,
                 has_tied_embeddings=not any(t.name == "output.weight" for t in tensors),
-                n_attention_wv=sum(_is_attn_v(category(t.name)) for t in tensors), n_ffn=model.n_layer_all)
+                n_attention_wv=sum(_is_attn_v(category(t.name)) for t in tensors), n_ffn=model.n_layer_all,
+                deferred=deferred)
     default = DEFAULT_TYPE[opts.ftype]
 
     plans: list[TensorPlan] = []
     for t in ordered:  # the preliminary loop of llama_model_quantize_impl
-        allows = allows_quantization(model.arch, t)
+        allows = allows_quantization(opts, model.arch, t)
         new = _get_type(qs, t, default, category(t.name)) if allows else t.type
         req = requires_imatrix(t.name, new, opts.ftype)
         if not has_imatrix and allows and req and not (opts.mtp_fallback and _is_mtp(model, t.name)):
-            raise QuantError(f"this quantization requires an imatrix! (offending tensor: {t.name}, target type: "
-                             f"{ggml_type_name(new)}; pass an importance matrix with --imatrix)")
+            _error(qs, f"this quantization requires an imatrix! (offending tensor: {t.name}, target type: "
+                       f"{ggml_type_name(new)}; pass an importance matrix with --imatrix)")
         plans.append(TensorPlan(t, new, req, use_imatrix=False, fallback=t.name in qs.fallbacks))
 
     return [_check_tensor(qs, p, imatrix_sizes or {}) for p in plans]
@@ -585,7 +650,8 @@ def _check_tensor(qs: _State, p: TensorPlan, imatrix_sizes: Mapping[str, int]) -
         if size == want:
             use = True
         elif not is_token_embd(t.name):
-            raise QuantError(f"imatrix size {size} is different from tensor size {want} for {t.name}")
+            _error(qs, f"imatrix size {size} is different from tensor size {want} for {t.name}")
+            return p
     new, promoted = p.type, False
     if p.requires_imatrix and not use:
         if qs.opts.mtp_fallback is None or not _is_mtp(qs.model, t.name):
@@ -593,11 +659,19 @@ def _check_tensor(qs: _State, p: TensorPlan, imatrix_sizes: Mapping[str, int]) -
             if _is_mtp(qs.model, t.name):
                 msg += (" (a tensor of the NextN/MTP block: collect the imatrix with the MTP layers active, "
                         "or pass --mtp-fallback TYPE)")
-            raise QuantError(msg)
+            _error(qs, msg)
+            return p
         new, promoted = _fallback(qs, t, qs.opts.mtp_fallback), True
         log.warning("%-36s - NextN/MTP tensor has no imatrix entry: %s -> %s (mtp_fallback)", t.name,
                     ggml_type_name(p.type), ggml_type_name(new))
     if new != t.type and t.type not in FLOAT_TYPES:
-        raise QuantError(f"requantizing from type {ggml_type_name(t.type)} is disabled "
-                         f"(tensor {t.name}; inputs must be F32, F16 or BF16)")
+        src = ggml_type_name(t.type)
+        if not qs.opts.allow_requantize:
+            _error(qs, f"requantizing from type {src} is disabled (tensor {t.name}; pass --allow-requantize to "
+                       "requantize from the dequantized values, at a loss of quality)")
+            return p
+        if not dequantizable(t.type):
+            _error(qs, f"requantizing from type {src} is not supported (tensor {t.name}): gguf-py has no "
+                       f"dequantizer for {src}")
+            return p
     return TensorPlan(t, new, p.requires_imatrix and not promoted, use, t.name in qs.fallbacks, promoted)

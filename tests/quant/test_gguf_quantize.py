@@ -58,16 +58,28 @@ FLOAT_CASES = [
     ("f16", "BF16", {}),
     ("f16", "F32", {"imatrix": True}),
     ("f32", "F16", {"output_tensor_type": "bf16", "token_embedding_type": "f32", "tensor_types": ["nextn=bf16"]}),
+    # output.weight stays F32, --output-tensor-type notwithstanding
+    ("f32", "F16", {"leave_output_tensor": True, "output_tensor_type": "q8_0"}),
+    ("f16", "COPY", {}),
+    ("f32", "COPY", {"imatrix": True}),  # COPY still writes the quantize.imatrix.* pairs
+    # the selected entries are counted in quantize.imatrix.entries_count
+    ("f32", "BF16", {"imatrix": True, "include_weights": ["ffn_up", "attn_q"]}),
+    ("f32", "F16", {"imatrix": True, "exclude_weights": ["ffn_", "nextn"]}),
+    ("f32", "F16", {"imatrix": True, "include_weights": ["no-such-tensor"]}),  # none left: no imatrix pairs
 ]
 
 
 def _cli_options(kw: dict, imatrix) -> list:
+    """quantize_gguf keywords -> llama-quantize options (lists repeat the option; True is a flag)."""
     cli = []
     for k, v in kw.items():
-        if k == "tensor_types":
-            cli += [a for s in v for a in ("--tensor-type", s)]
+        option = "--" + {"tensor_types": "tensor_type"}.get(k, k).replace("_", "-")
+        if v is True and k != "imatrix":
+            cli.append(option)
+        elif isinstance(v, list):
+            cli += [a for s in v for a in (option, s)]
         else:
-            cli += ["--" + k.replace("_", "-"), imatrix if k == "imatrix" else v]
+            cli += [option, imatrix if k == "imatrix" else v]
     return cli
 
 
@@ -93,10 +105,151 @@ def test_quantized_ftypes_equal_llama_quantize(files, tmp_path, ftype):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours, theirs = gguf_types(tmp_path / "out.gguf"), gguf_types(ref)
     assert ours == theirs
-    if (tmp_path / "out.gguf").read_bytes() != ref.read_bytes():
-        a, b = gguf.GGUFReader(tmp_path / "out.gguf"), gguf.GGUFReader(ref)
-        differ = [t.name for t, u in zip(a.tensors, b.tensors) if not np.array_equal(t.data, u.data)]
-        pytest.fail(f"{ftype}: tensors differ from llama-quantize's: {differ}")
+    _assert_same_file(tmp_path / "out.gguf", ref)
+
+
+def _assert_same_file(ours, theirs):
+    """Byte equality, else a failure that names the tensors (or the metadata) that differ."""
+    if ours.read_bytes() != theirs.read_bytes():
+        a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
+        differ = [t.name for t, u in zip(a.tensors, b.tensors)
+                  if t.tensor_type != u.tensor_type or not np.array_equal(t.data, u.data)]
+        pytest.fail(f"tensors differ from llama-quantize's: {differ}" if differ else "the metadata differs")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("ftype,kw", [
+    ("IQ4_XS", {"include_weights": ["ffn_up", "attn_q"]}),
+    ("Q4_K_M", {"exclude_weights": ["ffn_", "nextn"]}),
+    ("IQ4_XS", {"include_weights": ["no-such-tensor"]}),  # no entry left: IQ4_XS's mixture without an imatrix
+])
+def test_imatrix_entry_selection_equals_llama_quantize(files, tmp_path, ftype, kw):
+    """--include-weights / --exclude-weights: which tensors are quantized with their imatrix entry."""
+    quantize(files["f32"], tmp_path / "out.gguf", ftype, imatrix=files["imatrix"], threads=1, **kw)
+    proc, ref = llama_quantize(tmp_path, files["f32"], ftype, "--imatrix", files["imatrix"],
+                               *_cli_options(kw, None))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same_file(tmp_path / "out.gguf", ref)
+
+
+def test_imatrix_entry_selection_errors(files, tmp_path):
+    with pytest.raises(QuantError, match="--include-weights and --exclude-weights cannot be used together"):
+        quantize(files["f32"], tmp_path / "out.gguf", "Q8_0", imatrix=files["imatrix"], include_weights=["a"],
+                 exclude_weights=["b"])
+    with pytest.raises(QuantError, match="select importance matrix entries; pass --imatrix"):
+        quantize(files["f32"], tmp_path / "out.gguf", "Q8_0", include_weights=["ffn_up"])
+    assert _no_output(tmp_path)
+
+
+# --- --dry-run -----------------------------------------------------------------------------------------------
+
+_TENSOR_LINE = re.compile(r"^\[ *\d+/ *\d+\] .*")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("ftype,kw", [
+    ("Q4_K_M", {"imatrix": True}),
+    ("IQ2_XXS", {}),  # needs an imatrix: both dry runs size it anyway and warn
+    ("IQ4_XS", {"leave_output_tensor": True, "tensor_types": ["ffn_down=q8_0"]}),
+    ("COPY", {}),
+])
+def test_dry_run_equals_llama_quantize(files, tmp_path, caplog, ftype, kw):
+    """The per-tensor lines and the totals of llama-quantize --dry-run, and no file written."""
+    proc = run_tool("llama-quantize", "--dry-run", *_cli_options(kw, files["imatrix"]), files["f32"], ftype)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kw = {k: files["imatrix"] if k == "imatrix" else v for k, v in kw.items()}
+    with caplog.at_level(logging.INFO, logger="mtp_jax.quant.gguf_quantize"):
+        summary = quantize(files["f32"], None, ftype, dry_run=True, **kw)
+    ours = [m.group(0) for m in map(_TENSOR_LINE.match, caplog.messages) if m]
+    theirs = [m.group(0) for m in map(_TENSOR_LINE.match, proc.stderr.splitlines()) if m]
+    assert ours == theirs
+    totals = re.findall(r"(?:model|quant) size  = .*", proc.stderr)
+    assert summary.describe().splitlines()[:2] == totals
+    assert summary.out_path is None and "no file written" in summary.describe()
+    needs_imatrix = "will require an imatrix" in proc.stderr
+    assert needs_imatrix == (summary.would_fail is not None)
+    if needs_imatrix:
+        assert summary.would_fail.startswith("this quantization requires an imatrix!")
+    assert not list(tmp_path.iterdir())
+
+
+def test_dry_run_reports_the_first_error_of_the_real_run(files, tmp_path):
+    """Errors llama-quantize's dry run skips (here a missing MTP imatrix entry) become would_fail."""
+    kw = {"imatrix": files["imatrix_no_nextn"], "tensor_types": [r"^(?!blk\.3\.nextn\.)=q6_K"]}
+    with pytest.raises(QuantError) as e:
+        quantize(files["f32"], tmp_path / "out.gguf", "IQ2_XXS", **kw)
+    summary = quantize(files["f32"], tmp_path / "out.gguf", "IQ2_XXS", dry_run=True, **kw)
+    assert summary.would_fail == str(e.value)
+    assert f"the quantization itself would fail: {e.value}" in summary.describe()
+    assert _no_output(tmp_path)
+
+
+# --- quantized inputs: --allow-requantize, COPY ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q4_k_m(files, tmp_path_factory):
+    """The tiny model as Q4_K_M with the imatrix: q4_K, q6_K, q5_0 and f32 tensors."""
+    path = tmp_path_factory.mktemp("quantized") / "model-q4_k_m.gguf"
+    quantize(files["f32"], path, "Q4_K_M", imatrix=files["imatrix"], threads=1)
+    return path
+
+
+@pytest.mark.peer
+def test_requantizing_is_refused_like_llama_quantize(q4_k_m, tmp_path):
+    proc, _ = llama_quantize(tmp_path, q4_k_m, "Q8_0")
+    with pytest.raises(QuantError) as e:
+        quantize(q4_k_m, tmp_path / "out.gguf", "Q8_0")
+    assert llama_error(proc) and str(e.value).startswith(llama_error(proc))
+    assert "--allow-requantize" in str(e.value)
+    assert _no_output(tmp_path)  # llama-quantize leaves a partial file behind
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("ftype,imatrix", [("Q3_K_M", True), ("Q8_0", False), ("BF16", False)])
+def test_allow_requantize_equals_llama_quantize(files, q4_k_m, tmp_path, ftype, imatrix):
+    """Quantized tensors dequantized (gguf-py's dequantizers match ggml's to_float) and quantized again."""
+    options = ["--imatrix", files["imatrix"]] if imatrix else []
+    quantize(q4_k_m, tmp_path / "out.gguf", ftype, imatrix=files["imatrix"] if imatrix else None,
+             allow_requantize=True, threads=1)
+    proc, ref = llama_quantize(tmp_path, q4_k_m, ftype, "--allow-requantize", *options)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same_file(tmp_path / "out.gguf", ref)
+
+
+def _without_file_type(path, monkeypatch):
+    """The tiny F16 model without general.file_type (llama_model_loader then guesses it)."""
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "add_file_type", lambda self, ftype: None)
+        return write_tiny_glm4moe(path, SMALL, "f16")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("model", ["q4_k_m", "no_file_type"])
+def test_copy_equals_llama_quantize(q4_k_m, tmp_path, monkeypatch, model):
+    """COPY copies quantized tensors too, and keeps general.file_type, or writes llama.cpp's guess."""
+    src = q4_k_m if model == "q4_k_m" else _without_file_type(tmp_path / "model.gguf", monkeypatch)
+    quantize(src, tmp_path / "out.gguf", "COPY", threads=1)
+    proc, ref = llama_quantize(tmp_path, src, "COPY")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same_file(tmp_path / "out.gguf", ref)
+    md = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "out.gguf").fields.items()}
+    expected = gguf.LlamaFileType.MOSTLY_Q4_K_M if model == "q4_k_m" else \
+        gguf.LlamaFileType.MOSTLY_F16 | gguf.LlamaFileType.GUESSED
+    assert md["general.file_type"] == expected
+
+
+def test_split_input_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "model-00001-of-00002.gguf"), "llama")
+    w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
+    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(QuantError, match="one of 2 split files; split input is not supported"):
+        quantize(tmp_path / "model-00001-of-00002.gguf", tmp_path / "out.gguf", "Q8_0")
+    assert _no_output(tmp_path)
 
 
 # --- behaviour -----------------------------------------------------------------------------------------------
@@ -215,13 +368,21 @@ def test_mtp_fallback(files, tmp_path, caplog):
     assert types["blk.3.attn_q.weight"] == gguf.GGMLQuantizationType.Q6_K
 
 
-def test_cli(files, tmp_path, capsys):
+def _parser():
     parser = argparse.ArgumentParser(prog="mtp-jax")
     add_quantize_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli(files, tmp_path, capsys):
+    parser = _parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", "--help"])
     help_text = capsys.readouterr().out
-    assert all(s in help_text for s in ("--mtp-fallback", "--tensor-type PATTERN=TYPE", "Q4_K_M", "IQ2_XXS"))
+    assert all(s in help_text for s in ("--mtp-fallback", "--tensor-type PATTERN=TYPE", "Q4_K_M", "IQ2_XXS", "COPY",
+                                        "--leave-output-tensor", "--dry-run", "--include-weights NAME",
+                                        "--exclude-weights NAME", "--allow-requantize", "--tensor-type-file FILE",
+                                        "--keep-split"))
 
     args = parser.parse_args(["quantize", str(files["f16"]), str(tmp_path / "out.gguf"), "bf16", "--threads", "1",
                               "--output-tensor-type", "f16", "--tensor-type", "ffn_down=f32"])
@@ -233,3 +394,34 @@ def test_cli(files, tmp_path, capsys):
     args = parser.parse_args(["quantize", str(files["f16"]), str(tmp_path / "x.gguf"), "Q9"])
     with pytest.raises(QuantError, match="invalid ftype"):
         args.func(args)
+
+
+def test_cli_options(files, tmp_path, capsys):
+    parser = _parser()
+    # IN FTYPE with --dry-run: nothing written
+    args = parser.parse_args(["quantize", "--dry-run", str(files["f32"]), "q8_0"])
+    assert args.output is None and args.func(args) == 0
+    assert "dry run: 80 tensors as Q8_0, no file written" in capsys.readouterr().out
+
+    # IN FTYPE otherwise: llama-quantize's ggml-model-<name>.gguf beside the input; --tensor-type-file entries
+    model = tmp_path / "model.gguf"
+    model.write_bytes(files["f16"].read_bytes())
+    (tmp_path / "types.txt").write_text("ffn_down_exps=q4_0\n  attn_q=q4_0 ")
+    args = parser.parse_args(["quantize", str(model), "7", "--threads", "1",  # 7: Q8_0
+                              "--tensor-type-file", str(tmp_path / "types.txt"), "--tensor-type", "attn_q=f32"])
+    assert args.tensor_type == ["ffn_down_exps=q4_0", "attn_q=q4_0", "attn_q=f32"]  # command-line order
+    assert args.func(args) == 0
+    types = gguf_types(tmp_path / "ggml-model-Q8_0.gguf")
+    assert types["blk.1.ffn_down_exps.weight"] == types["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0
+
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", str(model), "x.gguf", "Q8_0", "--include-weights", "a",
+                           "--exclude-weights", "b"])
+    assert "not allowed with argument --include-weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", str(model), "x.gguf", "Q8_0", "--tensor-type-file", str(tmp_path / "no")])
+    assert "failed to open file" in capsys.readouterr().err
+    args = parser.parse_args(["quantize", str(model), str(tmp_path / "out.gguf"), "Q8_0", "--keep-split"])
+    with pytest.raises(QuantError, match="--keep-split is not supported"):
+        args.func(args)
+    assert _no_output(tmp_path)

@@ -32,9 +32,9 @@ class Model:
         self.tensors = [TensorDesc(t.name, tuple(int(n) for n in t.shape), Q(t.tensor_type)) for t in r.tensors]
         self.sizes = {k: v.size for k, v in self.imatrix.in_sum2.items()}
 
-    def plan(self, ftype, imatrix=True, **kw):
+    def plan(self, ftype, imatrix=True, deferred=None, **kw):
         return policy.plan_tensors(self.info, self.tensors, QuantOptions(policy.parse_ftype(ftype), **kw),
-                                   self.sizes if imatrix else None)
+                                   self.sizes if imatrix else None, deferred)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,47 @@ def test_imatrix_entry_checks(models):
 
 def test_requantizing_is_refused():
     t = [TensorDesc("blk.0.attn_q.weight", (256, 256), Q.Q8_0)]
-    with pytest.raises(QuantError, match="^requantizing from type q8_0 is disabled"):
+    with pytest.raises(QuantError, match="^requantizing from type q8_0 is disabled .*pass --allow-requantize"):
         policy.plan_tensors(ModelInfo("llama", 1), t, QuantOptions(LlamaFileType.MOSTLY_Q4_0))
+    plans = policy.plan_tensors(ModelInfo("llama", 1), t, QuantOptions(LlamaFileType.MOSTLY_Q4_0,
+                                                                        allow_requantize=True))
+    assert [p.type for p in plans] == [Q.Q4_0]
+    q1 = [TensorDesc("blk.0.attn_q.weight", (256, 256), Q.Q1_0)]  # gguf-py has no Q1_0 dequantizer
+    with pytest.raises(QuantError, match="^requantizing from type q1_0 is not supported .*no dequantizer"):
+        policy.plan_tensors(ModelInfo("llama", 1), q1, QuantOptions(LlamaFileType.MOSTLY_Q4_0, allow_requantize=True))
+    assert policy.dequantizable(Q.IQ2_XXS) and policy.dequantizable(Q.BF16) and not policy.dequantizable(Q.I32)
+
+
+def test_copy_file_type():
+    """llama_model_loader's guess: the first type, in loader order, to reach the top count; GUESSED set."""
+    guessed = int(LlamaFileType.GUESSED)
+    descs = [TensorDesc(n, (32, 32), t) for n, t in [("blk.0.b.weight", Q.F32), ("blk.0.a.weight", Q.Q8_0),
+                                                      ("blk.1.a.weight", Q.Q8_0), ("output.weight", Q.F32)]]
+    assert policy.copy_file_type(None, descs) == guessed | LlamaFileType.ALL_F32  # output.weight comes first
+    assert policy.copy_file_type(None, descs[:3]) == guessed | LlamaFileType.MOSTLY_Q8_0
+    assert policy.copy_file_type(None, [TensorDesc("x", (32,), Q.MXFP4)]) == guessed | LlamaFileType.ALL_F32
+    assert policy.copy_file_type(15, descs) == 15  # general.file_type, when there is one
+
+
+def test_copy_and_leave_output_tensor(models):
+    m = models["a"]
+    plans = policy.plan_tensors(m.info, m.tensors, QuantOptions(LlamaFileType.ALL_F32, only_copy=True))
+    assert not any(p.converts for p in plans)
+    types = _types(m.plan("Q4_K_M", quantize_output_tensor=False, output_tensor_type=Q.Q8_0))
+    assert types["output.weight"] == "f32" and types["token_embd.weight"] == "q4_K"
+
+
+def test_deferred_errors(models):
+    """deferred (--dry-run): the imatrix errors are collected in the real run's order, not raised."""
+    m = models["a"]
+    deferred = []
+    types = _types(m.plan("IQ2_XXS", imatrix=False, deferred=deferred))
+    assert deferred[0].startswith("this quantization requires an imatrix! (offending tensor: blk.0.attn_k.weight")
+    assert types["blk.0.attn_k.weight"] == "iq2_xxs"
+    deferred = []
+    bad = dict(m.sizes, **{"blk.3.ffn_up_exps.weight": 256})
+    policy.plan_tensors(m.info, m.tensors, QuantOptions(LlamaFileType.MOSTLY_Q4_K_M), bad, deferred)
+    assert deferred == ["imatrix size 256 is different from tensor size 1024 for blk.3.ffn_up_exps.weight"]
 
 
 def test_mtp_fallback(models, caplog):
@@ -187,6 +226,10 @@ def test_types_match_llama_quantize(models, config, ftype, tmp_path):
             needs_imatrix = str(e).startswith("this quantization requires an imatrix!")
             ref = llama_plan(m, ftype, imatrix, out=tmp_path / "out.gguf" if needs_imatrix else None)
             assert isinstance(ref, str) and str(e).startswith(ref), (ftype, imatrix, str(e))
+            if needs_imatrix:  # llama-quantize's dry run sizes it all the same, as ours does
+                deferred = []
+                assert _types(m.plan(ftype, imatrix, deferred)) == llama_plan(m, ftype, imatrix)
+                assert deferred[0] == str(e)
             continue
         ref = llama_plan(m, ftype, imatrix)
         assert ours == ref, (ftype, imatrix, {k: (ours.get(k), v) for k, v in ref.items() if ours.get(k) != v})
@@ -195,6 +238,8 @@ def test_types_match_llama_quantize(models, config, ftype, tmp_path):
 @pytest.mark.peer
 @pytest.mark.parametrize("ftype,options,kw", [
     ("Q4_K_M", ["--pure"], dict(pure=True)),
+    ("Q4_K_M", ["--leave-output-tensor", "--output-tensor-type", "q8_0"],
+     dict(quantize_output_tensor=False, output_tensor_type=Q.Q8_0)),
     ("Q4_K_M", ["--output-tensor-type", "q8_0", "--token-embedding-type", "IQ4_NL"],
      dict(output_tensor_type=Q.Q8_0, token_embedding_type=Q.IQ4_NL)),
     ("IQ2_XXS", ["--tensor-type", "ffn_down_exps=q8_0", "--tensor-type", r"blk\.[0-2]\.attn=Q6_K",
