@@ -1,7 +1,8 @@
 """TQ1_0, TQ2_0 (ternary, BitNet b1.58 / TriLM) and MXFP4: ggml ignores the imatrix for all three.
 
 Mirrors ``quantize_row_tq1_0_ref``, ``quantize_row_tq2_0_ref`` and ``quantize_row_mxfp4_ref`` in
-ggml-quants.c (block structs in ggml-common.h).
+ggml-quants.c (block structs in ggml-common.h). Like the legacy reference paths (legacy.py's module
+docstring), blocks run in cache-sized pieces in the lane layout: value 4k + m of block p at [k, p, m].
 """
 
 from __future__ import annotations
@@ -10,23 +11,52 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from mtp_jax.quant.base import QK_K, QuantType, register
-from mtp_jax.quant.legacy import c_int, inv_or_zero, roundf
-from mtp_jax.quant.primitives import fp16_bytes
+from mtp_jax.quant.legacy import (
+    Scratch,
+    c_int,
+    groups,
+    lane_reduce,
+    lanes,
+    nibbles,
+    per_lane,
+    pieces,
+    put_fp16,
+    put_groups,
+    ref_inverse,
+)
+from mtp_jax.quant.primitives import _PIECE, F32
 
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+# the midpoints between consecutive magnitudes 0, 1, 2, 3, 4, 6, 8, 12, halved (MXFP4 compares |x|/(2d))
+_MXFP4_MIDS = [F32(m) for m in (KVALUES_MXFP4[:7] + KVALUES_MXFP4[1:8]) / 4]
 
 
-def _trits(x: np.ndarray, id_: np.ndarray) -> np.ndarray:
-    """``lroundf(x*id) + 1`` in {0, 1, 2}. A non-finite product (id = inf for a subnormal amax) makes
-    glibc's lroundf return LONG_MIN, whose low 32 bits plus 1 give 1."""
-    with np.errstate(invalid="ignore"):
-        v = x * id_[:, None]  # [nb, 256]
-    return np.where(np.isfinite(v), roundf(v), np.float32(0)).astype(np.int32) + 1
+def _trits(x: np.ndarray, buf: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """Superblocks f32[P, 256] -> (d = amax f32[P], trits ``lroundf(x*id) + 1`` as groups u32[64, P]).
+
+    |x*id| <= 1 + 2^-22, so lroundf (half away from zero) is -1 for x*id <= -0.5, 1 for >= 0.5, else 0, and
+    the trit is (x*id >= 0.5) + (x*id > -0.5). id = inf (a subnormal amax) makes every product inf or NaN,
+    for which glibc's lroundf returns LONG_MIN, whose low 32 bits plus 1 give trit 1: what id = 0 gives.
+    """
+    P = len(x)
+    v = lanes(x, buf("v", (64, P, 4)))
+    d = lane_reduce(np.maximum, np.abs(v, out=buf("a", v.shape)), buf, "amax")  # amax = MAX(amax, fabsf(x))
+    id_, _ = ref_inverse(d)  # 0 where 1/d overflows, as explained above
+    v2 = v.reshape(64, -1)
+    np.multiply(v2, per_lane(id_, buf), out=v2)
+    up = np.greater_equal(v, F32(0.5), out=buf("up", v.shape, np.bool_))
+    mid = np.greater(v, F32(-0.5), out=buf("mid", v.shape, np.bool_))
+    return d, groups(np.add(up.view(np.uint8), mid.view(np.uint8), out=buf("t", v.shape, np.uint8)))
 
 
-def _ternary_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = np.abs(x).max(axis=1)  # [nb]  amax = MAX(amax, fabsf(v))
-    return d, inv_or_zero(d)
+def _base3(trits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """C's ``q = q*3 + xi`` over trit groups u32[n, ...] (most significant first) -> out u32[...]; bytewise,
+    as no byte exceeds 3^5 - 1."""
+    np.copyto(out, trits[0])
+    for t in trits[1:]:
+        out *= 3
+        out += t
+    return out
 
 
 @register
@@ -38,22 +68,29 @@ class TQ1_0(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.asarray(rows, dtype=np.float32).reshape(-1, QK_K)  # [nb, 256]
-        d, id_ = _ternary_scale(x)
-        t = _trits(x, id_)  # [nb, 256]
-        # qs[0:32]: x[m + 32n], n = 0..4; qs[32:48]: x[160 + m + 16n]; qh[0:4]: x[240 + j + 4m], m = 0..3
-        groups = (
-            t[:, :160].reshape(-1, 5, 32),  # [nb, 5, 32]
-            t[:, 160:240].reshape(-1, 5, 16),  # [nb, 5, 16]
-            np.pad(t[:, 240:].reshape(-1, 4, 4), ((0, 0), (0, 1), (0, 0))),  # [nb, 5, 4], 5th trit 0
-        )
-        packed = []
-        for g in groups:  # most significant trit first: q = q*3 + xi; qh gets a trailing q *= 3 (a 0 trit)
-            q = np.zeros(g[:, 0].shape, dtype=np.int32)
-            for n in range(5):
-                q = q * 3 + g[:, n]
-            packed.append(((q * 256 + 242) // 243).astype(np.uint8))  # ceiling division by 3^5
-        return np.concatenate([*packed, fp16_bytes(d)], axis=1).reshape(len(rows), -1)
+        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, QK_K)  # [nb, 256]
+        out = np.empty((len(x), 54), np.uint8)
+        buf = Scratch()
+        for s, e in pieces(len(x), _PIECE // QK_K):
+            P = e - s
+            d, t = _trits(x[s:e], buf)  # t[k]: values 4k..4k+3
+            q = buf("q", (13, P), np.uint32)  # the 52 bytes as groups: bytes 4i..4i+3 = q[i]
+            # qs[0:32]: byte m of x[m + 32n], n = 0..4 (rows 8n + m/4); qs[32:48]: x[160 + m + 16n] (rows
+            # 40 + 4n + m/4); qh[0:4]: byte j of x[240 + j + 4n], n = 0..3 (row 60 + n), then a 0 trit
+            _base3(t[:40].reshape(5, 8, P), q[:8])
+            _base3(t[40:60].reshape(5, 4, P), q[8:12])
+            _base3(t[60:], q[12])
+            q[12] *= 3
+            # the ceiling division by 3^5, ((uint16_t)q*256 + 242)/243, in float32: the numerator is exact, and
+            # a quotient that is not an integer lies >= 1/243 from one, far beyond its rounding error (2^-16)
+            qb = q.view(np.uint8)
+            f = np.multiply(qb, F32(256), out=buf("f", qb.shape), dtype=F32)
+            f += F32(242)
+            f /= F32(243)
+            np.copyto(qb, f, casting="unsafe")
+            put_groups(out[s:e, :52], q)
+            put_fp16(out[s:e, 52:54], d)
+        return out.reshape(len(rows), -1)
 
 
 @register
@@ -65,11 +102,20 @@ class TQ2_0(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.asarray(rows, dtype=np.float32).reshape(-1, QK_K)  # [nb, 256]
-        d, id_ = _ternary_scale(x)
-        t = (_trits(x, id_) & 3).reshape(-1, 2, 4, 32)  # [nb, chunk, n, m]: x[128*chunk + 32n + m]
-        qs = (t[:, :, 0] | t[:, :, 1] << 2 | t[:, :, 2] << 4 | t[:, :, 3] << 6).astype(np.uint8)  # [nb, 2, 32]
-        return np.concatenate([qs.reshape(-1, 64), fp16_bytes(d)], axis=1).reshape(len(rows), -1)
+        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, QK_K)  # [nb, 256]
+        out = np.empty((len(x), 66), np.uint8)
+        buf = Scratch()
+        for s, e in pieces(len(x), _PIECE // QK_K):
+            P = e - s
+            d, t = _trits(x[s:e], buf)
+            # byte 32c + m holds x[128c + 32n + m] at bits 2n: rows 32c + 8n + m/4 of the trit groups
+            t = t.reshape(2, 4, 8, P)  # [c, n, m/4, P]
+            q = np.left_shift(t[:, 3], 6, out=buf("q", (2, 8, P), np.uint32))
+            for n in (2, 1, 0):
+                q |= t[:, n] << np.uint32(2 * n)
+            put_groups(out[s:e, :64], q.reshape(16, P))
+            put_fp16(out[s:e, 64:66], d)
+        return out.reshape(len(rows), -1)
 
 
 def _e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
@@ -81,29 +127,50 @@ def _e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
 
 @register
 class MXFP4(QuantType):
-    """17 B / 32: e (E8M0 shared exponent), qs[16] (E2M1 nibbles). ``quantize_row_mxfp4_ref``."""
+    """17 B / 32: e (E8M0 shared exponent), qs[16] (E2M1 nibbles). ``quantize_row_mxfp4_ref``.
+
+    ``best_index_mxfp4`` takes the first index with the smallest float |kv*d - x|. d is a power of two, so
+    kv*d is exact, and where two neighbouring candidates' errors are close both are exact (Sterbenz: each
+    pair a < b of magnitudes has b <= 2a, and for (0, 1) the error |x| is exact), while a candidate further
+    away is worse by at least d out of at most 28d: the C search is exactly "nearest |kv|, a tie going to the
+    smaller", i.e. the count of midpoints below |x|/d, with the sign adding 8 (a zero stays index 0, which
+    precedes the -0 at 8). |x|*(0.5/d) is exact (0.5/d is a finite power of two; an underflow lies far below
+    the first midpoint) and compared with the halved midpoints.
+    """
 
     qtype = GGMLQuantizationType.MXFP4
     imatrix = "ignored"
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.asarray(rows, dtype=np.float32).reshape(-1, 32)  # [nb, 32]
-        amax = np.abs(x).max(axis=1)  # [nb]
-        # floorf(log2f(amax)): log2 rounded once to f32, as glibc's log2f (which rounds up to k just below 2^k, k >= 4)
-        with np.errstate(divide="ignore"):
-            lg = np.log2(amax.astype(np.float64)).astype(np.float32)
-        ef = np.floor(lg) - np.float32(2) + np.float32(127)
-        e = np.where(amax > 0, c_int(ef) & 0xFF, 0).astype(np.uint8)  # (uint8_t) of the float
-        d = _e8m0_to_fp32_half(e)  # [nb]
-        # best_index_mxfp4: the first index with the smallest |kv*d - x|
-        q = np.zeros(x.shape, dtype=np.uint8)  # [nb, 32]
-        best = np.abs(KVALUES_MXFP4[0] * d[:, None] - x)
-        with np.errstate(over="ignore"):  # kv*d overflows for the wrapped e of a subnormal amax, as in C
-            for i in range(1, 16):
-                err = np.abs(KVALUES_MXFP4[i] * d[:, None] - x)
-                take = err < best
-                q = np.where(take, np.uint8(i), q)
-                best = np.where(take, err, best)
-        qs = q[:, :16] | (q[:, 16:] << 4)
-        return np.concatenate([e[:, None], qs], axis=1).reshape(len(rows), -1)
+        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, 32)  # [nb, 32]
+        out = np.empty((len(x), 17), np.uint8)
+        buf = Scratch()
+        for s, e in pieces(len(x), _PIECE // 32):
+            P = e - s
+            v = lanes(x[s:e], buf("v", (8, P, 4)))
+            a = np.abs(v, out=buf("a", v.shape))
+            amax = lane_reduce(np.maximum, a, buf, "amax")  # [P]
+            # floorf(log2f(amax)): log2 rounded once to f32, as glibc's log2f (which rounds up to k just
+            # below 2^k, k >= 4)
+            with np.errstate(divide="ignore"):
+                lg = np.log2(amax.astype(np.float64)).astype(F32)
+            ef = np.floor(lg) - F32(2) + F32(127)
+            ex = np.where(amax > 0, c_int(ef) & 0xFF, 0).astype(np.uint8)  # (uint8_t) of the float
+            a2 = a.reshape(8, -1)
+            np.multiply(a2, per_lane(F32(0.5) / _e8m0_to_fp32_half(ex), buf), out=a2)  # |x|/(2d)
+            nonzero = np.greater(a, _MXFP4_MIDS[0], out=buf("nonzero", v.shape, np.bool_))
+            idx = buf("idx", v.shape, np.uint8)
+            np.copyto(idx, nonzero.view(np.uint8))
+            above = buf("above", v.shape, np.bool_)
+            for mid in _MXFP4_MIDS[1:]:
+                idx += np.greater(a, mid, out=above).view(np.uint8)
+            neg = np.less(v, F32(0), out=above)
+            neg &= nonzero  # a zero index stays 0 for x < 0
+            sign = groups(neg.view(np.uint8))
+            sign <<= 3
+            q = groups(idx)
+            q |= sign
+            out[s:e, 0] = ex
+            put_groups(out[s:e, 1:], nibbles(q, buf))
+        return out.reshape(len(rows), -1)

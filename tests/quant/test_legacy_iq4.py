@@ -179,3 +179,49 @@ def test_roundtrip(qtype):
         assert y.shape == x.shape
         err = np.sqrt(np.mean((y - x) ** 2) / np.mean(x**2))
         assert err <= ROUNDTRIP_TOL[qtype], (qtype.name, imatrix is not None, err)
+
+
+SIMPLE = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.TQ1_0, T.TQ2_0, T.MXFP4]
+
+
+@pytest.mark.parametrize("qtype", SIMPLE, ids=lambda t: t.name)
+def test_simple_pieces(ggml, qtype):
+    """The reference paths run on pieces of 64K values (2048 blocks of 32, 256 of 256), the imatrix paths on
+    pieces of whole rows (64K values for Q4_0/Q5_0, 192K for Q4_1/Q5_1): several pieces with a partial
+    last one (101 x 2048), a lone row and a lone block (the row sums pair a lone row with itself), and rows
+    longer than a piece (one row per piece, split again by the searches)."""
+    rng = np.random.default_rng(21)
+    bs = GGML_QUANT_SIZES[qtype][0]
+    for rows, cols in [(101, 2048), (1, 512), (1, bs), (3, 98304)]:
+        x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-3, 3, (rows, 1)))).astype(F32)
+        for imatrix in (None, rng.gamma(0.5, size=cols).astype(F32)):
+            ours = registry.quantize(x, qtype, imatrix)
+            _assert_exact(ours, ggml.ggml_quantize(x, qtype, imatrix), qtype, f"{rows}x{cols}")
+
+
+@pytest.mark.parametrize("qtype", SIMPLE, ids=lambda t: t.name)
+def test_simple_rounding_edges(ggml, qtype):
+    """Values around the roundings of the reference paths, in blocks scaled so that x*id is exact: Q8_0's
+    roundf at k + 1/2 and the largest float below 1/2 (which roundf takes to 0, x + 0.5f would not), the
+    ternary lroundf at +-1/2, MXFP4's midpoints; uniformly random trits (every 5-trit byte of TQ1_0);
+    and finite values beyond FLT_MAX/2, whose range overflows (Q4_1/Q5_1: d = inf)."""
+    rng = np.random.default_rng(3)
+    n = 512
+    half = np.nextafter(F32(0.5), F32(0))
+    frac = np.array([0.5, half, np.nextafter(F32(0.5), F32(1)), 0.0, 0.25, 0.75], F32)
+    k = rng.integers(0, 127, (4, n)).astype(F32)
+    edges = (k + rng.choice(frac, (4, n))) * rng.choice(np.array([-1, 1], F32), (4, n))
+    edges = np.clip(edges, -127, 127)
+    edges[:, ::32] = 127  # amax 127: Q8_0's d = 1
+    trits = rng.choice(np.array([-1, -half, -0.5, 0, 0.5, half, 1], F32), (4, n))
+    trits[:, ::256] = 1  # amax 1: the ternary id = 1
+    uniform = rng.integers(-1, 2, (8, n)).astype(F32) * F32(0.75)
+    mids = rng.choice(np.array([0, 0.5, 1, 1.5, 2.5, 3, 3.5, 5, 6, 7, 10, 12], F32), (4, n))
+    mids *= rng.choice(np.array([-1, 1], F32), (4, n))
+    mids[:, ::32] = 15.0  # floorf(log2f(15)) = 3: MXFP4's d = 2^(3 - 3) = 1
+    huge = rng.standard_normal((2, n)).astype(F32) * F32(1e38)
+    huge[:, ::32] = F32(3e38)
+    huge[:, 1::32] = F32(-3e38)
+    rows = np.concatenate([edges, trits, uniform, mids, huge])
+    ours = registry.quantize(rows, qtype)
+    _assert_exact(ours, ggml.ggml_quantize(rows, qtype), qtype, "rounding edges")
