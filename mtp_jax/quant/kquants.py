@@ -336,10 +336,10 @@ def _unpack_q3_scales(q: np.ndarray) -> np.ndarray:
 
 
 def _search_q3_k_impl(xb: np.ndarray, qw: _Imatrix) -> tuple[np.ndarray, ...]:
-    """Sub-block fits of quantize_row_q3_K_impl: (scales f32[B*16], L u8[16, B*16], sw f32[B*16])."""
+    """Sub-block fits of quantize_row_q3_K_impl: make_qx_search's (scales, iscale, zero) and sw, f32[B*16]."""
     xt = _subblocks(xb, 16)  # [16, B*16]
     w = _impl_weights(xb, xt, qw, 2.0)
-    return (*make_qx_quants(xt, 4, 1, w), seqsum(w))
+    return (*make_qx_search(xt, 4, 1, w), seqsum(w))
 
 
 @register
@@ -355,7 +355,7 @@ class Q3_K(_KQuant):
     def quantize_blocks(cls, xb, qw):
         B = xb.shape[0]
         if qw is None:
-            scales, L = _search(xb, qw, lambda x, q: make_q3_quants(_subblocks(x, 16), 4, True))
+            scales, stale = _search(xb, qw, lambda x, q: make_q3_quants(_subblocks(x, 16), 4, True))
             sc = _per_block(scales, 16)  # [16, B]
             max_scale, _ = signed_absmax(sc)  # [B]
             nonzero = max_scale != 0
@@ -365,11 +365,16 @@ class Q3_K(_KQuant):
             scale_bytes[~nonzero] = 0
             d = np.where(nonzero, F32(1) / iscale, F32(0))
         else:
-            scales, L, sw = _search(xb, qw, _search_q3_k_impl)
+            scales, iscales, zero16, sw = _search(xb, qw, _search_q3_k_impl)
             d, Ls = make_qx_quants(_per_block(scales, 16), 32, 1, _per_block(sw, 16))
             scale_bytes = _pack_q3_scales(Ls)
         xt = _subblocks(xb, 16)  # [16, B*16]
-        Lb = _flat_blocks(_requant(xt, _sub_scale(d, _unpack_q3_scales(scale_bytes)), None, -4, 3, L))  # 0..7
+        if qw is not None:  # the search's levels, needed only for sub-blocks whose scale code is 0
+
+            def stale(cols):
+                return qx_levels(xt[:, cols], iscales[cols], zero16[cols], 4)
+
+        Lb = _flat_blocks(_requant(xt, _sub_scale(d, _unpack_q3_scales(scale_bytes)), None, -4, 3, stale))  # 0..7
         hmask = np.bitwise_or.reduce((Lb >> 2).reshape(B, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
         return np.concatenate([hmask, _pack_2bit(Lb & 3), scale_bytes, fp16_bytes(d)], axis=-1)
 

@@ -14,7 +14,7 @@ while a reduction over the contiguous axis (or over a lone block) is pairwise an
 Float rules (spec section 1): float32 everywhere, C operation order (``w*x*l`` is ``(w*x)*l``), every
 literal a float32, no FMA. Integer temporaries that C stores in narrow types wrap like C.
 
-Speed: the long searches (make_qx_quants, make_qkx2/3_quants) run on cache-sized pieces of the batch
+Speed: the long searches (make_qx_quants, make_qkx2_quants) run on cache-sized pieces of the batch
 (``_PIECE`` values), reuse their temporaries in place, keep only per-block scalars per step and select them
 branch-free (``_blend``); a product summed over a block is one einsum pass (``dot0``, sequential like C).
 The searches return the winning parameters (``make_qx_search``, ``make_qkx_search``); the K-quants need
@@ -102,8 +102,7 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     C adds 12582912.0f and reinterprets the float's bits; np.rint agrees only for |v| < 2^22 (and not on
     inf/nan), which matters where C divides by a tiny partial sum.
     """
-    t = np.asarray(np.asarray(v, dtype=F32) + _MAGIC, dtype=F32)
-    return (t.view(np.int32) & 0x007FFFFF) - 0x00400000
+    return nearest_int_inplace(np.array(v, dtype=F32))
 
 
 def nearest_int_inplace(t: np.ndarray) -> np.ndarray:
@@ -200,8 +199,7 @@ def make_qx_search(
     """
     if rmse_type < 0:
         raise NotImplementedError("make_qx_quants: negative rmse_type")
-    scale, iscale, zero, _ = _in_pieces(lambda xp, wp: _make_qx_core(xp, nmax, rmse_type, wp), x, qw, 3)
-    return scale, iscale, zero.astype(bool)
+    return _in_pieces(lambda xp, wp: _make_qx_core(xp, nmax, rmse_type, wp), x, qw)[:3]
 
 
 def qx_levels(x: np.ndarray, iscale: np.ndarray, zero: np.ndarray, nmax: int) -> np.ndarray:
@@ -238,7 +236,7 @@ def _make_qx_core(x, nmax, rmse_type, w):
         return _clip(t, -nmax_f, nmax_f - 1, out=t)
 
     def result(scale, iscale):
-        return (np.where(zero, F32(0), scale), iscale, zero.astype(F32)), None
+        return (np.where(zero, F32(0), scale), iscale, zero), None
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if rmse_type == 0:
@@ -433,16 +431,15 @@ def _make_qkx_core(x, w, nmax, rmin, rdelta, nstep, use_mad):
                 state = _blend(_select_bits(upd), new, state)
                 bounded = bool(state[3].min() > 0)
                 ratio = float(((state[2] - xmin) / state[3]).max()) if bounded else np.inf
-    return (np.where(degenerate, F32(0), state[1]), -state[2], state[4], state[5], degenerate.astype(F32)), None
+    return (np.where(degenerate, F32(0), state[1]), -state[2], state[4], state[5], degenerate), None
 
 
-def _in_pieces(core, x, weights, n_out, piece=None):
-    """Runs ``core(x_piece, w_piece) -> ((n_out per-block results...), L or None)`` over pieces of the batch.
+def _in_pieces(core, x, weights, piece=None):
+    """Runs ``core(x_piece, w_piece) -> ((per-block results...), L or None)`` over pieces of the batch.
 
     x f32[n, *batch] (weights broadcastable to it, or None) is flattened to [n, B] and cut into column
     pieces of about ``piece`` (default ``_PIECE``) values, so that the search loops' temporaries stay in the
-    CPU cache.
-    Returns the per-block results [*batch] and L [n, *batch] (None if the core gives none).
+    CPU cache. Returns the per-block results [*batch] and L [n, *batch] (None if the core gives none).
     """
     shape = x.shape
     n = shape[0]
@@ -453,12 +450,13 @@ def _in_pieces(core, x, weights, n_out, piece=None):
     if B <= step:
         outs, L = core(x, w)
     else:
-        outs = tuple(np.empty(B, F32) for _ in range(n_out))
-        L = None
+        outs, L = None, None
         for s in range(0, B, step):
             e = min(s + step, B)
             piece = (np.ascontiguousarray(a[:, s:e]) if a is not None else None for a in (x, w))  # contiguous: faster
             o, Lp = core(*piece)
+            if outs is None:
+                outs = tuple(np.empty(B, a.dtype) for a in o)
             if Lp is not None:
                 L = np.empty((n, B), np.uint8) if L is None else L
                 L[:, s:e] = Lp
@@ -485,8 +483,7 @@ def make_qkx_search(
     """make_qkx2_quants without its levels: (scale, the_min, and the (iscale, min) pair of the kept levels
     f32[*batch], degenerate bool[*batch]); ``qkx_levels`` gives the levels where a caller needs them."""
     core = lambda xp, wp: _make_qkx_core(xp, wp, nmax, rmin, rdelta, nstep, use_mad)
-    *res, degenerate = _in_pieces(core, x, weights, 5, QKX_PIECES * _PIECE)[:5]
-    return (*res, degenerate.astype(bool))
+    return _in_pieces(core, x, weights, QKX_PIECES * _PIECE)[:5]
 
 
 def qkx_levels(x: np.ndarray, iscale: np.ndarray, lmin: np.ndarray, degenerate: np.ndarray, nmax: int) -> np.ndarray:
@@ -500,13 +497,6 @@ def qkx_levels(x: np.ndarray, iscale: np.ndarray, lmin: np.ndarray, degenerate: 
     _clip(t, F32(0), F32(nmax), out=t)
     t[:, degenerate] = 0
     return t.astype(np.uint8)
-
-
-def make_qkx3_quants(
-    x: np.ndarray, weights: np.ndarray | None, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``make_qkx3_quants``: make_qkx2_quants with weights defaulting to x^2. Same shapes and returns."""
-    return make_qkx2_quants(x, x * x if weights is None else weights, nmax, rmin, rdelta, nstep, use_mad)
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

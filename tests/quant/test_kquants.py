@@ -202,7 +202,7 @@ def test_search_pieces_do_not_change_results(fn, monkeypatch):
     x = np.ascontiguousarray(x)  # [32 elements, 224 blocks]
     w = np.random.default_rng(6).gamma(0.7, 2.0, x.shape).astype(np.float32)
     run = {
-        "qkx3": lambda: primitives.make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False),
+        "qkx3": lambda: primitives.make_qkx2_quants(x, w, 15, -0.9, 0.05, 36, False),  # make_qkx3's weights
         "qx": lambda: primitives.make_qx_quants(x, 32, 1, w),
     }[fn]
     whole = run()
