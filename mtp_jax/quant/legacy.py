@@ -123,6 +123,17 @@ def pieces(n: int, size: int):
     return ((s, min(s + size, n)) for s in range(0, n, size))
 
 
+def block_pieces(rows: np.ndarray, block: int, type_size: int):
+    """The piece loop of the reference quantizers: rows f32[R, N] as blocks of ``block`` values in pieces of
+    about ``_PIECE`` values. Returns (the output u8[R, N/block*type_size], an iterator of (x f32[P, block],
+    its output rows u8[P, type_size], the scratch shared by all pieces)); the caller fills each piece's rows."""
+    x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, block)
+    out = np.empty((len(x), type_size), np.uint8)
+    buf = Scratch()
+    work = ((x[s:e], out[s:e], buf) for s, e in pieces(len(x), _PIECE // block))
+    return out.reshape(len(rows), -1), work
+
+
 def lanes(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """f32[P, n] C-contiguous blocks -> f32[n/4, P, 4] in ``out``: value 4k + m of block p at [k, p, m]."""
     np.copyto(out.view(_GROUP).reshape(out.shape[:2]), x.view(_GROUP).T)
@@ -238,12 +249,10 @@ class Q8_0(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, 32)  # [nb, 32]
-        out = np.empty((len(x), 34), np.uint8)
-        buf = Scratch()
-        for s, e in pieces(len(x), _PIECE // 32):
-            P = e - s
-            v = lanes(x[s:e], buf("v", (8, P, 4)))
+        res, work = block_pieces(rows, 32, cls.type_size())
+        for x, o, buf in work:  # x f32[P, 32]
+            P = len(x)
+            v = lanes(x, buf("v", (8, P, 4)))
             a = np.abs(v, out=buf("a", v.shape))
             d = lane_reduce(np.maximum, a, buf, "amax") / F32(127)  # [P]
             id_, _ = ref_inverse(d)  # its special blocks get id = 0, hence the levels 0 they have in C
@@ -251,9 +260,9 @@ class Q8_0(QuantType):
             np.multiply(v2, per_lane(id_, buf), out=v2)  # |x*id| <= 127 (1 + 2^-20)
             q = buf("q", v.shape, np.int8)
             np.copyto(q, add_half_away(v, a), casting="unsafe")  # (int8_t)roundf(x*id); 0 where id = 0
-            put_fp16(out[s:e, 0:2], d)
-            put_groups(out[s:e, 2:], groups(q))
-        return out.reshape(len(rows), -1)
+            put_fp16(o[:, 0:2], d)
+            put_groups(o[:, 2:], groups(q))
+        return res
 
 
 class _LegacyType(QuantType):
@@ -266,17 +275,17 @@ class _LegacyType(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        if imatrix is None:
+            res, work = block_pieces(rows, 32, cls.type_size())
+            for x, o, buf in work:
+                cls._store(o, *cls._ref(x, buf), buf)
+            return res
         rows = np.ascontiguousarray(rows, dtype=F32)
         out = np.empty((rows.size // 32, cls.type_size()), np.uint8)
         buf = Scratch()
-        if imatrix is None:
-            x = rows.reshape(-1, 32)  # [nb, 32]
-            for s, e in pieces(len(x), _PIECE // 32):
-                cls._store(out[s:e], *cls._ref(x[s:e], buf), buf)
-        else:
-            piece = _PIECE if cls.symmetric else QKX_PIECES * _PIECE  # as primitives' searches cut them
-            for (s, e), x, w in impl_pieces(rows, imatrix, piece):
-                cls._store(out[s:e], *cls._impl(x, w, buf), buf)
+        piece = _PIECE if cls.symmetric else QKX_PIECES * _PIECE  # as primitives' searches cut them
+        for (s, e), x, w in impl_pieces(rows, imatrix, piece):
+            cls._store(out[s:e], *cls._impl(x, w, buf), buf)
         return out.reshape(len(rows), -1)
 
     @classmethod

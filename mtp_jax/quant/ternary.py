@@ -13,18 +13,18 @@ from gguf import GGMLQuantizationType
 from mtp_jax.quant.base import QK_K, QuantType, register
 from mtp_jax.quant.legacy import (
     Scratch,
+    block_pieces,
     c_int,
     groups,
     lane_reduce,
     lanes,
     nibbles,
     per_lane,
-    pieces,
     put_fp16,
     put_groups,
     ref_inverse,
 )
-from mtp_jax.quant.primitives import _PIECE, F32
+from mtp_jax.quant.primitives import F32
 
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
 # the midpoints between consecutive magnitudes 0, 1, 2, 3, 4, 6, 8, 12, halved (MXFP4 compares |x|/(2d))
@@ -68,12 +68,10 @@ class TQ1_0(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, QK_K)  # [nb, 256]
-        out = np.empty((len(x), 54), np.uint8)
-        buf = Scratch()
-        for s, e in pieces(len(x), _PIECE // QK_K):
-            P = e - s
-            d, t = _trits(x[s:e], buf)  # t[k]: values 4k..4k+3
+        res, work = block_pieces(rows, QK_K, cls.type_size())
+        for x, o, buf in work:  # x f32[P, 256]
+            P = len(x)
+            d, t = _trits(x, buf)  # t[k]: values 4k..4k+3
             q = buf("q", (13, P), np.uint32)  # the 52 bytes as groups: bytes 4i..4i+3 = q[i]
             # qs[0:32]: byte m of x[m + 32n], n = 0..4 (rows 8n + m/4); qs[32:48]: x[160 + m + 16n] (rows
             # 40 + 4n + m/4); qh[0:4]: byte j of x[240 + j + 4n], n = 0..3 (row 60 + n), then a 0 trit
@@ -88,9 +86,9 @@ class TQ1_0(QuantType):
             f += F32(242)
             f /= F32(243)
             np.copyto(qb, f, casting="unsafe")
-            put_groups(out[s:e, :52], q)
-            put_fp16(out[s:e, 52:54], d)
-        return out.reshape(len(rows), -1)
+            put_groups(o[:, :52], q)
+            put_fp16(o[:, 52:54], d)
+        return res
 
 
 @register
@@ -102,20 +100,18 @@ class TQ2_0(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, QK_K)  # [nb, 256]
-        out = np.empty((len(x), 66), np.uint8)
-        buf = Scratch()
-        for s, e in pieces(len(x), _PIECE // QK_K):
-            P = e - s
-            d, t = _trits(x[s:e], buf)
+        res, work = block_pieces(rows, QK_K, cls.type_size())
+        for x, o, buf in work:  # x f32[P, 256]
+            P = len(x)
+            d, t = _trits(x, buf)
             # byte 32c + m holds x[128c + 32n + m] at bits 2n: rows 32c + 8n + m/4 of the trit groups
             t = t.reshape(2, 4, 8, P)  # [c, n, m/4, P]
             q = np.left_shift(t[:, 3], 6, out=buf("q", (2, 8, P), np.uint32))
             for n in (2, 1, 0):
                 q |= t[:, n] << np.uint32(2 * n)
-            put_groups(out[s:e, :64], q.reshape(16, P))
-            put_fp16(out[s:e, 64:66], d)
-        return out.reshape(len(rows), -1)
+            put_groups(o[:, :64], q.reshape(16, P))
+            put_fp16(o[:, 64:66], d)
+        return res
 
 
 def _e8m0_to_fp32_half(e: np.ndarray) -> np.ndarray:
@@ -143,12 +139,10 @@ class MXFP4(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(rows, dtype=F32).reshape(-1, 32)  # [nb, 32]
-        out = np.empty((len(x), 17), np.uint8)
-        buf = Scratch()
-        for s, e in pieces(len(x), _PIECE // 32):
-            P = e - s
-            v = lanes(x[s:e], buf("v", (8, P, 4)))
+        res, work = block_pieces(rows, 32, cls.type_size())
+        for x, o, buf in work:  # x f32[P, 32]
+            P = len(x)
+            v = lanes(x, buf("v", (8, P, 4)))
             a = np.abs(v, out=buf("a", v.shape))
             amax = lane_reduce(np.maximum, a, buf, "amax")  # [P]
             # floorf(log2f(amax)): log2 rounded once to f32, as glibc's log2f (which rounds up to k just
@@ -171,6 +165,6 @@ class MXFP4(QuantType):
             sign <<= 3
             q = groups(idx)
             q |= sign
-            out[s:e, 0] = ex
-            put_groups(out[s:e, 1:], nibbles(q, buf))
-        return out.reshape(len(rows), -1)
+            o[:, 0] = ex
+            put_groups(o[:, 1:], nibbles(q, buf))
+        return res
