@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -239,14 +240,22 @@ def test_copy_equals_llama_quantize(q4_k_m, tmp_path, monkeypatch, model):
     assert md["general.file_type"] == expected
 
 
-def test_split_input_is_refused(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "model-00001-of-00002.gguf"), "llama")
-    w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
-    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+def _write_gguf(path: Path, add) -> None:
+    """A minimal "llama" GGUF holding the keys and tensors that ``add(writer)`` puts in."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    add(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_split_input_is_refused(tmp_path):
+    def add(w):
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
+        w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+
+    _write_gguf(tmp_path / "model-00001-of-00002.gguf", add)
     with pytest.raises(QuantError, match="one of 2 split files; split input is not supported"):
         quantize(tmp_path / "model-00001-of-00002.gguf", tmp_path / "out.gguf", "Q8_0")
     assert _no_output(tmp_path)
@@ -324,14 +333,12 @@ def test_non_finite_error_matches_llama_quantize(tmp_path):
 
 
 def test_requantizing_is_refused(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "q8.gguf"), "llama")
-    w.add_block_count(1)
-    q8 = gguf.quants.quantize(np.ones((32, 256), np.float32), gguf.GGMLQuantizationType.Q8_0)
-    w.add_tensor("blk.0.attn_q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def add(w):
+        w.add_block_count(1)
+        q8 = gguf.quants.quantize(np.ones((32, 256), np.float32), gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor("blk.0.attn_q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    _write_gguf(tmp_path / "q8.gguf", add)
     with pytest.raises(QuantError, match="^requantizing from type q8_0 is disabled"):
         quantize(tmp_path / "q8.gguf", tmp_path / "out.gguf", "Q4_0")
     assert _no_output(tmp_path)
