@@ -35,8 +35,8 @@ def _load_model(args):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="a GGUF file, an HF safetensors directory, an mtp_jax orbax checkpoint, or a config "
-                        "(YAML, HF config.json, or a name in configs/: random weights); default: the embedded "
-                        "trained model")
+                        "(YAML, HF config.json, or a bundled config name such as glm-4.5: random weights); "
+                        "default: the embedded trained model")
     p.add_argument("--config", default=None, help="same as --model with a config (kept for scripts)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
 
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter counts of a config (no allocation)",
                        description="Total and per-token active parameter counts, the NextN layer separate, "
                                    "computed with jax.eval_shape (nothing is allocated).")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="config YAML, HF config.json, or a name in configs/")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="config YAML, HF config.json, or a bundled config name (glm-4.5, glm-4.5-air, ...)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
     im = sub.add_parser("imatrix", help="collect an importance matrix (MTP/NextN tensors included)",

@@ -1,7 +1,8 @@
 """ModelConfig: the GLM-4.5 MoE family exactly as HF ``Glm4MoeConfig`` defines it.
 
-Frozen and hashable, so it is passed to ``jax.jit`` as a static argument. Loadable from the YAML files in
-``configs/`` and from an HF ``config.json``; GGUF metadata is read in ``mtp_jax.io.gguf``.
+Frozen and hashable, so it is passed to ``jax.jit`` as a static argument. Loadable from YAML (the bundled
+ones in ``mtp_jax/configs/``, package data) and from an HF ``config.json``; GGUF metadata is read in
+``mtp_jax.io.gguf``.
 """
 
 from __future__ import annotations
@@ -207,15 +208,17 @@ class ModelConfig:
         }
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # bundled YAML configs (package data)
+
+
 def load_config(spec: str | Path) -> ModelConfig:
-    """A YAML file, an HF config.json (or its directory), or the name of a file in configs/ (e.g. 'glm4moe-tiny')."""
+    """A YAML file, an HF config.json (or its directory), or the name of a bundled config (e.g. 'glm4moe-tiny')."""
     path = Path(spec)
     if not path.exists():
-        candidate = Path(__file__).resolve().parent.parent / "configs" / f"{spec}.yaml"
-        if not candidate.exists():
-            raise ValueError(f"no config at {spec!r} (and no configs/{spec}.yaml)")
-        path = candidate
+        path = CONFIGS / f"{spec}.yaml"
+        if not path.exists():
+            raise ValueError(f"no config at {spec!r} and no bundled config of that name "
+                             f"(bundled: {', '.join(sorted(p.stem for p in CONFIGS.glob('*.yaml')))})")
     if path.is_dir() or path.suffix == ".json":
         return ModelConfig.from_hf_config(path)
     return ModelConfig.from_yaml(path)
-

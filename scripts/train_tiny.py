@@ -264,7 +264,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    ap.add_argument("--config", default="configs/glm4moe-stdlib.yaml", help="model YAML (vocab_size sets the BPE size)")
+    ap.add_argument("--config", default="glm4moe-stdlib", help="model YAML (vocab_size sets the BPE size)")
     ap.add_argument("--out", default=".train", help="work directory (tokenizer, checkpoints, log, final/)")
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")

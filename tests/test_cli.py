@@ -19,7 +19,7 @@ def test_help(cmd, capsys):
 
 
 def test_generate_random_weights_with_compare(capsys):
-    assert cli.main(["generate", "--config", "configs/glm4moe-tiny.yaml", "--prompt-ids", "1,2,3;4,5",
+    assert cli.main(["generate", "--config", "mtp_jax/configs/glm4moe-tiny.yaml", "--prompt-ids", "1,2,3;4,5",
                      "--max-new-tokens", "6", "--compare", "--repeats", "1", "-K", "2"]) == 0
     out = capsys.readouterr().out
     assert "[0] prompt [1, 2, 3] -> [" in out and "[1] prompt [4, 5]" in out

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _SOURCES = ("a GGUF file, an HF directory (config.json + *.safetensors), an mtp_jax orbax checkpoint "
-            "directory, or a config (YAML file or configs/ name) for random weights")
+            "directory, or a config (YAML file or bundled config name) for random weights")
 
 
 def add_io_parsers(subparsers: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ from mtp_jax.io.tokenizer import Tokenizer
 
 
 def source_kind(spec: str | os.PathLike) -> str:
-    """'gguf' | 'hf' | 'orbax' | 'config' (a YAML file, an HF config.json, or a name in configs/)."""
+    """'gguf' | 'hf' | 'orbax' | 'config' (a YAML file, an HF config.json, or a bundled config name)."""
     path = Path(spec)
     if path.is_file():
         with open(path, "rb") as f:
@@ -39,7 +39,7 @@ def source_kind(spec: str | os.PathLike) -> str:
 def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, load_mtp: bool = True,
                seed: int = 0) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
     """(cfg, params, tokenizer or None) from a GGUF file, an HF directory, an orbax checkpoint, or a config
-    (ModelConfig, YAML, HF config.json, or a configs/ name) with random weights drawn with ``seed``.
+    (ModelConfig, YAML, HF config.json, or a bundled config name) with random weights drawn with ``seed``.
 
     ``dtype`` None keeps the source's float type (the config's for random weights); ``load_mtp=False`` leaves
     params.nextn None (the config still describes the NextN layer), as llama.cpp does without MTP."""
