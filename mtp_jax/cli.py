@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_CONFIG = "glm4moe-tiny"
@@ -41,6 +43,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
 
 
+def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
+    """ValueError unless the longest prompt, the budget and the K+1 slots a speculative step writes ahead fit the
+    model's positions (cfg.max_position_embeddings)."""
+    longest = max(map(len, prompts), default=0)
+    ahead = num_draft + 1 if num_draft else 0
+    room = cfg.max_position_embeddings - longest - ahead
+    if max_new_tokens > room:
+        raise ValueError(f"a prompt of {longest} tokens + --max-new-tokens {max_new_tokens}"
+                         f"{f' + {ahead} draft slots (K+1)' if ahead else ''} needs "
+                         f"{longest + max_new_tokens + ahead} positions, more than the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}; use --max-new-tokens <= {max(room, 0)}")
+
+
+def _progress(run, what: str, calls: int):
+    """``run``, announcing each call on stderr when stderr is a terminal. The whole generation is one compiled
+    call, so there is no per-token progress: a line per call, its time when it returns."""
+    if not sys.stderr.isatty():
+        return run
+    calls_made = itertools.count(1)
+
+    def announced():
+        n = next(calls_made)
+        print(f"mtp-jax generate: {what}, call {n}/{calls}{' (compiles first)' if n == 1 else ''} ...", end="",
+              file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        res = run()
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return res
+
+    return announced
+
+
 def cmd_generate(args) -> int:
     from mtp_jax import generate as plain
     from mtp_jax import speculative
@@ -55,15 +89,18 @@ def cmd_generate(args) -> int:
         prompts = args.prompt_ids or ([tok.encode("def ", add_special=True)] if tok else [[1, 2, 3]])
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     k = args.num_draft if cfg.has_mtp else 0
+    check_positions(cfg, prompts, args.max_new_tokens, k)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
-    res = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace, **common),
-                 args.repeats)
+    mode = f"MTP speculative, K={k}" if k else "plain"
+    what = f"up to {args.max_new_tokens} tokens x {len(prompts)} rows"
+    res = plain.best_of(_progress(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace,
+                                                               **common), f"{mode}: {what}", args.repeats + 1),
+                        args.repeats)
     for i, toks in enumerate(res.tokens):
         if tok is not None:
             print(f"[{i}] {tok.decode(prompts[i])!r} -> {tok.decode(toks)!r}")
         else:
             print(f"[{i}] prompt {prompts[i]} -> {toks}")
-    mode = f"MTP speculative, K={k}" if k else "plain"
     print(f"{mode}: {res.num_tokens} tokens in {res.seconds * 1e3:.1f} ms = {res.num_tokens / res.seconds:.1f} tok/s "
           f"(compiled, batch {len(prompts)})")
     if k:
@@ -72,7 +109,8 @@ def cmd_generate(args) -> int:
         print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {k}, tokens/step {s['mean_tokens_per_step']:.2f}, "
               f"acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}")
     if args.compare:
-        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, **common), args.repeats)
+        base = plain.best_of(_progress(lambda: plain.generate(params, cfg, prompts, **common), f"plain: {what}",
+                                       args.repeats + 1), args.repeats)
         print(f"plain baseline: {base.num_tokens} tokens in {base.seconds * 1e3:.1f} ms = "
               f"{base.num_tokens / base.seconds:.1f} tok/s; speedup {base.seconds / res.seconds * res.num_tokens / base.num_tokens:.2f}x"
               f"{'; outputs identical' if base.tokens == res.tokens else ''}")
@@ -80,7 +118,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_imatrix(args) -> int:
-    import time
     from pathlib import Path
 
     from tqdm import tqdm
@@ -149,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text (repeat for a batch); needs a model with a tokenizer")
     g.add_argument("--prompt-ids", type=_parse_ids, default=None,
                    help="prompt token ids, comma-separated; ';' separates the rows of a batch (default 1,2,3)")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default 32)")
+    g.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens to generate per row (default 32); with the prompt and the K+1 draft slots they must "
+                        "fit the model's max_position_embeddings")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")

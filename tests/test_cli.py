@@ -32,6 +32,29 @@ def test_generate_bad_token_id_is_one_clear_line(capsys):
     assert "out of vocabulary" in err and "Traceback" not in err
 
 
+def test_generate_checks_the_position_limit(capsys):
+    args = ["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "100000"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "100007 positions" in err and "max_position_embeddings 4096" in err and "--max-new-tokens <= 4089" in err
+
+
+def test_generate_announces_its_calls_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stderr, as if a terminal
+    assert cli.main(["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "3",
+                     "--repeats", "1", "-K", "2"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("mtp-jax generate:")]
+    head = "mtp-jax generate: MTP speculative, K=2: up to 3 tokens x 1 rows, call"
+    assert len(err) == 2 and err[0].startswith(f"{head} 1/2 (compiles first) ... ") and err[0].endswith(" s")
+    assert err[1].startswith(f"{head} 2/2 ... ")
+
+
+def test_unknown_config_name_lists_the_bundled_ones(capsys):
+    assert cli.main(["params", "--config", "glm-9"]) == 2
+    assert "bundled: glm-4.5, glm-4.5-air," in capsys.readouterr().err
+
+
 def test_params_json(capsys):
     assert cli.main(["params", "--config", "glm-4.5-air", "--json"]) == 0
     assert '"nextn_total"' in capsys.readouterr().out
