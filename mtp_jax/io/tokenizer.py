@@ -2,8 +2,8 @@
 
 Two llama.cpp vocab types are supported (src/llama-vocab.cpp):
 
-* ``gpt2``: byte-level BPE: tokens, merges, and a pre-tokenizer regex named by ``tokenizer.ggml.pre``
-  (``llm_tokenizer_bpe``; GLM-4.5 uses pre ``glm4``);
+* ``gpt2``: byte-level BPE: tokens, merges, and the pre-tokenizer named by ``tokenizer.ggml.pre``
+  (``llm_tokenizer_bpe``; every byte-level one llama.cpp knows, see ``pre_tokenizers``; GLM-4.5 uses ``glm4``);
 * ``llama``: SentencePiece-style BPE: tokens with scores, byte fallback, ``▁`` for spaces (``llm_tokenizer_spm``).
 
 ``encode`` mirrors ``llama_tokenize`` (``parse_special`` picks whether CONTROL tokens written as text are
@@ -23,39 +23,24 @@ from typing import Any
 
 import gguf
 from gguf import Keys, TokenType
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Backend
+
+from mtp_jax.io.pre_tokenizers import GPT2_RE, LLAMA3_RE, NOT_BYTE_LEVEL, PRE_TOKENIZERS, QWEN2_RE
 
 
 class TokenizerError(ValueError):
     """Unsupported or inconsistent tokenizer data."""
 
 
-# ---- pre-tokenizers (llama-vocab.cpp: llm_tokenizer_bpe regexes, llama_vocab::impl::load flags) ---------------
-
-_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> (regex, ignore_merges: a pre-token that is itself a token is not split by BPE)
-PRE_TOKENIZERS: dict[str, tuple[str, bool]] = {
-    "gpt-2": (_GPT2_RE, False),
-    "llama-bpe": (_LLAMA3_RE, True),
-    "llama3": (_LLAMA3_RE, True),
-    "chatglm-bpe": (_LLAMA3_RE, False),  # LLAMA_VOCAB_PRE_TYPE_CHATGLM4 (same regex as llama3)
-    "glm4": (_LLAMA3_RE, True),
-    "glm5": (_LLAMA3_RE, True),
-    "qwen2": (_QWEN2_RE, False),
-}
 # HF tokenizer.json spells the same regexes with (?i:...): tokenizer.json pattern -> tokenizer.ggml.pre
 _HF_PRE_PATTERNS = {
-    _LLAMA3_RE.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])", "(?i:'s|'t|'re|'ve|'m|'ll|'d)"):
+    LLAMA3_RE.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])", "(?i:'s|'t|'re|'ve|'m|'ll|'d)"):
         "glm4",  # GLM-4.5's tokenizer.json; llama.cpp's converter maps its hash to "glm4"
-    _LLAMA3_RE: "glm4",
-    _QWEN2_RE.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])", "(?i:'s|'t|'re|'ve|'m|'ll|'d)"):
+    LLAMA3_RE: "glm4",
+    QWEN2_RE.replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])", "(?i:'s|'t|'re|'ve|'m|'ll|'d)"):
         "qwen2",
-    _GPT2_RE: "gpt-2",
+    GPT2_RE: "gpt-2",
 }
 
 GLM_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
@@ -108,7 +93,9 @@ class Tokenizer:
                 raise TokenizerError(f"{name} {i} is outside the vocabulary [0, {len(self.tokens)})")
         if self.model == "gpt2":
             if self.pre not in PRE_TOKENIZERS:
-                raise TokenizerError(f"unsupported pre-tokenizer {self.pre!r} (supported: {sorted(PRE_TOKENIZERS)})")
+                why = ("its vocabulary is not byte-level BPE (llama.cpp byte_encode = false)"
+                       if self.pre in NOT_BYTE_LEVEL else "llama.cpp does not know it either")
+                raise TokenizerError(f"unsupported pre-tokenizer {self.pre!r}: {why}")
             self._backend = _gpt2_backend(self)
         elif self.model == "llama":
             if self.scores is None or len(self.scores) != len(self.tokens):
@@ -176,13 +163,15 @@ class Tokenizer:
         if tokens is None:
             raise TokenizerError(f"tokenizer model {model!r} without {T.LIST}")
         types = _field(reader, T.TOKEN_TYPE) or [int(TokenType.NORMAL)] * len(tokens)
+        pre = _field(reader, T.PRE) or ("default" if model == "gpt2" else None)  # llama.cpp: missing -> 'default'
+        # without the key llama.cpp adds BOS for SentencePiece vocabularies and per pre-tokenizer for BPE
+        add_bos = model == "llama" or (pre in PRE_TOKENIZERS and PRE_TOKENIZERS[pre].add_bos)
         return cls(
             model=model, tokens=tokens, token_types=[int(t) for t in types],
-            merges=_field(reader, T.MERGES) or [], scores=_field(reader, T.SCORES),
-            pre=_field(reader, T.PRE) or ("default" if model == "gpt2" else None),
+            merges=_field(reader, T.MERGES) or [], scores=_field(reader, T.SCORES), pre=pre,
             bos_id=_field(reader, T.BOS_ID), eos_id=_field(reader, T.EOS_ID), eot_id=_field(reader, T.EOT_ID),
             eom_id=_field(reader, T.EOM_ID), unk_id=_field(reader, T.UNK_ID), pad_id=_field(reader, T.PAD_ID),
-            add_bos=bool(_field(reader, T.ADD_BOS) or False), add_eos=bool(_field(reader, T.ADD_EOS) or False),
+            add_bos=bool(_field(reader, T.ADD_BOS, add_bos)), add_eos=bool(_field(reader, T.ADD_EOS) or False),
             add_space_prefix=bool(_field(reader, T.ADD_PREFIX, True)),
         )
 
@@ -279,11 +268,6 @@ def _infer_pre(pre_tokenizer: dict | None, path: Path) -> str:
     raise TokenizerError(f"{path}: cannot tell which llama.cpp pre-tokenizer matches {pre_tokenizer}; pass pre=")
 
 
-def _byte_level_pre(regex: str) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
 def _add_specials(backend: _Backend, t: Tokenizer) -> None:
     """CONTROL (and UNKNOWN) tokens as special added tokens, USER_DEFINED as plain added tokens."""
     kinds = (TokenType.CONTROL, TokenType.UNKNOWN)
@@ -301,10 +285,10 @@ def _vocab(t: Tokenizer) -> dict[str, int]:
 
 
 def _gpt2_backend(t: Tokenizer) -> _Backend:
-    regex, ignore_merges = PRE_TOKENIZERS[t.pre]
+    pre = PRE_TOKENIZERS[t.pre]
     merges = [tuple(m.split(" ", 1)) for m in t.merges]
-    b = _Backend(models.BPE(vocab=_vocab(t), merges=merges, ignore_merges=ignore_merges))
-    b.pre_tokenizer = _byte_level_pre(regex)
+    b = _Backend(models.BPE(vocab=_vocab(t), merges=merges, ignore_merges=pre.ignore_merges))
+    b.pre_tokenizer = pre.backend()
     b.decoder = decoders.ByteLevel()
     _add_specials(b, t)
     return b
@@ -357,9 +341,8 @@ def tiny_bpe(vocab_size: int = 512, pre: str = "glm4") -> Tokenizer:
     """A byte-level BPE with GLM's special tokens (ids 0..9, ``<|endoftext|>`` = 0), the 256 byte tokens and
     up to ``vocab_size`` tokens in all, trained on a fixed paragraph: small enough for random-weight test
     models, real enough that llama.cpp loads it and tokenizes like we do."""
-    regex, _ = PRE_TOKENIZERS[pre]
     b = _Backend(models.BPE())
-    b.pre_tokenizer = _byte_level_pre(regex)
+    b.pre_tokenizer = PRE_TOKENIZERS[pre].backend()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(GLM_SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
     b.train_from_iterator(_CORPUS.splitlines(), trainer)

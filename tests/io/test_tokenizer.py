@@ -99,7 +99,7 @@ def test_bad_tokenizers():
 
 
 @pytest.mark.peer
-@pytest.mark.parametrize("kind", ["glm4", "gpt-2", "qwen2", "spm"])
+@pytest.mark.parametrize("kind", ["glm4", "gpt-2", "qwen2", "default", "spm"])
 def test_ids_equal_llama_tokenize(peer, tmp_path, kind):
     t = tiny_spm() if kind == "spm" else tiny_bpe(tiny_config().vocab_size, pre=kind)
     path = write_gguf(tmp_path / f"{kind}.gguf", tiny_config(), tiny_params(), tokenizer=t)
