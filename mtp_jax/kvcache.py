@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
+from mtp_jax.linear import compute_dtype
 from mtp_jax.params import pytree_dataclass
 
 
@@ -36,7 +37,7 @@ class KVCache:
 def _stack(n: int, batch: int, size: int, cfg: ModelConfig) -> jax.Array | None:
     if n == 0:
         return None
-    return jnp.zeros((n, batch, size, cfg.num_key_value_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+    return jnp.zeros((n, batch, size, cfg.num_key_value_heads, cfg.head_dim), compute_dtype(cfg.dtype))
 
 
 def init_trunk_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:

@@ -5,6 +5,10 @@ Statistics (``collect_stats``): each projection that llama.cpp would quantize re
 GGUF tensor suffix (``attn_q``, ``ffn_down_exps``, ...). Routed experts report per-expert sums and counts
 over the tokens routed to them only. ``mask`` [B, T] marks the valid (non-padding) tokens.
 
+Weights are read through ``linear`` straight out of their layer stack: every function takes ``li``, the
+layer's index into the stacked leaves (None for an unstacked layer such as the NextN block), and ``at`` picks
+a small per-layer leaf (norm, bias) by it.
+
 Shapes: B batch, T new tokens, S cache slots, D hidden, N q heads, K kv heads, G = N/K, H head_dim,
 F ffn, E experts, k experts per token.
 """
@@ -14,11 +18,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
+from mtp_jax.linear import linear
 from mtp_jax.params import Attention, Layer, Mlp, Moe
 
 Stats = dict[str, dict[str, jax.Array]]
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
+
+
+def at(a: jax.Array | None, li: jax.Array | int | None) -> jax.Array | None:
+    """A per-layer leaf of a stack (or the leaf itself when unstacked)."""
+    return a if a is None or li is None else a[li]
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -57,20 +68,22 @@ def attention(
     kv_old: tuple[jax.Array, jax.Array] | None = None,  # cache of this layer [B, S, K, H] each
     lengths: jax.Array | None = None,  # [B] valid slots of kv_old
     collect_stats: bool = False,
+    li: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
     """GQA attention with optional bias and qk-norm. Query t of row b sees cache slots < lengths[b] and the
     new block causally (t' <= t). Returns (out [B, T, D], k_new [B, T, K, H], v_new, stats)."""
     B, T, _ = x.shape
-    K, H = cfg.num_key_value_heads, cfg.head_dim
-    G = cfg.num_attention_heads // K
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    G = N // K
+    flat = lambda w: w.reshape(*w.shape[:-2], -1)  # noqa: E731  [.., D, n, H] -> [.., D, n*H] (free)
     with jax.named_scope("qkv"):
-        q = jnp.einsum("btd,dnh->btnh", x, p.wq)
-        k = jnp.einsum("btd,dkh->btkh", x, p.wk)
-        v = jnp.einsum("btd,dkh->btkh", x, p.wv)
+        q = linear(x, flat(p.wq), li).reshape(B, T, N, H)
+        k = linear(x, flat(p.wk), li).reshape(B, T, K, H)
+        v = linear(x, flat(p.wv), li).reshape(B, T, K, H)
         if p.bq is not None:
-            q, k, v = q + p.bq, k + p.bk, v + p.bv
+            q, k, v = q + at(p.bq, li), k + at(p.bk, li), v + at(p.bv, li)
         if p.q_norm is not None:
-            q, k = rms_norm(q, p.q_norm, cfg.rms_norm_eps), rms_norm(k, p.k_norm, cfg.rms_norm_eps)
+            q, k = rms_norm(q, at(p.q_norm, li), cfg.rms_norm_eps), rms_norm(k, at(p.k_norm, li), cfg.rms_norm_eps)
         q = rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
     with jax.named_scope("scores"):
@@ -91,20 +104,21 @@ def attention(
         else:
             probs = jax.nn.softmax(s_new, axis=-1).astype(v.dtype)
             out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    out = out.reshape(B, T, K * G, H)
-    y = jnp.einsum("btnh,nhd->btd", out, p.wo)
+    out = out.reshape(B, T, N * H)
+    y = linear(out, p.wo.reshape(*p.wo.shape[:-3], N * H, -1), li)
     stats: Stats = {}
     if collect_stats:
         s_in = sum_squares(x, mask)
         stats = {"attn_q": s_in, "attn_k": s_in, "attn_v": s_in,
-                 "attn_output": sum_squares(out.reshape(B, T, -1), mask)}
+                 "attn_output": sum_squares(out, mask)}
     return y, k, v, stats
 
 
-def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suffix: str = "") -> tuple[jax.Array, Stats]:
+def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suffix: str = "",
+        li: jax.Array | int | None = None) -> tuple[jax.Array, Stats]:
     """SwiGLU: down(silu(x @ gate) * (x @ up)). x [B, T, D]."""
-    h = jax.nn.silu(jnp.einsum("btd,df->btf", x, p.gate)) * jnp.einsum("btd,df->btf", x, p.up)
-    y = jnp.einsum("btf,fd->btd", h, p.down)
+    h = jax.nn.silu(linear(x, p.gate, li)) * linear(x, p.up, li)
+    y = linear(h, p.down, li)
     stats: Stats = {}
     if collect_stats:
         s_in = sum_squares(x, mask)
@@ -112,7 +126,7 @@ def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suff
     return y, stats
 
 
-def route(x: jax.Array, p: Moe, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, p: Moe, cfg: ModelConfig, li: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
     """GLM-4.5 router (HF Glm4MoeTopkRouter, llama.cpp build_moe_ffn with sigmoid gating + exp_probs_b).
 
     Sigmoid scores; the correction bias is added for *selection* only; experts are picked among the
@@ -122,9 +136,9 @@ def route(x: jax.Array, p: Moe, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]
     """
     N = x.shape[0]
     E, k, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
-    logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), p.router.astype(jnp.float32))
+    logits = linear(x.astype(jnp.float32), p.router, li)
     scores = jax.nn.sigmoid(logits)  # [N, E]
-    choice = scores + p.bias.astype(jnp.float32)
+    choice = scores + at(p.bias, li).astype(jnp.float32)
     if G > 1 and cfg.topk_group < G:
         grouped = choice.reshape(N, G, E // G)
         group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
@@ -138,15 +152,27 @@ def route(x: jax.Array, p: Moe, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]
     return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
-def _experts_gather(x: jax.Array, idx: jax.Array, p: Moe) -> tuple[jax.Array, jax.Array]:
-    """Reads only the routed experts' weights (decode: few tokens). x [N, D] -> (out [N, k, D], h [N, k, F])."""
-    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, p.gate[idx])) * jnp.einsum("nd,nkdf->nkf", x, p.up[idx])
-    return jnp.einsum("nkf,nkfd->nkd", h, p.down[idx]), h
-
-
-def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe) -> tuple[jax.Array, jax.Array]:
-    """Sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
+def _experts_kernel(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
+    """Each (token, expert) pair is a row whose expert matrix the kernel reads in place, each distinct expert
+    once per call (decode, verify and prefill alike). x [N, D] -> (out [N, k, D], h [N, k, F])."""
     N, k = idx.shape
+    rows = jnp.repeat(x, k, axis=0)  # [N*k, D] row n*k + j pairs token n with its j-th expert
+    e = idx.reshape(-1)
+    h = jax.nn.silu(linear(rows, p.gate, li, e)) * linear(rows, p.up, li, e)  # [N*k, F]
+    return linear(h, p.down, li, e).reshape(N, k, -1), h.reshape(N, k, -1)
+
+
+def _experts_gather(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
+    """XLA: gathers the routed experts' weights (few tokens). x [N, D] -> (out [N, k, D], h [N, k, F])."""
+    gate, up, down = at(p.gate, li), at(p.up, li), at(p.down, li)
+    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, gate[idx])) * jnp.einsum("nd,nkdf->nkf", x, up[idx])
+    return jnp.einsum("nkf,nkfd->nkd", h, down[idx]), h
+
+
+def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
+    """XLA: sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
+    N, k = idx.shape
+    p = Moe(router=None, bias=None, gate=at(p.gate, li), up=at(p.up, li), down=at(p.down, li))
     E = p.gate.shape[0]
     flat = idx.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
@@ -158,20 +184,23 @@ def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe) -> tuple[jax.Array, ja
     return y[inv].reshape(N, k, -1), h[inv].reshape(N, k, -1)
 
 
-def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: bool = False) -> tuple[jax.Array, Stats]:
+def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: bool = False,
+        li: jax.Array | int | None = None) -> tuple[jax.Array, Stats]:
     """Routed experts (weighted sum) + shared expert. x [B, T, D]."""
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
-    idx, w = route(xf, p, cfg)
-    # gather copies one expert's weights per (token, expert) pair; past E/2 pairs that traffic (a copy written
-    # and read) exceeds reading every expert once, so grouped matmuls win
-    n_pairs = B * T * cfg.num_experts_per_tok
-    experts = _experts_gather if 2 * n_pairs <= cfg.n_routed_experts else _experts_ragged
-    out, h = experts(xf, idx, p)
+    idx, w = route(xf, p, cfg, li)
+    if kernels.use_cpu_kernels():
+        experts = _experts_kernel
+    else:  # gather copies one expert's weights per (token, expert) pair; past E/2 pairs that traffic (a copy
+        # written and read) exceeds reading every expert once, so grouped matmuls win
+        n_pairs = B * T * cfg.num_experts_per_tok
+        experts = _experts_gather if 2 * n_pairs <= cfg.n_routed_experts else _experts_ragged
+    out, h = experts(xf, idx, p, li)
     y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
     stats: Stats = {}
     if p.shared is not None:
-        y_sh, stats = mlp(x, p.shared, mask, collect_stats, suffix="_shexp")
+        y_sh, stats = mlp(x, p.shared, mask, collect_stats, suffix="_shexp", li=li)
         y = y + y_sh
     if collect_stats:
         m = mask.reshape(B * T).astype(jnp.float32)
@@ -197,16 +226,17 @@ def decoder_block(
     kv_old: tuple[jax.Array, jax.Array] | None,
     lengths: jax.Array | None,
     collect_stats: bool = False,
+    li: jax.Array | int | None = None,  # index into stacked leaves of p (None: p is one layer)
 ) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
     """Pre-norm block: x + attn(norm(x)); then + ffn(norm(.)) with a dense MLP or the MoE."""
     with jax.named_scope("attention"):
-        a, k, v, stats = attention(rms_norm(x, p.attn_norm, cfg.rms_norm_eps), p.attn, positions, cfg, mask,
-                                   kv_old, lengths, collect_stats)
+        a, k, v, stats = attention(rms_norm(x, at(p.attn_norm, li), cfg.rms_norm_eps), p.attn, positions, cfg, mask,
+                                   kv_old, lengths, collect_stats, li)
     x = x + a
     with jax.named_scope("ffn"):
-        hn = rms_norm(x, p.ffn_norm, cfg.rms_norm_eps)
+        hn = rms_norm(x, at(p.ffn_norm, li), cfg.rms_norm_eps)
         if isinstance(p.ffn, Moe):
-            f, f_stats = moe(hn, p.ffn, cfg, mask, collect_stats)
+            f, f_stats = moe(hn, p.ffn, cfg, mask, collect_stats, li)
         else:
-            f, f_stats = mlp(hn, p.ffn, mask, collect_stats)
+            f, f_stats = mlp(hn, p.ffn, mask, collect_stats, li=li)
     return x + f, k, v, stats | f_stats

@@ -15,6 +15,7 @@ import numpy as np
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, write_block
 from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
+from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.params import Params
 
 
@@ -29,30 +30,30 @@ def run_stack(
     lengths: jax.Array,
     collect_stats: bool,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, Stats]:
-    """lax.scan over stacked layers; stats come out stacked per layer ([L, ...])."""
+    """lax.scan over the layer index; each layer's weights are read out of the stacks in place (``linear``),
+    never sliced into per-layer copies. Stats come out stacked per layer ([L, ...])."""
     n = jax.tree.leaves(layers)[0].shape[0]
 
-    def body(carry, xs):
+    def body(carry, i):
         h, ks, vs = carry
-        p, i = xs
         kv_old = None if ks is None else (ks[i], vs[i])
-        h, k_new, v_new, stats = decoder_block(h, p, positions, cfg, mask, kv_old, lengths, collect_stats)
+        h, k_new, v_new, stats = decoder_block(h, layers, positions, cfg, mask, kv_old, lengths, collect_stats, i)
         if ks is not None:
             ks, vs = write_block(ks, i, k_new, lengths), write_block(vs, i, v_new, lengths)
         return (h, ks, vs), stats
 
-    (x, k_stack, v_stack), stats = jax.lax.scan(body, (x, k_stack, v_stack), (layers, jnp.arange(n)))
+    (x, k_stack, v_stack), stats = jax.lax.scan(body, (x, k_stack, v_stack), jnp.arange(n))
     return x, k_stack, v_stack, stats
 
 
-def output_weight(params: Params) -> jax.Array:
-    """[D, V]: the lm_head, or the tied embedding's transpose."""
-    return params.embed.T if params.lm_head is None else params.lm_head
+def output_weight(params: Params) -> tuple[jax.Array, bool]:
+    """(weight, trans): the lm_head [D, V], or the tied embedding [V, D] read transposed."""
+    return (params.embed, True) if params.lm_head is None else (params.lm_head, False)
 
 
-def project_logits(w: jax.Array, h: jax.Array) -> jax.Array:
-    """h [..., D] @ w [D, V] -> float32 logits [..., V]."""
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+def project_logits(w: tuple[jax.Array, bool], h: jax.Array) -> jax.Array:
+    """h [..., D] @ lm_head -> float32 logits [..., V]. ``w`` as output_weight gives it."""
+    return linear(h.astype(jnp.float32), w[0], trans=w[1])
 
 
 def valid_mask(T: int, n_valid: jax.Array) -> jax.Array:
@@ -82,7 +83,7 @@ def forward(
     mask = valid_mask(T, n_valid)
     lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
     positions = lengths[:, None] + jnp.arange(T)[None, :]
-    x = params.embed[tokens]  # [B, T, D]
+    x = params.embed[tokens].astype(compute_dtype(cfg.dtype))  # [B, T, D]
     ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
     stats: dict[str, Stats] = {}
     for s, (name, layers) in enumerate((("dense", params.dense_layers), ("moe", params.moe_layers))):

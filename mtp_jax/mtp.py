@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, write_block
 from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
+from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.model import output_weight, project_logits, take_last, valid_mask
 from mtp_jax.params import Params
 
@@ -54,15 +55,15 @@ def nextn_forward(
     lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
     positions = lengths[:, None] + jnp.arange(T)[None, :]
     embed = params.embed if nn.embed_tokens is None else nn.embed_tokens
-    e = rms_norm(embed[tokens], nn.enorm, cfg.rms_norm_eps)
+    e = rms_norm(embed[tokens].astype(compute_dtype(cfg.dtype)), nn.enorm, cfg.rms_norm_eps)
     hn = rms_norm(h.astype(e.dtype), nn.hnorm, cfg.rms_norm_eps)
     eh = jnp.concatenate([e, hn], axis=-1)  # [B, T, 2D]
-    x = jnp.einsum("btc,cd->btd", eh, nn.eh_proj)
+    x = linear(eh, nn.eh_proj)
     kv_old = None if cache is None else (cache.k[0][head], cache.v[0][head])
     x, k_new, v_new, stats = decoder_block(x, nn.layer, positions, cfg, mask, kv_old, lengths, collect_stats)
     norm_w = params.final_norm if nn.shared_head_norm is None else nn.shared_head_norm
     out_h = rms_norm(x, norm_w, cfg.rms_norm_eps)
-    w_head = output_weight(params) if nn.shared_head_head is None else nn.shared_head_head
+    w_head = output_weight(params) if nn.shared_head_head is None else (nn.shared_head_head, False)
     out = None
     if logits == "all":
         out = project_logits(w_head, out_h)

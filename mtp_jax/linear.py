@@ -1,0 +1,85 @@
+"""``linear``: the one place a weight matmul happens.
+
+``linear(x, w, layer, experts)`` multiplies activations x [..., K] by one weight matrix taken out of a stack
+*in place*: ``w`` is [K, N], [L, K, N] (``layer`` picks one), [E, K, N] (``experts`` picks one per row) or
+[L, E, K, N]; ``trans=True`` means the matrix is stored [N, K] (a tied embedding used as the output head).
+
+On CPU it runs the native kernel (mtp_jax/kernels/cpu_linear.cc): it reads f32/f16/bf16 weights at memory
+speed straight out of the stack (no per-step copy of a layer's or an expert's weights) on all cores, and a
+row's result does not depend on how many rows are in the call. Elsewhere, or without the kernel, it is an
+XLA einsum on ``w[layer]`` / ``w[experts]``. The CPU path computes in float32 (``compute_dtype``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax import kernels
+
+
+def compute_dtype(param_dtype) -> jnp.dtype:
+    """Activation and KV-cache dtype: float32 where the CPU kernels run (f16/bf16 arithmetic is emulated
+    on CPU; weights stay in their own dtype), the parameters' dtype elsewhere."""
+    return jnp.dtype(jnp.float32) if kernels.use_cpu_kernels() else jnp.dtype(param_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel(x2: jax.Array, w4: jax.Array, layer: jax.Array, eids: jax.Array, trans: bool) -> jax.Array:
+    M = x2.shape[0]
+    N = w4.shape[2] if trans else w4.shape[3]
+    call = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
+    return call(x2.astype(jnp.float32), w4, layer, eids, trans=trans)
+
+
+def _kernel_fwd(x2, w4, layer, eids, trans):
+    return _kernel(x2, w4, layer, eids, trans), (x2, w4, layer, eids)
+
+
+def _kernel_bwd(trans, res, g):  # training (scripts/train_tiny.py) differentiates through XLA ops
+    x2, w4, layer, eids = res
+    E = w4.shape[1]
+    W = w4[layer].astype(jnp.float32)  # [E, K, N] (or [E, N, K])
+    W = jnp.swapaxes(W, 1, 2) if trans else W
+    onehot = jax.nn.one_hot(eids, E, dtype=jnp.float32)  # [M, E]
+    dx = jnp.einsum("mn,ekn,me->mk", g, W, onehot)
+    dW = jnp.einsum("me,mk,mn->ekn", onehot, x2.astype(jnp.float32), g)
+    dW = jnp.swapaxes(dW, 1, 2) if trans else dW
+    dw4 = jnp.zeros(w4.shape, jnp.float32).at[layer].set(dW).astype(w4.dtype)
+    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731  integer inputs
+    return dx.astype(x2.dtype), dw4, zero(layer), zero(eids)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def linear(
+    x: jax.Array,  # [..., K]
+    w: jax.Array,  # [K, N] | [L, K, N] | [E, K, N] | [L, E, K, N]   ([.., N, K] when trans)
+    layer: jax.Array | int | None = None,  # index into L (w has a layer axis iff given)
+    experts: jax.Array | None = None,  # [...] expert id of each row (w has an expert axis iff given)
+    trans: bool = False,
+) -> jax.Array:
+    """x @ W -> [..., N] in x's dtype."""
+    lead = x.shape[:-1]
+    n_lead = (layer is not None) + (experts is not None)
+    if w.ndim != n_lead + 2:
+        raise ValueError(f"linear: weight of shape {w.shape} does not match layer={layer is not None}, "
+                         f"experts={experts is not None}")
+    if kernels.use_cpu_kernels():
+        L = w.shape[0] if layer is not None else 1
+        w4 = w.reshape(L, -1, *w.shape[-2:])  # [L, E, ., .]: adding unit axes is free (a bitcast)
+        li = jnp.asarray(0 if layer is None else layer, jnp.int32)
+        x2 = x.reshape(-1, x.shape[-1])
+        eids = jnp.zeros((x2.shape[0],), jnp.int32) if experts is None else experts.reshape(-1)
+        return _kernel(x2, w4, li, eids.astype(jnp.int32), trans).reshape(*lead, -1).astype(x.dtype)
+    m = w if layer is None else w[layer]
+    if experts is not None:
+        m = m[experts]  # [..., K, N] (a gather: copies the picked experts' weights)
+        eq = "...k,...nk->...n" if trans else "...k,...kn->...n"
+    else:
+        eq = "...k,nk->...n" if trans else "...k,kn->...n"
+    return jnp.einsum(eq, x, m.astype(x.dtype)).astype(x.dtype)
