@@ -1,6 +1,7 @@
 """Speculative decoding with the NextN head: losslessness, rollback, statistics, edge cases."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -115,20 +116,35 @@ def test_end_to_end_sampling_matches_plain_distribution(sampling, draft_sampling
 # ---- statistics and trace --------------------------------------------------------------------------
 
 
-def test_statistics_and_ndjson_trace(tmp_path):
+def test_statistics_and_ndjson_trace(tmp_path, greedy_ref):
+    """The trace's lines against the result and against greedy decoding: each row's steps in order; accepted
+    drafts are the greedy tokens, a rejected draft is not; emitted = accepted drafts + the target's token (cut only
+    at the budget), together the row's output after the prefill's token; statistics are the lines' counts."""
     path = tmp_path / "trace.ndjson"
-    res = SP.generate(PARAMS, CFG, PROMPTS, num_draft=3, max_new_tokens=12, eos_ids=[], trace=path)
+    K, budget = 3, 12
+    res = SP.generate(PARAMS, CFG, PROMPTS, num_draft=K, max_new_tokens=budget, eos_ids=[], trace=path)
+    assert res.tokens == [r[:budget] for r in greedy_ref]
     s = res.stats
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert sum(s["accept_hist"]) == s["row_steps"] == len(lines)
-    for b in range(3):  # the prefill's token, then the trace's emitted ids, reassemble each row's output
-        assert sum((ln["emitted"] for ln in lines if ln["row"] == b), []) == res.tokens[b][1:]
-    for ln in lines:
-        assert ln["emitted"][: ln["accepted"]] == ln["drafted"][: ln["accepted"]][: len(ln["emitted"])]
-    hist = np.asarray(s["accept_hist"])
-    assert np.isclose(s["mean_tokens_per_step"], (hist * np.arange(1, 5)).sum() / hist.sum())
-    rates = s["accept_rate_per_pos"]
-    assert all(rates[i] >= rates[i + 1] for i in range(2))  # position i+1 is accepted only after i
+    for b, ref in enumerate(greedy_ref):
+        rows = [ln for ln in lines if ln["row"] == b]
+        assert [ln["step"] for ln in rows] == list(range(len(rows)))
+        pos = 1  # the prefill emitted ref[0]
+        for i, ln in enumerate(rows):
+            a, drafted, emitted = ln["accepted"], ln["drafted"], ln["emitted"]
+            assert len(drafted) == K and 0 <= a <= K
+            assert drafted[:a] == ref[pos: pos + a] and (a == K or drafted[a] != ref[pos + a])
+            assert emitted == ref[pos: pos + len(emitted)]
+            last = i == len(rows) - 1
+            assert len(emitted) == a + 1 or (last and len(emitted) < a + 1 and pos + len(emitted) == budget)
+            pos += len(emitted)
+        assert pos == len(res.tokens[b]) == budget
+    hist = np.bincount([ln["accepted"] for ln in lines], minlength=K + 1)
+    assert s["accept_hist"] == hist.tolist()
+    per_pos = [sum(ln["accepted"] > i for ln in lines) for i in range(K)]
+    assert np.allclose(np.asarray(s["accept_rate_per_pos"]) * len(lines), per_pos)
+    assert np.isclose(s["mean_tokens_per_step"], (hist * np.arange(1, K + 2)).sum() / hist.sum())
     assert s["trunk_forwards"] == max(ln["step"] for ln in lines) + 2  # verify steps + prefill
 
 
@@ -184,7 +200,36 @@ def test_model_without_nextn_is_an_error():
 # ---- one compiled program: must-show 6 -------------------------------------------------------------
 
 
-def test_loop_is_one_xla_computation_with_a_while():
+def _hlo_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    """Compiled HLO text -> ({computation name: its instruction lines}, the entry computation's name)."""
+    comps, entry, lines = {}, None, None
+    for line in hlo.splitlines():
+        head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+        if head:
+            lines = comps.setdefault(head.group(2), [])
+            entry = head.group(2) if head.group(1) else entry
+        elif line == "}":
+            lines = None
+        elif lines is not None:
+            lines.append(line)
+    return comps, entry
+
+
+def _reachable(comps: dict[str, list[str]], root: str) -> set[str]:
+    """``root`` and every computation it calls (fusions, nested whiles, reductions ...), transitively."""
+    seen, todo = set(), [root]
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo += [n for line in comps[c] for n in re.findall(r"%([\w.\-]+)", line) if n in comps]
+    return seen
+
+
+def test_draft_and_verify_run_inside_the_while_body():
+    """Must-show 6: one executable whose top-level while loop's body computation (and what it calls) holds every
+    matmul of the "draft" (NextN block) and "verify" (trunk: both layer stacks) named scopes. XLA may hoist what
+    does not depend on the loop state, such as the causal mask's iota, out of the loop: matmuls it cannot."""
     tokens, lens = M.pad_prompts(PROMPTS, CFG)
     B, S = len(PROMPTS), 40
     c = SP._Static(CFG, Sampling(), 3, 16, False, False)
@@ -193,7 +238,20 @@ def test_loop_is_one_xla_computation_with_a_while():
             jnp.asarray([-1], jnp.int32))
     hlo = SP._spec_loop.lower(*args, c=c).compile().as_text()
     assert hlo.count("HloModule") == 1  # one executable
-    assert " while(" in hlo or "while(" in hlo
-    # the verify forward and the drafting run inside the while body, not as separate dispatches
-    body = hlo[hlo.index("while"):]
-    assert "verify" in hlo and "draft" in body
+    comps, entry = _hlo_computations(hlo)
+    loops = [ln for ln in comps[entry] if " while(" in ln and 'op_name="jit(_spec_loop)/while"' in ln]
+    assert len(loops) == 1, "the speculative loop is one while in the entry computation"
+    inside = _reachable(comps, re.search(r"body=%([\w.\-]+)", loops[0]).group(1))
+
+    def ops(scope: str, kinds: str, within: set[str]) -> list[str]:
+        return [ln for n in within for ln in comps[n]
+                if re.search(rf" ({kinds})\(", ln) and re.search(rf'op_name="[^"]*/{scope}/', ln)]
+
+    matmuls = "dot|convolution|custom-call"  # weight matmuls may be custom calls (mtp_jax kernels)
+    for scope in ("draft", "verify"):
+        assert ops(scope, matmuls, inside), f"no {scope} matmul in the while body"
+        assert not ops(scope, matmuls, set(comps) - inside), f"{scope} matmuls outside the while body"
+    assert ops("prefill", matmuls, set(comps) - inside) and not ops("prefill", matmuls, inside)  # runs once, before
+    verify, draft = ops("verify", matmuls, inside), ops("draft", matmuls, inside)
+    assert all(any(f"/verify/{stack}/" in ln for ln in verify) for stack in ("dense_layers", "moe_layers"))  # trunk
+    assert all(any(f"/draft/{part}/" in ln for ln in draft) for part in ("attention", "ffn"))  # the NextN block
