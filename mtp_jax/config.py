@@ -132,8 +132,12 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        with open(path) as f:
-            d = yaml.safe_load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = yaml.safe_load(f)
+        except (UnicodeDecodeError, yaml.YAMLError) as e:  # e.g. a binary file given as a model
+            why = str(e).splitlines()[0]
+            raise ValueError(f"{path}: neither a GGUF file nor a YAML config ({type(e).__name__}: {why})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of ModelConfig fields")
         return cls.from_dict(d.get("model", d))

@@ -21,9 +21,11 @@ tensor are released once it is copied, so peak host memory stays near the size o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,9 @@ from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQ
 
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
-from mtp_jax.io import tree
-from mtp_jax.io.tokenizer import Tokenizer
+from mtp_jax.io import tree, validate
+from mtp_jax.io.tokenizer import Tokenizer, TokenizerError
+from mtp_jax.io.validate import REQUIRED, GGUFError, dequantizable, open_reader, value
 
 ARCH = gguf.MODEL_ARCH_NAMES[MODEL_ARCH.GLM4_MOE]  # "glm4moe"
 OUTTYPES = {  # --outtype -> (tensor type of the big weights, general.file_type)
@@ -49,10 +52,8 @@ OUTTYPES = {  # --outtype -> (tensor type of the big weights, general.file_type)
 _RAW_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
                GGMLQuantizationType.BF16: ml_dtypes.bfloat16}
 _ALIGN = 64  # XLA:CPU adopts host buffers aligned to 64 bytes without copying them
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be read as (or written from) a glm4moe model; the message names the file."""
+MAX_LAYERS, MAX_EXPERTS = 512, 1024  # llama.cpp's LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS (src/llama-hparams.h)
+_U32 = 2**32 - 1
 
 
 # ---- the tensor plan: one spec per GGUF tensor of a block ----------------------------------------------------
@@ -176,22 +177,8 @@ def plan(cfg: ModelConfig, template: P.Params) -> Iterator[Slot]:
 # ---- metadata <-> ModelConfig ---------------------------------------------------------------------------------
 
 
-_REQUIRED = object()
-
-
-def _kv(reader: gguf.GGUFReader, key: str, default: Any = None, path: Any = "") -> Any:
-    key = key.format(arch=ARCH)
-    f = reader.fields.get(key)
-    if f is None:
-        if default is _REQUIRED:
-            raise GGUFError(f"{path}: missing metadata key {key}")
-        return default
-    v = f.contents()
-    if isinstance(v, list) and v and not isinstance(v[0], str):  # per-layer arrays (get_key_or_arr)
-        if len(set(v)) != 1:
-            raise GGUFError(f"{path}: {key} varies per layer ({v}); only uniform layers are supported")
-        v = v[0]
-    return v
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+_POSITIVE = float(np.finfo(np.float32).tiny)
 
 
 def _f32(v: float) -> float:
@@ -207,50 +194,63 @@ def _rotary_factor(n_rot: int, head_dim: int) -> float:
 
 def config_from_gguf(reader: gguf.GGUFReader, path: Any = "", dtype: str = "float32") -> ModelConfig:
     """ModelConfig from a glm4moe GGUF's metadata and tensor shapes (llama-model.cpp load_hparams +
-    glm4-moe.cpp load_arch_hparams)."""
-    arch = _kv(reader, Keys.General.ARCHITECTURE)
+    glm4-moe.cpp load_arch_hparams). Each key is range-checked before use; block_count is bounded by
+    llama.cpp's LLAMA_MAX_LAYERS and by the blocks the file has tensors for."""
+    arch = value(reader, Keys.General.ARCHITECTURE, path)
     if arch != ARCH:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (expected {ARCH!r})")
-    L = Keys.LLM
-    req = lambda k: _kv(reader, k, _REQUIRED, path)  # noqa: E731
-    opt = lambda k, d=None: _kv(reader, k, d, path)  # noqa: E731
-    gating = opt(L.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SIGMOID))
+
+    def get(key: str, default: Any = None, lo: float = 0, hi: float = _U32) -> Any:
+        return value(reader, key.format(arch=ARCH), path, default, lo, hi)
+
+    L, A, T_ = Keys.LLM, Keys.Attention, Keys.Tokenizer
+    gating = get(L.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SIGMOID))
     if gating != gguf.ExpertGatingFuncType.SIGMOID:
         raise GGUFError(f"{path}: expert_gating_func {gating} is not supported (GLM-4.5 uses sigmoid = 2)")
-    scaling = opt(Keys.Rope.SCALING_TYPE, "none")
-    if scaling not in ("none", "linear") or (scaling == "linear" and opt(Keys.Rope.SCALING_FACTOR, 1.0) != 1.0):
+    scaling = get(Keys.Rope.SCALING_TYPE, "none")
+    if scaling not in ("none", "linear") or (scaling == "linear" and get(Keys.Rope.SCALING_FACTOR, 1.0) != 1.0):
         raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported")
     tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
         raise GGUFError(f"{path}: missing tensor token_embd.weight")
-    D, V = (int(x) for x in tensors["token_embd.weight"].shape[:2])
-    n_head = req(Keys.Attention.HEAD_COUNT)
-    head_dim = opt(Keys.Attention.KEY_LENGTH, D // n_head)
-    if opt(Keys.Attention.VALUE_LENGTH, head_dim) != head_dim:
+    if len(embd.shape) != 2:
+        raise GGUFError(f"{path}: tensor token_embd.weight has shape {embd.shape.tolist()[::-1]} (numpy order), "
+                        f"expected [vocab, hidden]")
+    D, V = (int(x) for x in embd.shape)
+    n_head = get(A.HEAD_COUNT, REQUIRED, 1)
+    head_dim = get(A.KEY_LENGTH, D // n_head, 1)
+    if get(A.VALUE_LENGTH, head_dim) != head_dim:
         raise GGUFError(f"{path}: key_length and value_length differ; glm4moe needs them equal")
-    n_nextn = opt(L.NEXTN_PREDICT_LAYERS, 0)
-    n_layer = req(L.BLOCK_COUNT) - n_nextn
-    n_group = opt(L.EXPERT_GROUP_COUNT, 0) or 1
-    T_ = Keys.Tokenizer
-    eos = tuple(dict.fromkeys(i for i in (_kv(reader, T_.EOS_ID), _kv(reader, T_.EOT_ID), _kv(reader, T_.EOM_ID))
-                              if i is not None))
+    n_blocks = get(L.BLOCK_COUNT, REQUIRED, 1, MAX_LAYERS)
+    n_nextn = get(L.NEXTN_PREDICT_LAYERS, 0, 0, n_blocks - 1)
+    n_layer = n_blocks - n_nextn
+    in_file = 1 + max((int(m[1]) for n in tensors if (m := _BLOCK.match(n))), default=-1)
+    if n_layer > in_file:
+        raise GGUFError(f"{path}: key {L.BLOCK_COUNT.format(arch=ARCH)} = {n_blocks} with {n_nextn} NextN layers "
+                        f"makes {n_layer} trunk layers, but the file has tensors of {in_file} blocks")
+    n_expert = get(L.EXPERT_COUNT, REQUIRED, 1, MAX_EXPERTS)
+    n_group = get(L.EXPERT_GROUP_COUNT, 0, 0, n_expert) or 1
+    token = lambda k: get(k, None, 0, V - 1)  # noqa: E731
+    eos = tuple(dict.fromkeys(i for i in (token(T_.EOS_ID), token(T_.EOT_ID), token(T_.EOM_ID)) if i is not None))
     try:
         return ModelConfig(
             vocab_size=V, hidden_size=D, num_hidden_layers=n_layer, num_attention_heads=n_head,
-            num_key_value_heads=opt(Keys.Attention.HEAD_COUNT_KV, n_head), head_dim=head_dim,
-            intermediate_size=opt(L.FEED_FORWARD_LENGTH, 0), moe_intermediate_size=req(L.EXPERT_FEED_FORWARD_LENGTH),
-            n_routed_experts=req(L.EXPERT_COUNT), num_experts_per_tok=req(L.EXPERT_USED_COUNT),
-            n_shared_experts=opt(L.EXPERT_SHARED_COUNT, 0), first_k_dense_replace=opt(L.LEADING_DENSE_BLOCK_COUNT, 0),
-            n_group=n_group, topk_group=opt(L.EXPERT_GROUP_USED_COUNT, 0) or n_group,
-            norm_topk_prob=bool(opt(L.EXPERT_WEIGHTS_NORM, False)),
-            routed_scaling_factor=_f32(opt(L.EXPERT_WEIGHTS_SCALE, 1.0) or 1.0),
-            partial_rotary_factor=_rotary_factor(opt(Keys.Rope.DIMENSION_COUNT, head_dim), head_dim),
-            rope_theta=_f32(opt(Keys.Rope.FREQ_BASE, 10000.0)),
-            rms_norm_eps=_f32(req(Keys.Attention.LAYERNORM_RMS_EPS)),
+            num_key_value_heads=get(A.HEAD_COUNT_KV, n_head, 1), head_dim=head_dim,
+            intermediate_size=get(L.FEED_FORWARD_LENGTH, 0),
+            moe_intermediate_size=get(L.EXPERT_FEED_FORWARD_LENGTH, REQUIRED),
+            n_routed_experts=n_expert, num_experts_per_tok=get(L.EXPERT_USED_COUNT, REQUIRED, 1, n_expert),
+            n_shared_experts=get(L.EXPERT_SHARED_COUNT, 0), first_k_dense_replace=get(L.LEADING_DENSE_BLOCK_COUNT, 0),
+            n_group=n_group, topk_group=get(L.EXPERT_GROUP_USED_COUNT, 0, 0, n_group) or n_group,
+            norm_topk_prob=bool(get(L.EXPERT_WEIGHTS_NORM, False)),
+            routed_scaling_factor=_f32(get(L.EXPERT_WEIGHTS_SCALE, 1.0, -math.inf, math.inf) or 1.0),
+            partial_rotary_factor=_rotary_factor(get(Keys.Rope.DIMENSION_COUNT, head_dim, 2, head_dim), head_dim),
+            rope_theta=_f32(get(Keys.Rope.FREQ_BASE, 10000.0, _POSITIVE, math.inf)),
+            rms_norm_eps=_f32(get(A.LAYERNORM_RMS_EPS, REQUIRED, _POSITIVE, 1.0)),
             attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors,
             num_nextn_predict_layers=n_nextn, tie_word_embeddings="output.weight" not in tensors,
-            max_position_embeddings=opt(L.CONTEXT_LENGTH, 131072), bos_token_id=_kv(reader, T_.BOS_ID),
-            eos_token_ids=eos, dtype=dtype, name=opt(Keys.General.NAME, ARCH),
+            max_position_embeddings=get(L.CONTEXT_LENGTH, 131072, 1), bos_token_id=token(T_.BOS_ID),
+            eos_token_ids=eos, dtype=dtype, name=get(Keys.General.NAME, ARCH),
         )
     except ValueError as e:
         raise GGUFError(f"{path}: inconsistent glm4moe metadata: {e}") from None
@@ -300,37 +300,9 @@ def _write_special_ids(w: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenize
 # ---- reading --------------------------------------------------------------------------------------------------
 
 
-class _Reader(gguf.GGUFReader):
-    """GGUFReader that names the tensor a truncated file cuts off, instead of failing in a reshape."""
-
-    def _build_tensors(self, start_offs: int, fields: list) -> None:
-        size = len(self.data)
-        for field in fields:
-            _, name, _, dims, raw_type, offset = field.parts
-            qtype = GGMLQuantizationType(int(raw_type[0]))
-            bs, ts = GGML_QUANT_SIZES[qtype]
-            end = int(start_offs + offset[0]) + math.prod(int(d) for d in dims) // bs * ts
-            if end > size:
-                raise GGUFError(f"truncated file: tensor {bytes(name).decode()} needs bytes up to {end}, "
-                                f"the file has {size}")
-        super()._build_tensors(start_offs, fields)
-
-
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
-    """A GGUFReader (memory-mapped), with bad files reported as GGUFError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        return _Reader(path)
-    except GGUFError as e:
-        raise GGUFError(f"{path}: {e}") from None
-    except (ValueError, IndexError, KeyError, OverflowError) as e:
-        raise GGUFError(f"{path}: truncated or corrupt GGUF header ({type(e).__name__}: {e})") from None
+    """A GGUFReader (memory-mapped) of a file that passed mtp_jax.io.validate's checks (GGUFError otherwise)."""
+    return open_reader(path)
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -340,27 +312,14 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[off: off + n].view(dtype).reshape(shape)
 
 
-def _source(mm: mmap.mmap, t: Any, path: Path) -> np.ndarray:
+def _source(mm: mmap.mmap, t: Any) -> np.ndarray:
     """The tensor's data in GGUF numpy layout: a view of the mapping for F32/F16/BF16, dequantized otherwise."""
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     raw = _RAW_DTYPES.get(t.tensor_type)
     if raw is not None:
         return np.frombuffer(mm, raw, math.prod(shape), t.data_offset).reshape(shape)
     data = np.frombuffer(mm, np.uint8, t.n_bytes, t.data_offset)
-    try:
-        return gguf.quants.dequantize(data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type)),
-                                      t.tensor_type)
-    except NotImplementedError:
-        raise GGUFError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf-py cannot "
-                        f"dequantize") from None
-
-
-def _check_finite(x: np.ndarray, name: str, path: Path) -> None:
-    bad = ~np.isfinite(x.reshape(-1))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise GGUFError(f"{path}: tensor {name} contains non-finite values ({int(bad.sum())} of them; first at "
-                        f"flat index {i}: {x.reshape(-1)[i]})")
+    return gguf.quants.dequantize(data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type)), t.tensor_type)
 
 
 def _release(mm: mmap.mmap, t: Any) -> None:
@@ -371,50 +330,80 @@ def _release(mm: mmap.mmap, t: Any) -> None:
     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def _gguf_shape(template: P.Params, slot: Slot) -> tuple[int, ...]:
+    info = tree.get(template, slot.leaf)
+    return slot.spec.gguf_shape(tuple(info.shape if slot.index is None else info.shape[1:]))
+
+
+def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> P.Params:
+    """The file's tensors against the tensor table of ``cfg`` (``plan``): each one there, of its shape and of a type
+    gguf-py reads, and no other. The NextN blocks are complete or, as llama.cpp's trunk_only, absent altogether;
+    a block with some of its tensors is an error. Returns the template of what the file holds."""
+    tensors = {t.name: t for t in reader.tensors}
+    head = tuple(f"blk.{cfg.num_hidden_layers + n}." for n in range(cfg.num_nextn_predict_layers))
+    has_head = any(name.startswith(head) for name in tensors) if head else False
+    present = {s.path[0] for s in NEXTN_SPECS if s.name(cfg.num_hidden_layers) in tensors}
+    template = tree.template(cfg, present, has_head)
+    expected = set()
+    for slot in plan(cfg, template):
+        t = tensors.get(slot.name)
+        if t is None:
+            why = " (the NextN block's other tensors are there)" if slot.name.startswith(head or "-") else ""
+            raise GGUFError(f"{path}: missing tensor {slot.name}{why}")
+        want, got = _gguf_shape(template, slot), tuple(int(d) for d in reversed(t.shape.tolist()))
+        if got != want:
+            raise GGUFError(f"{path}: tensor {slot.name} has shape {list(got)} (numpy order), expected {list(want)}")
+        if not dequantizable(t.tensor_type):
+            raise GGUFError(f"{path}: tensor {slot.name} has type {t.tensor_type.name}, which gguf-py cannot "
+                            f"dequantize")
+        expected.add(slot.name)
+    for name in tensors.keys() - expected:
+        m = _BLOCK.match(name)
+        why = (f"; nextn_predict_layers = {cfg.num_nextn_predict_layers} makes blk.{m[1]} a trunk layer"
+               if m and ".nextn." in name else "")
+        raise GGUFError(f"{path}: unexpected tensor {name}: not part of a glm4moe model of {cfg.num_hidden_layers} "
+                        f"trunk and {cfg.num_nextn_predict_layers} NextN layers{why}")
+    return template
+
+
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
-              check_finite: bool = False) -> tuple[ModelConfig, P.Params]:
+              check_finite: bool = True) -> tuple[ModelConfig, P.Params]:
     """A glm4moe GGUF -> (ModelConfig, Params of jax arrays in ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
     bfloat16 for quantized files. ``load_mtp=False`` skips the NextN block's tensors like llama.cpp's
     TENSOR_SKIP (params.nextn is None; the config keeps num_nextn_predict_layers); so does a trunk-only file
-    whose config announces NextN layers but which has no ``blk.{n_layer}.nextn.eh_proj`` (glm4-moe.cpp
-    ``trunk_only``). Any type gguf-py dequantizes is accepted. Raises GGUFError naming the file (and tensor)
-    for bad input.
+    whose config announces NextN layers but which has none of their tensors (glm4-moe.cpp ``trunk_only``). Any
+    type gguf-py dequantizes is accepted. The file is validated (mtp_jax.io.validate, config_from_gguf,
+    check_tensors) before anything is allocated; ``check_finite`` refuses NaN/Inf weights. Raises GGUFError
+    naming the file (and the key or tensor) for bad input.
     """
     path = Path(path)
     reader = open_gguf(path)
-    dtype = dtype or _default_dtype(reader)
+    dtype = dtype or _default_dtype(reader, path)
     cfg = config_from_gguf(reader, path, dtype)
+    held = check_tensors(reader, cfg, path)
+    template = held if load_mtp else dataclasses.replace(held, nextn=None)
     tensors = {t.name: t for t in reader.tensors}
-    present = {s.path[0] for s in NEXTN_SPECS if s.name(cfg.num_hidden_layers) in tensors}
-    template = tree.template(cfg, present, load_mtp and "eh_proj" in present)
     dt = np.dtype(dtype)
     bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt) for leaf in tree.leaf_paths(template)}
     with open(path, "rb") as f:  # the mapping is left to the GC: a GGUFError's traceback may hold views of it
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     for slot in plan(cfg, template):
-        t = tensors.get(slot.name)
-        if t is None:
-            raise GGUFError(f"{path}: missing tensor {slot.name}")
+        t = tensors[slot.name]
         dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
-        want = slot.spec.gguf_shape(dst.shape)
-        got = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if got != want:
-            raise GGUFError(f"{path}: tensor {slot.name} has shape {list(got)} (numpy order), "
-                            f"expected {list(want)}")
-        src = _source(mm, t, path)
+        src = _source(mm, t)
         if check_finite:
-            _check_finite(src, slot.name, path)
+            validate.check_finite(src, slot.name, path)
         np.copyto(dst, slot.spec.from_gguf(src, dst.shape), casting="unsafe")
         del src
         _release(mm, t)
     return cfg, tree.build(template, [jax.device_put(bufs[leaf]) for leaf in tree.leaf_paths(template)])
 
 
-def _default_dtype(reader: gguf.GGUFReader) -> str:
+def _default_dtype(reader: gguf.GGUFReader, path: Any = "") -> str:
     """From general.file_type (else token_embd's type): F32 -> float32, F16 -> float16, anything else bfloat16."""
-    ftype = _kv(reader, Keys.General.FILE_TYPE)
+    ftype = value(reader, Keys.General.FILE_TYPE, path)
     if ftype is None:
         embd = [t.tensor_type for t in reader.tensors if t.name == "token_embd.weight"]
         ftype = {GGMLQuantizationType.F32: 0, GGMLQuantizationType.F16: 1}.get(embd[0] if embd else None)
@@ -422,7 +411,10 @@ def _default_dtype(reader: gguf.GGUFReader) -> str:
 
 
 def read_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
-    return Tokenizer.from_gguf(open_gguf(path))
+    try:
+        return Tokenizer.from_gguf(open_gguf(path))
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
 
 
 # ---- writing --------------------------------------------------------------------------------------------------

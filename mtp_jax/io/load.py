@@ -10,19 +10,25 @@ import jax
 
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig, load_config
-from mtp_jax.io.gguf import read_gguf, read_tokenizer
+from mtp_jax.io.gguf import GGUFError, read_gguf, read_tokenizer
 from mtp_jax.io.hf import read_hf
 from mtp_jax.io.orbax import is_checkpoint, load_orbax
 from mtp_jax.io.tokenizer import Tokenizer
+from mtp_jax.io.validate import regular_file
 
 
 def source_kind(spec: str | os.PathLike) -> str:
-    """'gguf' | 'hf' | 'orbax' | 'config' (a YAML file, an HF config.json, or a bundled config name)."""
+    """'gguf' | 'hf' | 'orbax' | 'config' (a YAML file, an HF config.json, or a bundled config name). A path that
+    exists but is neither a regular file nor a directory (a FIFO, a device) is refused before it is opened, and
+    so is a *.gguf path that is not a GGUF file (it is not read as a config)."""
     path = Path(spec)
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "gguf"
+    if path.suffix == ".gguf" or (path.exists() and not path.is_dir()):
+        with open(regular_file(path), "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return "gguf"
+        if path.suffix == ".gguf":
+            raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
         return "config"
     if path.is_dir():
         if is_checkpoint(path):
@@ -31,21 +37,20 @@ def source_kind(spec: str | os.PathLike) -> str:
             return "hf"
         raise ValueError(f"{path}: neither an HF checkpoint (config.json + *.safetensors) nor an mtp_jax "
                          f"orbax checkpoint (config.json + params/)")
-    if path.suffix == ".gguf":
-        raise ValueError(f"{path}: no such file")
     return "config"
 
 
 def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, load_mtp: bool = True,
-               seed: int = 0) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
+               seed: int = 0, check_finite: bool = True) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
     """(cfg, params, tokenizer or None) from a GGUF file, an HF directory, an orbax checkpoint, or a config
     (ModelConfig, YAML, HF config.json, or a bundled config name) with random weights drawn with ``seed``.
 
     ``dtype`` None keeps the source's float type (the config's for random weights); ``load_mtp=False`` leaves
-    params.nextn None (the config still describes the NextN layer), as llama.cpp does without MTP."""
+    params.nextn None (the config still describes the NextN layer), as llama.cpp does without MTP.
+    ``check_finite`` refuses a GGUF with NaN/Inf weights (GGUFError naming the tensor)."""
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
     if kind == "gguf":
-        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp)
+        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite)
         return cfg, params, read_tokenizer(spec)
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
 
-import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
-from gguf import quants as gguf_quants
 
+from mtp_jax.io.validate import dequantizable
 from mtp_jax.quant.base import QuantError
 
 log = logging.getLogger(__name__)
@@ -142,15 +141,6 @@ def parse_tensor_type(spec: str) -> tuple[str, GGMLQuantizationType]:
 def is_quantized(t: GGMLQuantizationType) -> bool:
     """ggml_is_quantized: block types (F32/F16/BF16 and the integer types are not)."""
     return GGML_QUANT_SIZES[t][0] > 1
-
-
-def dequantizable(t: GGMLQuantizationType) -> bool:
-    """Whether gguf-py can dequantize type t, the condition for requantizing from it."""
-    try:
-        gguf_quants.dequantize(np.zeros(GGML_QUANT_SIZES[t][1], np.uint8), t)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def block_size(t: GGMLQuantizationType) -> int:

@@ -16,6 +16,7 @@ from mtp_jax.io import tree
 from mtp_jax.io.gguf import NEXTN_SPECS, TOP_SPECS, GGUFError, layer_specs, open_gguf, read_gguf, write_gguf
 from mtp_jax.io.tokenizer import Tokenizer
 from tests.helpers import tiny_config, tiny_params
+from tests.io.gguf_mutants import rewrite
 
 Q = GGMLQuantizationType
 
@@ -33,35 +34,6 @@ def numpy_params(cfg, seed=0):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda i: rng.standard_normal(i.shape).astype(np.float32), P.abstract(cfg),
                         is_leaf=lambda x: isinstance(x, P.ArrayInfo))
-
-
-def rewrite(src, dst, arch=None, tensors=None, kv=None):
-    """Copy a GGUF through gguf-py, changing the arch, tensors (fn(name, numpy array, type) -> (array, type), or
-    None to drop the tensor) or metadata values (kv: key -> (value, GGUFValueType))."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, arch or r.fields["general.architecture"].contents())
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        if kv and k in kv:
-            continue
-        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(k, f.contents(), f.types[0], sub)
-    for k, (v, t) in (kv or {}).items():
-        w.add_key_value(k, v, t)
-    for t in r.tensors:
-        data, qtype = np.array(t.data), t.tensor_type
-        if tensors is not None:
-            out = tensors(t.name, data, qtype)
-            if out is None:
-                continue
-            data, qtype = out
-        w.add_tensor(t.name, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
 
 
 # ---- round trips ------------------------------------------------------------------------------------------------
@@ -225,10 +197,16 @@ def test_truncated_file_names_the_tensor(io_dir, tiny_gguf):
     data = path.read_bytes()
     cut = io_dir / "truncated.gguf"
     cut.write_bytes(data[:-1000])
-    with pytest.raises(GGUFError, match=r"truncated\.gguf: truncated file: tensor output\.weight"):
+    with pytest.raises(GGUFError, match=r"truncated\.gguf: truncated: tensor output\.weight needs bytes up to "
+                                        rf"{len(data)}, the file has {len(data) - 1000}$"):
         read_gguf(cut)
     cut.write_bytes(data[:200])
-    with pytest.raises(GGUFError, match=r"truncated\.gguf: truncated or corrupt"):
+    with pytest.raises(GGUFError, match=r"truncated\.gguf: header: 36 keys cannot fit in the 176 bytes left in "
+                                        r"the file$"):
+        read_gguf(cut)
+    cut.write_bytes(data[:6000])
+    with pytest.raises(GGUFError, match=r"truncated\.gguf: truncated: an item of key tokenizer\.ggml\.tokens needs "
+                                        r"\d+ bytes at offset \d+, the file has 6000$"):
         read_gguf(cut)
 
 
@@ -274,10 +252,10 @@ def test_nan_with_check_finite(io_dir, tiny_gguf):
         return data, t
 
     bad = rewrite(tiny_gguf[0], io_dir / "nan.gguf", tensors=poison)
-    read_gguf(bad)  # not checked by default (like llama.cpp without --check-tensors)
     with pytest.raises(GGUFError, match=r"nan\.gguf: tensor blk\.2\.attn_k\.weight contains non-finite values "
                                         r"\(1 of them; first at flat index 197: nan\)"):
-        read_gguf(bad, check_finite=True)
+        read_gguf(bad)  # checked by default (llama.cpp needs --check-tensors)
+    read_gguf(bad, check_finite=False)
 
 
 def test_writer_rejects_bad_params_without_leaving_files(io_dir):
