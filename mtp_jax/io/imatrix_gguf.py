@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
+
+from mtp_jax.io.validate import GGUFError, open_reader, regular_file, value
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -54,9 +56,11 @@ class ImatrixData:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ImatrixError on mismatched entries or non-finite values (naming the tensor)."""
+        """Raise ImatrixError on mismatched entries, or on negative or non-finite values (naming the tensor)."""
         if set(self.in_sum2) != set(self.counts):
             raise ImatrixError(f"mismatched sums and counts for {sorted(set(self.in_sum2) ^ set(self.counts))}")
+        if self.chunk_count < 0 or self.chunk_size < 0:
+            raise ImatrixError(f"chunk_count {self.chunk_count} and chunk_size {self.chunk_size} must be >= 0")
         for name in self.in_sum2:
             s, c = self.in_sum2[name], self.counts[name]
             if s.ndim != 2 or c.shape != (s.shape[0],):
@@ -69,9 +73,12 @@ class ImatrixData:
 
 
 def _check_finite(name: str, a: np.ndarray) -> None:
-    if not np.isfinite(a).all():
-        bad = a.reshape(-1)[~np.isfinite(a.reshape(-1))][0]
-        raise ImatrixError(f"imatrix tensor {name} contains non-finite value {bad}")
+    """Sums of squares and counts are finite and >= 0."""
+    flat = a.reshape(-1)
+    bad = ~(flat >= 0) | ~np.isfinite(flat)
+    if bad.any():
+        what = "non-finite" if not np.isfinite(flat[bad][0]) else "negative"
+        raise ImatrixError(f"imatrix tensor {name} contains {what} value {flat[bad][0]} (expected finite values >= 0)")
 
 
 def _lround(a: np.ndarray) -> np.ndarray:
@@ -84,53 +91,58 @@ def _lround(a: np.ndarray) -> np.ndarray:
 
 
 def read_imatrix(path: str | os.PathLike) -> ImatrixData:
-    """Read a GGUF or legacy .dat imatrix (told apart by the GGUF magic, as common_imatrix_load does)."""
-    path = Path(path)
+    """Read a GGUF or legacy .dat imatrix (told apart by the GGUF magic, as common_imatrix_load does), validated:
+    a regular file, the GGUF checks of mtp_jax.io.validate, typed metadata, F32 sums and counts whose sizes agree,
+    finite values >= 0. ImatrixError names the file."""
+    path = regular_file(path, ImatrixError)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
         raise ImatrixError(f"cannot read imatrix {path}: {e.strerror}") from None
-    if magic == struct.pack("<I", GGUF_MAGIC):
-        return _read_gguf(path)
-    return _read_legacy(path)
+    return _read_gguf(path) if magic == struct.pack("<I", GGUF_MAGIC) else _read_legacy(path)
+
+
+def _validated(path: Path, *args: Any, **kw: Any) -> ImatrixData:
+    """ImatrixData(*args, **kw), whose validation errors name the file."""
+    try:
+        return ImatrixData(*args, **kw)
+    except ImatrixError as e:
+        raise ImatrixError(f"{path}: {e}") from None
 
 
 def _read_gguf(path: Path) -> ImatrixData:
-    try:
-        r = GGUFReader(path)
-    except (ValueError, IndexError) as e:
-        raise ImatrixError(f"{path}: not a valid GGUF file ({e})") from None
+    r = open_reader(path, ImatrixError)
     if not r.tensors:
         raise ImatrixError(f"no data in file {path}")
     fields = {k: f for k, f in r.fields.items() if not k.startswith("GGUF.")}
     if not all(k in fields for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)):
         raise ImatrixError(f"missing imatrix metadata in file {path} ({KEY_DATASETS}, {KEY_CHUNK_COUNT}, "
                            f"{KEY_CHUNK_SIZE}); is it an imatrix file?")
-    datasets = fields[KEY_DATASETS]
-    if datasets.types != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
-        raise ImatrixError(f"{path}: {KEY_DATASETS} is not an array of strings")
+    try:  # llama.cpp reads them as u32
+        chunk_count, chunk_size = (value(r, k, path, lo=0, hi=2**32 - 1) for k in (KEY_CHUNK_COUNT, KEY_CHUNK_SIZE))
+    except GGUFError as e:
+        raise ImatrixError(str(e)) from None
 
     pairs: dict[str, dict[str, Any]] = {}
     for t in r.tensors:
         for suffix in (SUFFIX_SUMS, SUFFIX_COUNTS):
             if t.name.endswith(suffix):
                 if t.tensor_type != GGMLQuantizationType.F32:
-                    raise ImatrixError(f"sums and counts for {t.name[:-len(suffix)]} must be F32")
+                    raise ImatrixError(f"{path}: sums and counts for {t.name[:-len(suffix)]} must be F32, "
+                                       f"{t.name} is {t.tensor_type.name}")
                 pairs.setdefault(t.name[: -len(suffix)], {})[suffix] = np.array(t.data, dtype=np.float32).ravel()
     sums, counts = {}, {}
     for name, p in sorted(pairs.items()):
         if len(p) != 2:
-            raise ImatrixError(f"mismatched sums and counts for {name}")
+            raise ImatrixError(f"{path}: mismatched sums and counts for {name}")
         s, c = p[SUFFIX_SUMS], p[SUFFIX_COUNTS]
         if c.size == 0 or s.size % c.size:
-            raise ImatrixError(f"{name}: {s.size} sums cannot be split over {c.size} counts")
+            raise ImatrixError(f"{path}: {name}: {s.size} sums cannot be split over {c.size} counts")
         sums[name], counts[name] = s.reshape(c.size, -1), c
-    return ImatrixData(
-        sums, counts,
-        datasets=list(datasets.contents()),
-        chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
-        chunk_size=int(fields[KEY_CHUNK_SIZE].contents()),
+    return _validated(
+        path, sums, counts,
+        datasets=list(fields[KEY_DATASETS].contents()), chunk_count=chunk_count, chunk_size=chunk_size,
         metadata={k: f.contents() for k, f in fields.items() if k not in _STANDARD_KEYS},
     )
 
@@ -170,7 +182,7 @@ def _read_legacy(path: Path) -> ImatrixData:
         chunk_count = i32("the chunk count")
         if pos + 4 <= len(buf) and (n := i32("the dataset length")) > 0 and pos + n <= len(buf):
             datasets.append(take(n, "the dataset name").split(b"\0")[0].decode("utf-8", "replace"))
-    return ImatrixData(sums, counts, datasets=datasets, chunk_count=chunk_count, chunk_size=0, legacy=True)
+    return _validated(path, sums, counts, datasets=datasets, chunk_count=chunk_count, chunk_size=0, legacy=True)
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -316,6 +328,21 @@ def combine(datas: Sequence[ImatrixData], chunk_size: int | None = None) -> Imat
         {n: c.astype(np.float32) for n, c in counts.items()},
         datasets=datasets, chunk_count=max_count // chunk_size, chunk_size=chunk_size,
     )
+
+
+def check_model(data: ImatrixData, sizes: Mapping[str, int | None], path: Any = "") -> set[str]:
+    """``data`` against the model it is used with: ``sizes`` maps each tensor of the model to the number of values
+    its entry has (row length x experts; None: any, as llama-quantize does for token embeddings). An entry for a
+    tensor the model lacks, or of another size, raises ImatrixError (an imatrix of another model); returns the
+    model's tensors without an entry."""
+    for name, s in sorted(data.in_sum2.items()):
+        if name not in sizes:
+            raise ImatrixError(f"{path}: imatrix entry {name} is not a tensor of the model (an imatrix of another "
+                               f"model?)")
+        if sizes[name] is not None and s.size != sizes[name]:
+            raise ImatrixError(f"{path}: imatrix size {s.size} is different from tensor size {sizes[name]} for "
+                               f"{name} (an imatrix of another model?)")
+    return set(sizes) - set(data.in_sum2)
 
 
 def to_quant_weights(data: ImatrixData) -> dict[str, np.ndarray]:

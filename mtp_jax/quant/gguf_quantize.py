@@ -6,8 +6,9 @@ order and types (mtp_jax.quant.policy), the same data and alignment, so the outp
 byte for byte with llama-quantize's. Differences: the header is written first and tensors streamed
 after it (the input stays memory-mapped; one tensor's rows are in memory at a time), every imatrix /
 input-type error is raised before any data is written, and the output appears only on success (a
-failed llama-quantize leaves a partial file). Quantized inputs (--allow-requantize) are dequantized by
-gguf-py; split (multi-file) inputs are not read.
+failed llama-quantize leaves a partial file). The input is validated first (mtp_jax.io.validate; a
+glm4moe model also against its tensor table), and an imatrix against the model (imatrix_gguf.check_model).
+Quantized inputs (--allow-requantize) are dequantized by gguf-py; split (multi-file) inputs are not read.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUF_MAGIC, GGUF_VERSION, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType
-from gguf import Keys, LlamaFileType
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys, LlamaFileType
 from gguf import quants as gguf_quants
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mtp_jax.io.imatrix_gguf import atomic_write, read_imatrix, to_quant_weights
+from mtp_jax.io.imatrix_gguf import atomic_write, check_model, read_imatrix, to_quant_weights
+from mtp_jax.io.validate import open_reader, regular_file
 from mtp_jax.quant import policy, registry
 from mtp_jax.quant.base import QuantError
 from mtp_jax.quant.policy import FLOAT_TYPES, ModelInfo, QuantOptions, TensorDesc, TensorPlan, ggml_type_name
@@ -133,14 +135,18 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike | None
     if threads < 1:
         raise QuantError(f"threads must be >= 1, got {threads}")
 
-    weights, imatrix_kvs = _load_imatrix(imatrix, include_weights, exclude_weights)
     reader = _open(in_path)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
     descs = _tensor_descs(reader)
+    weights, imatrix_kvs, unused = _load_imatrix(imatrix, include_weights, exclude_weights, descs)
     deferred = [] if dry_run else None
-    plans = policy.plan_tensors(ModelInfo.from_metadata(fields), descs, opts,
-                                {k: v.size for k, v in weights.items()}, deferred)
+    try:
+        model = ModelInfo.from_metadata(fields)
+    except QuantError as e:
+        raise QuantError(f"{in_path}: {e}") from None
+    plans = policy.plan_tensors(model, descs, opts, {k: v.size for k, v in weights.items()}, deferred)
     _check_quantizers(plans, deferred)
+    _warn_uncovered(imatrix, plans, unused)
 
     reports: list[TensorReport] = []
     if dry_run:
@@ -206,7 +212,10 @@ def _write_data(f, header: bytes, reader: GGUFReader, plans: Sequence[TensorPlan
                     chunks: Iterable[bytes] = pool.map(_worker, jobs)
                 else:
                     chunks = (_run_job(reader.data, j) for j in jobs)
-                n_out = sum(f.write(c) for c in chunks)
+                try:
+                    n_out = sum(f.write(c) for c in chunks)
+                except QuantError as e:  # llama-quantize's message, and the file
+                    raise QuantError(f"{e} in {reader.data.filename}") from None
                 f.write(bytes(_pad(n_out, align) - n_out))
                 reports.append(_report(p, n_out))
                 _log_tensor(i, len(plans), p, reports[-1])
@@ -216,9 +225,8 @@ def _write_data(f, header: bytes, reader: GGUFReader, plans: Sequence[TensorPlan
 
 
 def _check_paths(in_path: Path, out_path: Path | None) -> None:
-    """The input exists; the output (None for a dry run) can be created and is not the input."""
-    if not in_path.is_file():
-        raise QuantError(f"input file {in_path} does not exist")
+    """The input is a regular file; the output (None for a dry run) can be created and is not the input."""
+    regular_file(in_path, QuantError)
     if out_path is None:
         return
     if not out_path.parent.is_dir():
@@ -228,43 +236,53 @@ def _check_paths(in_path: Path, out_path: Path | None) -> None:
 
 
 def _open(path: Path) -> GGUFReader:
-    """The input as one GGUFReader; a split model would lose the other files' tensors, so it is refused."""
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError) as e:
-        raise QuantError(f"{path}: not a valid GGUF file ({e})") from None
+    """The input, validated (mtp_jax.io.validate; a glm4moe model also against its tensor table, as loading does),
+    as one GGUFReader; a split model would lose the other files' tensors, so it is refused."""
+    reader = open_reader(path, QuantError)
     n_split = reader.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
     if n_split is not None and int(n_split.contents()) > 1:
         raise QuantError(f"{path} is one of {int(n_split.contents())} split files; split input is not supported "
                          "(merge it first: llama-gguf-split --merge)")
+    arch = reader.fields.get(Keys.General.ARCHITECTURE)
+    if arch is not None and arch.contents() == MODEL_ARCH_NAMES[MODEL_ARCH.GLM4_MOE]:
+        from mtp_jax.io.gguf import GGUFError, check_tensors, config_from_gguf
+
+        try:
+            check_tensors(reader, config_from_gguf(reader, path), path)
+        except GGUFError as e:
+            raise QuantError(str(e)) from None
     return reader
 
 
 def _tensor_descs(reader: GGUFReader) -> list[TensorDesc]:
     descs = []
     for t in reader.tensors:
-        ne = tuple(int(n) for n in t.shape)
+        ne = tuple(int(n) for n in t.shape) or (1,)  # n_dims 0: a scalar, ne = [1] as in ggml
         while len(ne) > 1 and ne[-1] == 1:
             ne = ne[:-1]
         descs.append(TensorDesc(t.name, ne, GGMLQuantizationType(t.tensor_type)))
     return descs
 
 
-def _load_imatrix(path: str | os.PathLike | None, include: Sequence[str],
-                  exclude: Sequence[str]) -> tuple[dict[str, np.ndarray], list[bytes]]:
-    """The per-column weights (to_quant_weights) and the quantize.imatrix.* pairs quantize.cpp adds.
+def _load_imatrix(path: str | os.PathLike | None, include: Sequence[str], exclude: Sequence[str],
+                  descs: Sequence[TensorDesc]) -> tuple[dict[str, np.ndarray], list[bytes], set[str]]:
+    """The per-column weights (to_quant_weights), the quantize.imatrix.* pairs quantize.cpp adds, and the names
+    of the model's tensors the imatrix has no entry for.
 
-    As prepare_imatrix: entries whose name contains an ``exclude`` string are dropped, or only those
-    that contain an ``include`` string kept; entries_count counts what is left, and nothing left means
-    no imatrix at all (no pairs, and the mixtures of a model without one)."""
+    The imatrix must fit the model (imatrix_gguf.check_model: ImatrixError otherwise). As prepare_imatrix:
+    entries whose name contains an ``exclude`` string are dropped, or only those that contain an ``include``
+    string kept; entries_count counts what is left, and nothing left means no imatrix at all (no pairs, and
+    the mixtures of a model without one)."""
     if include and exclude:
         raise QuantError("--include-weights and --exclude-weights cannot be used together")
     if path is None:
         if include or exclude:
             raise QuantError("--include-weights / --exclude-weights select importance matrix entries; "
                              "pass --imatrix")
-        return {}, []
+        return {}, [], set()
     data = read_imatrix(path)
+    unused = check_model(data, {d.name: None if policy.is_token_embd(d.name) else d.ne[0] * d.dim(2)
+                                for d in descs}, path)
     weights = to_quant_weights(data)
     log.info("loaded %d importance matrix entries from %s computed on %d chunks", len(weights), path,
              data.chunk_count)
@@ -273,14 +291,24 @@ def _load_imatrix(path: str | os.PathLike | None, include: Sequence[str],
                    if not any(s in k for s in exclude) and (not include or any(s in k for s in include))}
         log.info("have %d importance matrix entries", len(weights))
     if not weights:
-        return {}, []
+        return {}, [], unused
     kvs = [_kv_str(KEY_IMATRIX_FILE, os.fspath(path))]
     if data.datasets:
         kvs.append(_kv_str(KEY_IMATRIX_DATASET, data.datasets[0]))
     kvs.append(_kv_u32(KEY_IMATRIX_N_ENTRIES, len(weights)))
     if data.chunk_count > 0:
         kvs.append(_kv_u32(KEY_IMATRIX_N_CHUNKS, data.chunk_count))
-    return weights, kvs
+    return weights, kvs, unused
+
+
+def _warn_uncovered(path: str | os.PathLike | None, plans: Sequence[TensorPlan], unused: set[str]) -> None:
+    """Warn about the tensors quantized here that an imatrix from llama-imatrix would cover but this one does not
+    (token_embd and output.weight are left out: llama-imatrix collects neither by default)."""
+    missing = [p.name for p in plans if p.name in unused and p.converts and p.type not in FLOAT_TYPES
+               and p.name not in ("token_embd.weight", "output.weight")]
+    if missing:
+        log.warning("imatrix %s has no entries for %d tensor(s) quantized here: %s", path, len(missing),
+                    ", ".join(missing))
 
 
 # --- the GGUF header -----------------------------------------------------------------------------------------
