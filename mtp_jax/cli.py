@@ -31,7 +31,8 @@ def _load_model(args):
     """(cfg, params, tokenizer or None) from --model (or --config: random weights seeded by --weights-seed)."""
     from mtp_jax.io.load import load_model
 
-    return load_model(args.model or args.config or default_model(), seed=args.weights_seed)
+    return load_model(args.model or args.config or default_model(), seed=args.weights_seed,
+                      check_finite=not args.no_check_finite)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the embedded trained model")
     p.add_argument("--config", default=None, help="same as --model with a config (kept for scripts)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
+    _add_check_finite(p)
+
+
+def _add_check_finite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-check-finite", action="store_true",
+                   help="skip the check that every weight of a GGUF model is finite (no NaN/Inf)")
 
 
 def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
@@ -125,8 +132,12 @@ def cmd_imatrix(args) -> int:
     from mtp_jax import imatrix as IM
     from mtp_jax.io.imatrix_gguf import write_imatrix_gguf
     from mtp_jax.io.load import load_model
+    from mtp_jax.io.validate import regular_file
 
-    cfg, params, tok = load_model(args.model or default_model())
+    regular_file(args.file, ValueError)  # before the model is loaded, as is the output directory
+    if not Path(args.output).absolute().parent.is_dir():
+        raise ValueError(f"output directory {Path(args.output).absolute().parent} does not exist")
+    cfg, params, tok = load_model(args.model or default_model(), check_finite=not args.no_check_finite)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer: imatrix needs one to tokenize {args.file}")
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
@@ -226,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--save-frequency", type=int, default=0, metavar="N",
                     help="rewrite the output every N batches, so an interrupted run loses at most N (0 = at the end)")
     im.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_check_finite(im)
     im.set_defaults(func=cmd_imatrix)
 
     add_quantize_parser(sub)
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     _enable_compilation_cache()
     try:
         return args.func(args)
-    except ValueError as e:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"mtp-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 
