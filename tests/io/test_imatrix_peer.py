@@ -108,7 +108,6 @@ def test_llama_quantize_iq2_xxs_needs_our_imatrix_and_the_result_drafts(peer, th
     assert speculative_counts(spec.stderr)[0] > 0
 
 
-@pytest.mark.peer
 def test_cli_imatrix_end_to_end(model256, text, io_dir, capsys):
     from mtp_jax import cli
     out = io_dir / "imatrix-cli.gguf"

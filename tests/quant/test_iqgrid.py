@@ -14,8 +14,6 @@ from mtp_jax.quant import iqgrid
 from mtp_jax.quant.base import QK_K, REGISTRY, QuantError
 from mtp_jax.quant.registry import dequantize, quantize
 
-pytestmark = pytest.mark.peer
-
 T = GGMLQuantizationType
 REQUIRED = [T.IQ2_XXS, T.IQ2_XS, T.IQ1_S]          # ggml_quantize_requires_imatrix
 OPTIONAL = [T.IQ3_XXS, T.IQ3_S, T.IQ2_S, T.IQ1_M]
@@ -82,6 +80,7 @@ def bad_blocks(a: np.ndarray, b: np.ndarray, qtype: GGMLQuantizationType) -> np.
     return np.flatnonzero((a.reshape(-1, ts) != b.reshape(-1, ts)).any(axis=1))
 
 
+@pytest.mark.peer
 def test_imatrix_requirement(ggml):
     """"required" exactly where ggml_quantize_requires_imatrix says so (llama-quantize's stricter rule is policy)."""
     for qtype in REQUIRED + OPTIONAL:
@@ -96,6 +95,7 @@ MODES = [(t, m) for t in REQUIRED for m in ("gamma", "zeros", "ones")] + [
 ]
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize(("qtype", "mode"), MODES, ids=[f"{t.name}-{m}" for t, m in MODES])
 def test_matches_ggml(ggml, qtype, mode):
     rng = np.random.default_rng([int(qtype), len(mode)])
@@ -114,6 +114,7 @@ def test_matches_ggml(ggml, qtype, mode):
     assert not report, f"mismatching blocks per case: {report}"
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", REQUIRED + OPTIONAL, ids=lambda t: t.name)
 def test_expert_tensor(ggml, qtype):
     """A 3-D [n_expert, rows, cols] tensor, each expert with its own imatrix slice (as llama-quant does)."""
@@ -129,6 +130,7 @@ def test_expert_tensor(ggml, qtype):
         assert len(bad_blocks(ours, ggml.ggml_quantize(x.reshape(-1, COLS), qtype), qtype)) == 0
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", REQUIRED + OPTIONAL, ids=lambda t: t.name)
 def test_single_subblock(ggml, qtype):
     """One superblock with a single non-zero sub-block: the vectorized searches see a batch of one."""
@@ -140,6 +142,7 @@ def test_single_subblock(ggml, qtype):
         assert len(bad_blocks(quantize(x, qtype, imatrix), ggml.ggml_quantize(x, qtype, imatrix), qtype)) == 0
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", REQUIRED + OPTIONAL, ids=lambda t: t.name)
 def test_chunk_boundaries(ggml, qtype, monkeypatch):
     """Superblock chunks that end mid-row must still pair each superblock with its imatrix columns."""

@@ -9,8 +9,6 @@ from gguf import GGMLQuantizationType as T
 
 from mtp_jax.quant import registry
 
-pytestmark = pytest.mark.peer
-
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4]
 BLOCK32 = [t for t in TYPES if GGML_QUANT_SIZES[t][0] == 32]
 N = 512
@@ -109,6 +107,7 @@ def _assert_exact(ours: np.ndarray, ref: np.ndarray, qtype: T, what: str, labels
         )
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("imatrix_kind", ["none", "gamma", "zeros", "ones"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_bit_exact(ggml, qtype, imatrix_kind):
@@ -122,6 +121,7 @@ def test_bit_exact(ggml, qtype, imatrix_kind):
     _assert_exact(ours, ggml.ggml_quantize(rows, qtype, imatrix), qtype, f"imatrix={imatrix_kind}", labels)
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", BLOCK32, ids=lambda t: t.name)
 def test_short_rows(ggml, qtype):
     """n_per_row not a multiple of 256 (the legacy imatrix sigma2 is over the whole row)."""
@@ -131,6 +131,7 @@ def test_short_rows(ggml, qtype):
         _assert_exact(ours, ggml.ggml_quantize(rows, qtype, imatrix), qtype, "n_per_row=96")
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
 def test_expert_tensor(ggml, qtype):
     """[n_expert, rows, cols] with one imatrix slice per expert, as llama-quant passes them."""
@@ -147,6 +148,7 @@ def test_expert_tensor(ggml, qtype):
     _assert_exact(plain, ggml.ggml_quantize(data.reshape(-1, N), qtype).reshape(plain.shape), qtype, "rank 3")
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
 def test_iq4_search_pieces(ggml, qtype):
     """The IQ4 scale search runs on pieces of at most 2048 blocks: a lone block, an odd split into pieces
@@ -184,6 +186,7 @@ def test_roundtrip(qtype):
 SIMPLE = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.TQ1_0, T.TQ2_0, T.MXFP4]
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", SIMPLE, ids=lambda t: t.name)
 def test_simple_pieces(ggml, qtype):
     """The reference paths run on pieces of 64K values (2048 blocks of 32, 256 of 256), the imatrix paths on
@@ -199,6 +202,7 @@ def test_simple_pieces(ggml, qtype):
             _assert_exact(ours, ggml.ggml_quantize(x, qtype, imatrix), qtype, f"{rows}x{cols}")
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("qtype", SIMPLE, ids=lambda t: t.name)
 def test_simple_rounding_edges(ggml, qtype):
     """Values around the roundings of the reference paths, in blocks scaled so that x*id is exact: Q8_0's
