@@ -14,6 +14,7 @@ UNKNOWN tokens print only with ``special=True``, UNUSED tokens never.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,8 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 
 from mtp_jax.io.pre_tokenizers import GPT2_RE, LLAMA3_RE, NOT_BYTE_LEVEL, PRE_TOKENIZERS, QWEN2_RE
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(ValueError):
@@ -284,10 +287,25 @@ def _vocab(t: Tokenizer) -> dict[str, int]:
     return v
 
 
+def _bpe_merges(t: Tokenizer) -> list[tuple[str, str]]:
+    """The merges split as llama.cpp splits them (at the first space after the first character), less those the
+    tokenizers BPE cannot hold: a part or the merged text outside the vocabulary. Training never makes one; a file
+    that has them (a damaged one) loads in llama.cpp, so it loads here too, with a warning."""
+    vocab = _vocab(t)
+    pairs, bad = [], []
+    for m in t.merges:
+        i = m.find(" ", 1)
+        a, b = (m[:i], m[i + 1:]) if i > 0 else (m, "")
+        (pairs if a in vocab and b in vocab and a + b in vocab else bad).append((a, b))
+    if bad:
+        log.warning("%d of %d tokenizer merges name text outside the vocabulary and are ignored (the first: %r)",
+                    len(bad), len(t.merges), " ".join(bad[0]))
+    return pairs
+
+
 def _gpt2_backend(t: Tokenizer) -> _Backend:
     pre = PRE_TOKENIZERS[t.pre]
-    merges = [tuple(m.split(" ", 1)) for m in t.merges]
-    b = _Backend(models.BPE(vocab=_vocab(t), merges=merges, ignore_merges=pre.ignore_merges))
+    b = _Backend(models.BPE(vocab=_vocab(t), merges=_bpe_merges(t), ignore_merges=pre.ignore_merges))
     b.pre_tokenizer = pre.backend()
     b.decoder = decoders.ByteLevel()
     _add_specials(b, t)

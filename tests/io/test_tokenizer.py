@@ -98,6 +98,14 @@ def test_bad_tokenizers():
         t.add_to_gguf(None, 10)
 
 
+def test_merges_outside_the_vocabulary_are_ignored_with_a_warning(caplog):
+    """A damaged merges list (a part or the merged text not a token, no space) loads, as in llama.cpp."""
+    t = tiny_bpe(300)
+    damaged = Tokenizer(**t.to_dict() | {"merges": ["\u0120x zz", *t.merges, "nospace", "\u0120 t\u0120"]})
+    assert "3 of" in caplog.text and "merges name text outside the vocabulary" in caplog.text
+    assert all(damaged.encode(text) == t.encode(text) for text in TEXTS)
+
+
 @pytest.mark.peer
 @pytest.mark.parametrize("kind", ["glm4", "gpt-2", "qwen2", "default", "spm"])
 def test_ids_equal_llama_tokenize(peer, tmp_path, kind):
