@@ -20,10 +20,12 @@ import jax.numpy as jnp
 
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
+from mtp_jax.kvcache import write_block
 from mtp_jax.linear import linear
 from mtp_jax.params import Attention, Layer, Mlp, Moe
 
 Stats = dict[str, dict[str, jax.Array]]
+KV = tuple[jax.Array, jax.Array, jax.Array | int]  # K stack, V stack [L, B, S, K, H], this layer's index
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
 
@@ -65,13 +67,16 @@ def attention(
     positions: jax.Array,  # [B, T]
     cfg: ModelConfig,
     mask: jax.Array,  # [B, T] valid tokens
-    kv_old: tuple[jax.Array, jax.Array] | None = None,  # cache of this layer [B, S, K, H] each
-    lengths: jax.Array | None = None,  # [B] valid slots of kv_old
+    kv: KV | None = None,  # (k_stack, v_stack [L, B, S, K, H], layer index in the stacks)
+    lengths: jax.Array | None = None,  # [B] valid slots of the cache
     collect_stats: bool = False,
     li: jax.Array | int | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
-    """GQA attention with optional bias and qk-norm. Query t of row b sees cache slots < lengths[b] and the
-    new block causally (t' <= t). Returns (out [B, T, D], k_new [B, T, K, H], v_new, stats)."""
+) -> tuple[jax.Array, KV | None, Stats]:
+    """GQA attention with optional bias and qk-norm -> (out [B, T, D], updated kv, stats).
+
+    With a cache, the T new entries of row b are written first at slots lengths[b] + t (kvcache.write_block),
+    then query t attends to slots < lengths[b] + t + 1: the cache is written, then read, so XLA updates it in
+    place (reading the old stack beside a write to it made XLA copy the whole stack every layer)."""
     B, T, _ = x.shape
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     G = N // K
@@ -89,21 +94,19 @@ def attention(
     with jax.named_scope("scores"):
         q = q.reshape(B, T, K, G, H)
         scale = H**-0.5
-        causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [T(query), T(key)]
-        s_new = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        s_new = jnp.where(causal, s_new, _NEG)
-        if kv_old is not None:
-            k_old, v_old = kv_old
-            S = k_old.shape[1]
-            s_old = jnp.einsum("btkgh,bskh->bkgts", q, k_old, preferred_element_type=jnp.float32) * scale
-            visible = jnp.arange(S)[None, :] < lengths[:, None]  # [B, S]
-            s_old = jnp.where(visible[:, None, None, None, :], s_old, _NEG)
-            probs = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1).astype(v.dtype)
-            out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :S], v_old)
-            out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., S:], v)
+        if kv is not None:
+            ks, vs, ci = kv
+            ks, vs = write_block(ks, ci, k, lengths), write_block(vs, ci, v, lengths)
+            kv = (ks, vs, ci)
+            k, v = ks[ci], vs[ci]  # [B, S, K, H]
+            S = k.shape[1]
+            visible = jnp.arange(S)[None, None, :] < (lengths[:, None] + jnp.arange(T)[None, :] + 1)[:, :, None]
         else:
-            probs = jax.nn.softmax(s_new, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+            visible = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None]  # [1, T(query), T(key)] causal
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(visible[:, None, None], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     out = out.reshape(B, T, N * H)
     y = linear(out, p.wo.reshape(*p.wo.shape[:-3], N * H, -1), li)
     stats: Stats = {}
@@ -111,7 +114,7 @@ def attention(
         s_in = sum_squares(x, mask)
         stats = {"attn_q": s_in, "attn_k": s_in, "attn_v": s_in,
                  "attn_output": sum_squares(out, mask)}
-    return y, k, v, stats
+    return y, kv, stats
 
 
 def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suffix: str = "",
@@ -223,15 +226,15 @@ def decoder_block(
     positions: jax.Array,
     cfg: ModelConfig,
     mask: jax.Array,
-    kv_old: tuple[jax.Array, jax.Array] | None,
+    kv: KV | None,
     lengths: jax.Array | None,
     collect_stats: bool = False,
     li: jax.Array | int | None = None,  # index into stacked leaves of p (None: p is one layer)
-) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
+) -> tuple[jax.Array, KV | None, Stats]:
     """Pre-norm block: x + attn(norm(x)); then + ffn(norm(.)) with a dense MLP or the MoE."""
     with jax.named_scope("attention"):
-        a, k, v, stats = attention(rms_norm(x, at(p.attn_norm, li), cfg.rms_norm_eps), p.attn, positions, cfg, mask,
-                                   kv_old, lengths, collect_stats, li)
+        a, kv, stats = attention(rms_norm(x, at(p.attn_norm, li), cfg.rms_norm_eps), p.attn, positions, cfg, mask,
+                                 kv, lengths, collect_stats, li)
     x = x + a
     with jax.named_scope("ffn"):
         hn = rms_norm(x, at(p.ffn_norm, li), cfg.rms_norm_eps)
@@ -239,4 +242,4 @@ def decoder_block(
             f, f_stats = moe(hn, p.ffn, cfg, mask, collect_stats, li)
         else:
             f, f_stats = mlp(hn, p.ffn, mask, collect_stats, li=li)
-    return x + f, k, v, stats | f_stats
+    return x + f, kv, stats | f_stats

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import KVCache, write_block
+from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.params import Params
@@ -36,10 +36,10 @@ def run_stack(
 
     def body(carry, i):
         h, ks, vs = carry
-        kv_old = None if ks is None else (ks[i], vs[i])
-        h, k_new, v_new, stats = decoder_block(h, layers, positions, cfg, mask, kv_old, lengths, collect_stats, i)
-        if ks is not None:
-            ks, vs = write_block(ks, i, k_new, lengths), write_block(vs, i, v_new, lengths)
+        kv = None if ks is None else (ks, vs, i)
+        h, kv, stats = decoder_block(h, layers, positions, cfg, mask, kv, lengths, collect_stats, i)
+        if kv is not None:
+            ks, vs, _ = kv
         return (h, ks, vs), stats
 
     (x, k_stack, v_stack), stats = jax.lax.scan(body, (x, k_stack, v_stack), jnp.arange(n))

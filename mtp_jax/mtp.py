@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import KVCache, write_block
+from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.model import output_weight, project_logits, take_last, valid_mask
@@ -59,8 +59,8 @@ def nextn_forward(
     hn = rms_norm(h.astype(e.dtype), nn.hnorm, cfg.rms_norm_eps)
     eh = jnp.concatenate([e, hn], axis=-1)  # [B, T, 2D]
     x = linear(eh, nn.eh_proj)
-    kv_old = None if cache is None else (cache.k[0][head], cache.v[0][head])
-    x, k_new, v_new, stats = decoder_block(x, nn.layer, positions, cfg, mask, kv_old, lengths, collect_stats)
+    kv = None if cache is None else (cache.k[0], cache.v[0], head)
+    x, kv, stats = decoder_block(x, nn.layer, positions, cfg, mask, kv, lengths, collect_stats)
     norm_w = params.final_norm if nn.shared_head_norm is None else nn.shared_head_norm
     out_h = rms_norm(x, norm_w, cfg.rms_norm_eps)
     w_head = output_weight(params) if nn.shared_head_head is None else (nn.shared_head_head, False)
@@ -75,6 +75,5 @@ def nextn_forward(
         stats = stats | {"eh_proj": sum_squares(eh, mask), "shared_head_head": sum_squares(out_h, mask)}
     new_cache = None
     if cache is not None:
-        new_cache = KVCache((write_block(cache.k[0], head, k_new, lengths),),
-                            (write_block(cache.v[0], head, v_new, lengths),), lengths + n_valid)
+        new_cache = KVCache((kv[0],), (kv[1],), lengths + n_valid)
     return out_h, out, new_cache, stats

@@ -4,7 +4,7 @@
 // Why: XLA:CPU runs f16/bf16 dots at ~0.6 GB/s (it converts operands and calls Eigen), and a dynamic slice or
 // gather of a layer's or an expert's weights is materialized as a copy before every dot. Decoding is
 // bound by reading the weights once, so the kernel reads each needed expert matrix exactly once per call,
-// converts 16 values per instruction, and splits the output columns over XLA's intra-op thread pool.
+// converts 16 values per instruction, and splits the output columns over spinning worker threads.
 //
 // Numerics: every output is a sequential f32 FMA chain over k (trans=0) or a fixed 16-lane split of k
 // reduced in a fixed order (trans=1), so a row's result does not depend on M or on the other rows: a
@@ -14,7 +14,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -62,6 +66,8 @@ inline float load1(const void* w, int64_t i) {
 }
 
 #ifdef MTP_AVX512
+constexpr int kPrefetchRows = 16;
+
 template <int WT>
 inline __m512 load16(const void* w, int64_t i, __mmask16 m) {
   if (WT == kF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + i);
@@ -77,7 +83,7 @@ inline __mmask16 lane_mask(int64_t remaining) {
 // trans=0: rows k..k+KU-1 of w times columns [n0, n1) of MB rows, accumulated into y (a block stays in L1). KU rows
 // of w are streamed at once (contiguous runs, prefetch-friendly) and each y vector is loaded and stored once
 // per KU FMAs; every output is still one FMA chain in k order.
-template <int WT, int MB, int KU>
+template <int WT, int MB, int KU, int PF>
 inline void rows_kn(const float* const* xr, const void* w, int64_t k, int64_t N, int64_t n0, int64_t n1,
                     float* const* yr) {
   float xs[MB][KU];
@@ -87,6 +93,9 @@ inline void rows_kn(const float* const* xr, const void* w, int64_t k, int64_t N,
     const __mmask16 m = lane_mask(n1 - n);
     __m512 wv[KU];
     for (int u = 0; u < KU; ++u) wv[u] = load16<WT>(w, (k + u) * N + n, m);
+    if (PF)  // the same columns PF rows further down: a small matrix is over before the hardware catches on
+      for (int u = 0; u < KU; ++u)
+        _mm_prefetch(static_cast<const char*>(w) + ((k + u + PF) * N + n) * (WT == kF32 ? 4 : 2), _MM_HINT_T0);
     for (int r = 0; r < MB; ++r) {
       __m512 a = _mm512_maskz_loadu_ps(m, yr[r] + n);
       for (int u = 0; u < KU; ++u) a = _mm512_fmadd_ps(_mm512_set1_ps(xs[r][u]), wv[u], a);
@@ -100,8 +109,9 @@ void block_kn(const float* const* xr, const void* w, int64_t K, int64_t N, int64
               float* const* yr) {
   for (int r = 0; r < MB; ++r) std::memset(yr[r] + n0, 0, (n1 - n0) * sizeof(float));
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) rows_kn<WT, MB, 8>(xr, w, k, N, n0, n1, yr);
-  for (; k < K; ++k) rows_kn<WT, MB, 1>(xr, w, k, N, n0, n1, yr);
+  for (; k + 8 + kPrefetchRows <= K; k += 8) rows_kn<WT, MB, 8, kPrefetchRows>(xr, w, k, N, n0, n1, yr);
+  for (; k + 8 <= K; k += 8) rows_kn<WT, MB, 8, 0>(xr, w, k, N, n0, n1, yr);
+  for (; k < K; ++k) rows_kn<WT, MB, 1, 0>(xr, w, k, N, n0, n1, yr);
 }
 
 // trans=1: output columns n..n+NN-1 = dot(x[r, :], w[n, :]) with 16 lanes over k, NN columns x MB rows at once
@@ -210,7 +220,111 @@ struct Job {
   }
 };
 
-ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+inline void cpu_relax() {
+#ifdef MTP_AVX512
+  _mm_pause();
+#endif
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && std::atoi(v) > 0 ? std::atoi(v) : fallback;
+}
+
+// Workers that spin for a while after each job (llama.cpp's threadpool polls the same way): a decode step
+// is ~100 small matmuls separated by short XLA ops, and waking a sleeping thread for each (tens of us) costs
+// more than the matmul. After MTP_JAX_SPIN_US (default 1000) without work they sleep on a condition variable.
+//
+// Jobs live in two slots owned by the pool, so a worker that wakes late never touches freed memory: it
+// registers on the slot (`active`), then works only if the slot still holds the job it was woken for; the
+// caller retires a slot (gen = 0) and waits for `active` to drain before refilling it. The caller waits
+// only for the chunks, never for idle workers, and takes chunks itself, so a descheduled worker delays a
+// call by at most one chunk.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: workers live as long as the process
+    return *pool;
+  }
+  int threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Fills a job slot (fill(job) sets everything but the counters) and runs it on the caller and the workers.
+  // A second caller while a job runs (XLA may run independent ops at once) works alone on its own job.
+  template <typename Fill>
+  void run(Fill fill, int64_t n_chunks) {
+    std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
+    if (!busy.owns_lock() || workers_.empty() || n_chunks <= 1) {
+      Job job;
+      fill(job);
+      job.n_chunks = std::min<int64_t>(n_chunks, 1);
+      job.work();
+      return;
+    }
+    const uint64_t g = ++last_gen_;
+    Slot& slot = slots_[g & 1];
+    slot.gen.store(0);  // retire: late workers that register from now on skip it
+    while (slot.active.load() != 0) cpu_relax();
+    Job& job = slot.job;
+    fill(job);
+    job.n_chunks = n_chunks;
+    job.next.store(0);
+    job.done.store(0);
+    slot.gen.store(g);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      gen_.store(g);
+    }
+    if (sleepers_.load() > 0) cv_.notify_all();
+    job.work();
+    while (job.done.load(std::memory_order_acquire) < n_chunks) cpu_relax();
+  }
+
+ private:
+  struct Slot {
+    Job job;
+    std::atomic<uint64_t> gen{0};
+    std::atomic<int> active{0};
+  };
+
+  Pool() : spin_(std::chrono::microseconds(env_int("MTP_JAX_SPIN_US", 1000))) {
+    const int n = std::min<int>(env_int("MTP_JAX_THREADS", 1 << 20), std::max(1u, std::thread::hardware_concurrency()));
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+    for (auto& t : workers_) t.detach();
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      uint64_t g;
+      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
+        cpu_relax();
+        if (std::chrono::steady_clock::now() - t0 > spin_) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lk, [&] { return gen_.load() != seen; });
+          sleepers_.fetch_sub(1);
+        }
+      }
+      seen = g;
+      Slot& slot = slots_[g & 1];
+      slot.active.fetch_add(1);
+      if (slot.gen.load() == g) slot.job.work();
+      slot.active.fetch_sub(1);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::chrono::steady_clock::duration spin_;
+  std::mutex submit_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  uint64_t last_gen_ = 0;  // guarded by submit_
+  Slot slots_[2];
+  std::atomic<int> sleepers_{0};
+};
+
+ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> eids, ffi::ResultBuffer<ffi::F32> y,
                       bool trans) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -232,50 +346,45 @@ ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   const int64_t li = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // XLA's dynamic-index clamping
   const char* wl = static_cast<const char*>(w.untyped_data()) + li * E * K * N * esize;
 
-  auto job = std::make_shared<Job>();
-  job->wt = wt;
-  job->trans = trans;
-  job->K = K;
-  job->N = N;
-  // counting sort of the rows by expert (stable: rows of one expert stay in order)
+  // rows grouped by expert (a stable counting sort): each distinct expert's matrix is read once
   std::vector<int64_t> count(E + 1, 0);
   const int32_t* ids = eids.typed_data();
   auto eid = [&](int64_t m) { return std::clamp<int64_t>(ids[m], 0, E - 1); };
   for (int64_t m = 0; m < M; ++m) ++count[eid(m) + 1];
   for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
-  std::vector<int64_t> pos(count.begin(), count.end() - 1);
-  job->xr.resize(M);
-  job->yr.resize(M);
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t p = pos[eid(m)]++;
-    job->xr[p] = x.typed_data() + m * K;
-    job->yr[p] = y->typed_data() + m * N;
-  }
-  job->group_start.push_back(0);
-  for (int64_t e = 0; e < E; ++e)
-    if (count[e + 1] > count[e]) {
-      job->group_w.push_back(wl + e * K * N * esize);
-      job->group_start.push_back(count[e + 1]);
+  int64_t groups = 0;
+  for (int64_t e = 0; e < E; ++e) groups += count[e + 1] > count[e];
+  const int64_t per_item = trans ? kColsPerItem : kTileCols;
+  const int64_t items_per_group = (N + per_item - 1) / per_item;
+  auto fill = [&](Job& job) {
+    job.wt = wt;
+    job.trans = trans;
+    job.K = K;
+    job.N = N;
+    job.items_per_group = items_per_group;
+    job.n_items = groups * items_per_group;
+    std::vector<int64_t> pos(count.begin(), count.end() - 1);
+    job.xr.resize(M);
+    job.yr.resize(M);
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t p = pos[eid(m)]++;
+      job.xr[p] = x.typed_data() + m * K;
+      job.yr[p] = y->typed_data() + m * N;
     }
-  const int64_t groups = static_cast<int64_t>(job->group_w.size());
-  job->items_per_group = (N + (trans ? kColsPerItem : kTileCols) - 1) / (trans ? kColsPerItem : kTileCols);
-  job->n_items = groups * job->items_per_group;
-  // enough bytes per thread to pay for waking one (~256 KiB of weights), at most one per pool thread
+    job.group_w.clear();
+    job.group_start.assign(1, 0);
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e + 1] > count[e]) {
+        job.group_w.push_back(wl + e * K * N * esize);
+        job.group_start.push_back(count[e + 1]);
+      }
+  };
+  // enough weight bytes per thread (32 KiB) to pay for handing it work; 4 chunks per thread so that the
+  // caller can take over the work of a worker the OS has descheduled
+  Pool& pool = Pool::get();
   const int64_t bytes = groups * K * N * static_cast<int64_t>(esize);
-  static const int64_t max_threads = [] {  // MTP_JAX_THREADS caps the threads (benchmarks: llama.cpp's -t)
-    const char* env = std::getenv("MTP_JAX_THREADS");
-    return env && std::atoi(env) > 0 ? std::atoi(env) : int64_t(1) << 20;
-  }();
-  const int64_t threads =
-      std::max<int64_t>(1, std::min({static_cast<int64_t>(pool.num_threads()), max_threads, bytes >> 18}));
-  job->n_chunks = std::min<int64_t>(job->n_items, threads);
-  for (int64_t t = 1; t < job->n_chunks; ++t) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->n_chunks) {
-#ifdef MTP_AVX512
-    _mm_pause();
-#endif
-  }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.threads(), bytes >> 15));
+  pool.run(fill, threads == 1 ? 1 : std::min<int64_t>(groups * items_per_group, 4 * threads));
   return ffi::Error::Success();
 }
 
@@ -283,7 +392,6 @@ ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpLinear, LinearImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
