@@ -90,6 +90,10 @@ class Tokenizer:
     def __post_init__(self):
         if len(self.token_types) != len(self.tokens):
             raise TokenizerError(f"{len(self.tokens)} tokens but {len(self.token_types)} token types")
+        if len(set(self.tokens)) != len(self.tokens):  # llama_vocab::impl::load asserts the texts are unique
+            first: dict[str, int] = {}
+            s, i = next((s, i) for i, s in enumerate(self.tokens) if first.setdefault(s, i) != i)
+            raise TokenizerError(f"token {s!r} is both id {first[s]} and id {i} (llama.cpp refuses duplicate tokens)")
         for name in ("bos_id", "eos_id", "eot_id", "eom_id", "unk_id", "pad_id"):
             i = getattr(self, name)
             if i is not None and not 0 <= i < len(self.tokens):
@@ -165,6 +169,7 @@ class Tokenizer:
         tokens = _field(reader, T.LIST)
         if tokens is None:
             raise TokenizerError(f"tokenizer model {model!r} without {T.LIST}")
+        tokens = [s or f"[EMPTY_{i}]" for i, s in enumerate(tokens)]  # as llama.cpp names empty tokens
         types = _field(reader, T.TOKEN_TYPE) or [int(TokenType.NORMAL)] * len(tokens)
         pre = _field(reader, T.PRE) or ("default" if model == "gpt2" else None)  # llama.cpp: missing -> 'default'
         # without the key llama.cpp adds BOS for SentencePiece vocabularies and per pre-tokenizer for BPE
@@ -281,10 +286,7 @@ def _add_specials(backend: _Backend, t: Tokenizer) -> None:
 
 
 def _vocab(t: Tokenizer) -> dict[str, int]:
-    v: dict[str, int] = {}
-    for i, s in enumerate(t.tokens):
-        v.setdefault(s, i)  # the first id of a duplicated text wins, as in llama_vocab's token_to_id
-    return v
+    return {s: i for i, s in enumerate(t.tokens)}
 
 
 def _bpe_merges(t: Tokenizer) -> list[tuple[str, str]]:

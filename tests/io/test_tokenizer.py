@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import gguf
 import pytest
 from gguf import TokenType
 
@@ -92,10 +94,27 @@ def test_bad_tokenizers():
         Tokenizer(**t.to_dict() | {"pre": "nope"})
     with pytest.raises(TokenizerError, match="unsupported tokenizer model 'bert'"):
         Tokenizer(**t.to_dict() | {"model": "bert"})
+    with pytest.raises(TokenizerError, match=re.escape(f"token {t.tokens[20]!r} is both id 20 and id 30 (llama.cpp")):
+        Tokenizer(**t.to_dict() | {"tokens": t.tokens[:30] + t.tokens[20:21] + t.tokens[31:]})
     with pytest.raises(TokenizerError, match="eos_id 999 is outside"):
         Tokenizer(**t.to_dict() | {"eos_id": 999})
     with pytest.raises(TokenizerError, match="more than the model's vocab_size 10"):
         t.add_to_gguf(None, 10)
+
+
+def test_empty_tokens_are_named_as_llama_cpp_names_them(tmp_path):
+    t = tiny_bpe(300)
+    tokens = t.tokens[:40] + ["", ""] + t.tokens[42:]
+    w = gguf.GGUFWriter(tmp_path / "v.gguf", "glm4moe")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges([m for m in t.merges if t.tokens[40] not in m.split() and t.tokens[41] not in m.split()])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    back = Tokenizer.from_gguf(gguf.GGUFReader(tmp_path / "v.gguf"))
+    assert back.tokens[40:42] == ["[EMPTY_40]", "[EMPTY_41]"] and back.pre == "default"
 
 
 def test_merges_outside_the_vocabulary_are_ignored_with_a_warning(caplog):
