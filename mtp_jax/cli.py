@@ -50,6 +50,18 @@ def _add_check_finite(p: argparse.ArgumentParser) -> None:
                    help="skip the check that every weight of a GGUF model is finite (no NaN/Inf)")
 
 
+def _num_draft(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--num-draft expects 'auto' or an integer >= 0, got {text!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"--num-draft expects 'auto' or an integer >= 0, got {k}")
+    return k
+
+
 def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
     """ValueError unless the longest prompt, the budget and the K+1 slots a speculative step writes ahead fit the
     model's positions (cfg.max_position_embeddings)."""
@@ -95,12 +107,20 @@ def cmd_generate(args) -> int:
     else:
         prompts = args.prompt_ids or ([tok.encode("def ", add_special=True)] if tok else [[1, 2, 3]])
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    k = args.num_draft if cfg.has_mtp else 0
-    check_positions(cfg, prompts, args.max_new_tokens, k)
+    k = args.num_draft
+    if k != 0 and (params.nextn is None or not cfg.has_mtp):
+        print(f"mtp-jax generate: the model has no NextN (MTP) head; decoding plain (--num-draft {k} ignored)",
+              file=sys.stderr)
+        k = 0
+    check_positions(cfg, prompts, args.max_new_tokens, args.draft_max if k == "auto" else k)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
     mode = f"MTP speculative, K={k}" if k else "plain"
     what = f"up to {args.max_new_tokens} tokens x {len(prompts)} rows"
+    if k == "auto":
+        print("mtp-jax generate: measuring the cost of head and verify steps for --num-draft auto ...",
+              file=sys.stderr, flush=True)
     res = plain.best_of(_progress(lambda: speculative.generate(params, cfg, prompts, num_draft=k, trace=args.trace,
+                                                               p_min=args.draft_p_min, max_draft=args.draft_max,
                                                                **common), f"{mode}: {what}", args.repeats + 1),
                         args.repeats)
     for i, toks in enumerate(res.tokens):
@@ -113,8 +133,10 @@ def cmd_generate(args) -> int:
     if k:
         s = res.stats
         rates = " ".join(f"{r:.2f}" for r in s["accept_rate_per_pos"])
-        print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {k}, tokens/step {s['mean_tokens_per_step']:.2f}, "
-              f"acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}")
+        of = args.draft_max if k == "auto" else k
+        print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {of}, tokens/step {s['mean_tokens_per_step']:.2f}, "
+              f"acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}"
+              f"{', plain steps ' + str(s['plain_steps']) if s['plain_steps'] else ''}")
     if args.compare:
         base = plain.best_of(_progress(lambda: plain.generate(params, cfg, prompts, **common), f"plain: {what}",
                                        args.repeats + 1), args.repeats)
@@ -204,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--num-draft", "-K", type=int, default=3,
-                   help="tokens drafted per step by the NextN head (0 = plain decoding; default 3)")
+    g.add_argument("--num-draft", "-K", type=_num_draft, default="auto",
+                   help="tokens drafted per step by the NextN head: a number (0 = plain decoding) or 'auto' (the "
+                        "default): each step drafts up to --draft-max tokens, the count chosen from the acceptance "
+                        "measured so far and the measured cost of head and verify steps, and falls back to plain "
+                        "decoding when drafting does not pay")
+    g.add_argument("--draft-max", type=int, default=4, help="the most tokens an 'auto' step drafts (default 4)")
+    g.add_argument("--draft-p-min", type=float, default=None,
+                   help="a row stops drafting at a draft whose head probability is below this (llama.cpp's "
+                        "--draft-p-min; default 0 = off)")
     g.add_argument("--compare", action="store_true",
                    help="also run plain decoding in the same process and print its tokens/s and the speedup")
     g.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the best is reported")

@@ -69,6 +69,7 @@ def verify_drafts(
     draft_probs: jax.Array,  # [B, K, V] q, the distribution each draft was drawn from (one-hot if greedy)
     drafts: jax.Array,  # [B, K]
     s: Sampling,
+    n_draft: jax.Array | None = None,  # [B] drafts a row made (the rest are padding); default K
 ) -> tuple[jax.Array, jax.Array]:
     """Lossless speculative acceptance (Leviathan et al. 2023; Chen et al. 2023) -> (n_accepted [B], next [B]).
 
@@ -79,18 +80,20 @@ def verify_drafts(
     temperature / top-k / top-p that produced q.
     """
     B, K = drafts.shape
+    made = jnp.ones((B, K), bool) if n_draft is None else jnp.arange(K)[None, :] < n_draft[:, None]
     if s.greedy:
         tgt = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
-        n_acc = jnp.cumprod(drafts == tgt[:, :K], axis=1).sum(1).astype(jnp.int32)
+        n_acc = jnp.cumprod((drafts == tgt[:, :K]) & made, axis=1).sum(1).astype(jnp.int32)
         return n_acc, jnp.take_along_axis(tgt, n_acc[:, None], axis=1)[:, 0]
     k_u, k_res = jax.random.split(key)
     p = probs(target_logits, s)  # [B, K+1, V]
     pd = jnp.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]  # [B, K]
     qd = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(k_u, (B, K))
-    accept = u * qd < pd  # u < p/q without dividing (q(d) > 0 for a drawn d)
+    accept = (u * qd < pd) & made  # u < p/q without dividing (q(d) > 0 for a drawn d)
     n_acc = jnp.cumprod(accept, axis=1).sum(1).astype(jnp.int32)
-    q_ext = jnp.concatenate([draft_probs, jnp.zeros_like(p[:, :1])], axis=1)  # [B, K+1, V]
+    q_made = jnp.where(made[..., None], draft_probs, 0.0)  # past a row's last draft, p is sampled as is
+    q_ext = jnp.concatenate([q_made, jnp.zeros_like(p[:, :1])], axis=1)  # [B, K+1, V]
     at = n_acc[:, None, None]
     p_n = jnp.take_along_axis(p, at, axis=1)[:, 0]  # [B, V]
     residual = jnp.maximum(p_n - jnp.take_along_axis(q_ext, at, axis=1)[:, 0], 0.0)

@@ -17,6 +17,7 @@ Rows stop independently (stop ids, budget, cache full); finished rows ride along
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,9 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import autodraft
 from mtp_jax import generate as plain
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, init_nextn_cache, init_trunk_cache
+from mtp_jax.linear import compute_dtype
 from mtp_jax.model import forward, pad_prompts, take_last
 from mtp_jax.mtp import nextn_forward, shift_hidden
 from mtp_jax.params import Params, pytree_dataclass
@@ -49,8 +52,11 @@ class SpecState:
     done: Any  # [B] bool
     step: Any  # [] iterations run
     rng: Any
-    hist: Any  # [K+1] accepted-draft count histogram over (active row, step)
+    hist: Any  # [K+1] accepted-draft count histogram over (active row, speculative step)
     pos_acc: Any  # [K] times draft position i was accepted
+    reached: Any  # [K] times draft position i was verified with every earlier draft accepted
+    plain: Any  # [] bool: auto mode gave up drafting; the remaining steps are plain decode steps
+    plain_steps: Any  # [] steps run as plain decode steps
     trace: Any  # None, or dict of [max_steps, B, ...] buffers
 
 
@@ -58,55 +64,125 @@ class SpecState:
 class _Static:
     cfg: ModelConfig
     sampling: Sampling
-    num_draft: int
+    num_draft: int  # K, or the most an auto step drafts
     out_len: int
     draft_sampling: bool
     trace: bool
+    auto: bool = False  # choose the draft count each step (autodraft.py)
+    p_min: float = 0.0  # a row stops drafting at a draft less probable than this under the head
+
+
+def _pick(key: jax.Array, lg: jax.Array, c: _Static) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Head logits [B, V] -> (draft [B], q [B, V] the distribution it was drawn from, confidence [B]).
+
+    The confidence is the head's top probability (llama.cpp's ``cur_p->data[0].p``), never the drawn draft's:
+    a stop rule that looked at the draw would make the proposed drafts follow q restricted to the confident
+    tokens, not q, and the acceptance test would no longer be lossless."""
+    if c.draft_sampling and not c.sampling.greedy:
+        q = probs(lg, c.sampling)
+        return sample(key, lg, c.sampling), q, q.max(-1)
+    # greedy drafts: q is one-hot (llama.cpp drafts the top candidate); confidence = softmax prob of the top
+    d = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    conf = 1.0 / jnp.exp(lg - lg.max(-1, keepdims=True)).sum(-1)
+    return d, jax.nn.one_hot(d, lg.shape[-1], dtype=jnp.float32), conf
+
+
+def _catch_up(params: Params, st: SpecState, c: _Static):
+    """NextN forward over the pending pairs -> (head hidden at the last one [B, 1, D], its logits, cache)."""
+    g, logits, cache, _ = nextn_forward(params, st.pend_h, st.pend_tok, st.nextn, c.cfg, n_valid=st.n_pend,
+                                        logits="last")
+    return take_last(g, st.n_pend), logits, cache
 
 
 def _draft(params: Params, st: SpecState, key: jax.Array, c: _Static):
-    """NextN catch-up + K drafts. -> (drafts [B, K], q [B, K, V], nextn cache with lengths L+1)."""
+    """NextN catch-up + K drafts. -> (drafts [B, K], q [B, K, V], n_draft [B], nextn cache with lengths L+1)."""
     cfg, K = c.cfg, c.num_draft
     keys = jax.random.split(key, K)
-    g, logits, cache, _ = nextn_forward(params, st.pend_h, st.pend_tok, st.nextn, cfg, n_valid=st.n_pend,
-                                        logits="last")
-    g = take_last(g, st.n_pend)  # [B, 1, D]
+    g, logits, cache = _catch_up(params, st, c)
     committed = cache.lengths  # = L + 1
     drafts, qs = [], []
     for i in range(K):
-        lg = logits[:, 0]
-        if c.draft_sampling and not c.sampling.greedy:
-            q = probs(lg, c.sampling)
-            d = sample(keys[i], lg, c.sampling)
-        else:  # greedy drafts: q is one-hot (llama.cpp drafts the top candidate)
-            d = jnp.argmax(lg, axis=-1).astype(jnp.int32)
-            q = jax.nn.one_hot(d, lg.shape[-1], dtype=jnp.float32)
+        d, q, _ = _pick(keys[i], logits[:, 0], c)
         drafts.append(d)
         qs.append(q)
         if i + 1 < K:
             g, logits, cache, _ = nextn_forward(params, g, d[:, None], cache, cfg, logits="all")
-    return jnp.stack(drafts, 1), jnp.stack(qs, 1), cache.with_lengths(committed)
+    B = st.n_pend.shape[0]
+    return jnp.stack(drafts, 1), jnp.stack(qs, 1), jnp.full((B,), K, jnp.int32), cache.with_lengths(committed)
 
 
-def _body(params: Params, stops, max_new, c: _Static, st: SpecState) -> SpecState:
+def _draft_auto(params: Params, st: SpecState, key: jax.Array, k: jax.Array, c: _Static):
+    """Catch-up + up to k drafts per row, a row stopping at its first draft below p_min; head steps stop when
+    no active row drafts on. -> (drafts [B, K] (junk past n_draft), q [B, K, V], n_draft [B], nextn cache)."""
     cfg, K = c.cfg, c.num_draft
+    keys = jax.random.split(key, K)
+    g, logits, cache = _catch_up(params, st, c)
+    committed = cache.lengths
+    d, q, conf = _pick(keys[0], logits[:, 0], c)
+    go = ~st.done & (conf >= c.p_min)
+    B, V = q.shape
+    drafts = jnp.zeros((B, K), jnp.int32).at[:, 0].set(d)
+    qs = jnp.zeros((B, K, V), jnp.float32).at[:, 0].set(jnp.where(go[:, None], q, 0.0))
+
+    def cond(s):
+        i, _, _, _, _, go, _ = s
+        return (i < k) & jnp.any(go)
+
+    def body(s):
+        i, g, cache, drafts, qs, go, n = s
+        g, lg, cache, _ = nextn_forward(params, g, drafts[:, i - 1][:, None], cache, cfg, logits="all")
+        d, q, conf = _pick(keys[i], lg[:, 0], c)
+        go = go & (conf >= c.p_min)
+        drafts = drafts.at[:, i].set(d)
+        qs = qs.at[:, i].set(jnp.where(go[:, None], q, 0.0))
+        return i + 1, g, cache, drafts, qs, go, n + go
+
+    _, _, cache, drafts, qs, _, n = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), g, cache, drafts, qs, go, go.astype(jnp.int32)))
+    return drafts, qs, jnp.minimum(n, k), cache.with_lengths(committed)
+
+
+def _once(pred: jax.Array, fn, carry):
+    """fn(carry) if pred else carry, as a while loop that runs 0 or 1 times: unlike lax.cond/switch, XLA keeps
+    a while loop's carried buffers (the KV caches) in place instead of copying them into each branch."""
+    return jax.lax.while_loop(lambda s: s[0], lambda s: (jnp.bool_(False), fn(s[1])), (pred, carry))[1]
+
+
+def _verify_auto(params: Params, trunk: KVCache, last, drafts, n_draft, done, c: _Static):
+    """One trunk forward over [t_L, d_1..d_T-1], T = 1 + the most drafts an active row made (one of K+1
+    compiled lengths, so a short draft costs a short verify). Outputs padded to K+1 positions."""
+    K, B = c.num_draft, last.shape[0]
+    T_run = 1 + jnp.max(jnp.where(done, 0, n_draft))
+
+    def length(T):
+        def run(carry):
+            trunk, _, _ = carry
+            hv, lg, trunk, _ = forward(params, jnp.concatenate([last[:, None], drafts[:, :T - 1]], 1), trunk,
+                                       c.cfg, logits="all")
+            pad = ((0, 0), (0, K + 1 - T), (0, 0))
+            return trunk, jnp.pad(hv, pad), jnp.pad(lg, pad)
+        return run
+
+    carry = (trunk, jnp.zeros((B, K + 1, c.cfg.hidden_size), compute_dtype(c.cfg.dtype)),
+             jnp.zeros((B, K + 1, c.cfg.vocab_size), jnp.float32))
+    for T in range(1, K + 2):
+        carry = _once(T_run == T, length(T), carry)
+    trunk, hv, logits = carry
+    return hv, logits, trunk
+
+
+def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops, max_new, c: _Static,
+            plain_step: bool = False) -> SpecState:
+    """Emit the accepted drafts and the correction/bonus token, roll back by lengths, update the statistics."""
+    K = c.num_draft
     B = st.n_out.shape[0]
-    rng, k_draft, k_acc = jax.random.split(st.rng, 3)
-    with jax.named_scope("draft"):
-        drafts, q, nextn = _draft(params, st, k_draft, c)
-    L = st.trunk.lengths
-    last = jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]  # t_L
-    with jax.named_scope("verify"):
-        hv, logits, trunk, _ = forward(params, jnp.concatenate([last[:, None], drafts], 1), st.trunk, cfg,
-                                       logits="all")
-    with jax.named_scope("accept"):
-        n_acc, nxt = verify_drafts(k_acc, logits, q, drafts, c.sampling)
     j = jnp.arange(K + 1)[None, :]
     emitted = jnp.where(j < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, K+1]
     # truncate at the first stop id and at the budget
     stop_at = jnp.where(plain.is_stop(emitted, stops) & (j <= n_acc[:, None]), j, K + 1).min(1)
     n_emit = jnp.minimum(jnp.minimum(n_acc + 1, stop_at + 1), max_new - st.n_out)
     active = ~st.done
+    L = st.trunk.lengths
     S = st.trunk.size
     L_new = L + n_emit  # t_L and the emitted tokens but the newest are cached (== L + a + 1 unless truncated)
     n_out = st.n_out + jnp.where(active, n_emit, 0)
@@ -115,12 +191,16 @@ def _body(params: Params, stops, max_new, c: _Static, st: SpecState) -> SpecStat
     cols = jnp.where(active[:, None], st.n_out[:, None] + j, st.out.shape[1])  # inactive rows write nowhere
     out = st.out.at[rows, cols].set(emitted, mode="drop")
     keep = lambda new, old: jnp.where(active.reshape(-1, *([1] * (new.ndim - 1))), new, old)  # noqa: E731
-    hist = st.hist.at[n_acc].add(active.astype(jnp.int32))
-    pos_acc = st.pos_acc + ((jnp.arange(K)[None, :] < n_acc[:, None]) & active[:, None]).sum(0)
+    counted = active & ~plain_step
+    hist = st.hist.at[n_acc].add(counted.astype(jnp.int32))
+    pos = jnp.arange(K)[None, :]
+    pos_acc = st.pos_acc + ((pos < n_acc[:, None]) & counted[:, None]).sum(0)
+    reached = st.reached + ((pos <= n_acc[:, None]) & (pos < n_draft[:, None]) & counted[:, None]).sum(0)
     trace = st.trace
     if trace is not None:
         i = st.step
         trace = {"drafts": trace["drafts"].at[i].set(drafts),
+                 "n_draft": trace["n_draft"].at[i].set(n_draft),
                  "n_acc": trace["n_acc"].at[i].set(jnp.where(active, n_acc, -1)),
                  "start": trace["start"].at[i].set(st.n_out),
                  "n_emit": trace["n_emit"].at[i].set(jnp.where(active, n_emit, 0))}
@@ -130,12 +210,56 @@ def _body(params: Params, stops, max_new, c: _Static, st: SpecState) -> SpecStat
         pend_tok=keep(emitted, st.pend_tok),  # (h_{L+j}, emitted_j) pairs for slots L+1 .. L+a+1
         pend_h=keep(hv, st.pend_h),
         n_pend=keep(n_acc + 1, st.n_pend),
-        out=out, n_out=n_out, done=done, step=st.step + 1, rng=rng, hist=hist, pos_acc=pos_acc, trace=trace,
+        out=out, n_out=n_out, done=done, step=st.step + 1, rng=st.rng, hist=hist, pos_acc=pos_acc, reached=reached,
+        plain=st.plain, plain_steps=st.plain_steps + plain_step, trace=trace,
     )
 
 
+def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState) -> SpecState:
+    cfg, K = c.cfg, c.num_draft
+    rng, k_draft, k_acc = jax.random.split(st.rng, 3)
+    last = jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]  # t_L
+    plain_next = st.plain
+    if c.auto:
+        k, _ = autodraft.choose(st.pos_acc, st.reached, costs, K)
+        k = jnp.where(st.step < autodraft.WARMUP_STEPS, 1, k)  # the first steps probe with one draft, the cheapest way to learn acceptance
+        with jax.named_scope("draft"):
+            drafts, q, n_draft, nextn = _draft_auto(params, st, k_draft, k, c)
+        with jax.named_scope("verify"):
+            hv, logits, trunk = _verify_auto(params, st.trunk, last, drafts, n_draft, st.done, c)
+    else:
+        with jax.named_scope("draft"):
+            drafts, q, n_draft, nextn = _draft(params, st, k_draft, c)
+        with jax.named_scope("verify"):
+            hv, logits, trunk, _ = forward(params, jnp.concatenate([last[:, None], drafts], 1), st.trunk, cfg,
+                                           logits="all")
+    with jax.named_scope("accept"):
+        n_acc, nxt = verify_drafts(k_acc, logits, q, drafts, c.sampling, n_draft=n_draft if c.auto else None)
+    new = _finish(st, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops, max_new, c)
+    if c.auto:  # with this step's outcome counted: give up drafting when even the best k does not pay
+        _, ratio = autodraft.choose(new.pos_acc, new.reached, costs, K)
+        plain_next = (new.step >= autodraft.WARMUP_STEPS) & (ratio < 1.0)
+    return dataclasses.replace(new, rng=rng, plain=plain_next)
+
+
+def _plain_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState) -> SpecState:
+    """Auto mode once drafting does not pay: one trunk token per step, the head no longer run."""
+    rng, key = jax.random.split(st.rng)
+    B, K = st.pend_tok.shape[0], c.num_draft
+    last = jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]
+    with jax.named_scope("decode"):
+        hv, lg, trunk, _ = forward(params, last[:, None], st.trunk, c.cfg, logits="last")
+    nxt = sample(key, lg[:, 0], c.sampling)
+    zeros = jnp.zeros((B,), jnp.int32)
+    hv = jnp.pad(hv, ((0, 0), (0, K), (0, 0)))
+    new = _finish(st, jnp.zeros((B, K), jnp.int32), zeros, zeros, nxt, hv, trunk, st.nextn, stops, max_new, c,
+                  plain_step=True)
+    return dataclasses.replace(new, rng=rng)
+
+
 @partial(jax.jit, static_argnames=("c",), donate_argnames=("trunk", "nextn"))
-def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, rng, max_new, stops, c: _Static):
+def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, rng, max_new, stops, costs,
+               c: _Static):
     cfg, K = c.cfg, c.num_draft
     B = tokens.shape[0]
     with jax.named_scope("prefill"):
@@ -148,18 +272,24 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, 
     live = max_new > 0
     trace = None
     if c.trace:
-        trace = {"drafts": jnp.zeros((c.out_len, B, K), jnp.int32), "n_acc": jnp.full((c.out_len, B), -1, jnp.int32),
+        trace = {"drafts": jnp.zeros((c.out_len, B, K), jnp.int32), "n_draft": jnp.zeros((c.out_len, B), jnp.int32),
+                 "n_acc": jnp.full((c.out_len, B), -1, jnp.int32),
                  "start": jnp.zeros((c.out_len, B), jnp.int32), "n_emit": jnp.zeros((c.out_len, B), jnp.int32)}
     st = SpecState(
         trunk=trunk, nextn=nextn, pend_tok=pend_tok, pend_h=pend_h, n_pend=jnp.ones((B,), jnp.int32),
         out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
         done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
         step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=jnp.zeros((K,), jnp.int32),
-        trace=trace,
+        reached=jnp.zeros((K,), jnp.int32), plain=jnp.bool_(False), plain_steps=jnp.int32(0), trace=trace,
     )
-    st = jax.lax.while_loop(lambda s: (s.step < c.out_len) & ~jnp.all(s.done),
-                            partial(_body, params, stops, max_new, c), st)
-    return st.out, st.n_out, st.trunk, st.step, st.hist, st.pos_acc, st.trace
+    running = lambda s: (s.step < c.out_len) & ~jnp.all(s.done)  # noqa: E731
+    st = jax.lax.while_loop(lambda s: running(s) & ~s.plain, partial(_spec_step, params, stops, max_new, costs, c), st)
+    if c.auto:  # drafting stopped paying: the rest as plain decode steps (a second loop, not a cond in the first)
+        st = jax.lax.while_loop(running, partial(_plain_step, params, stops, max_new, costs, c), st)
+    return st.out, st.n_out, st.trunk, st.step, st.hist, st.pos_acc, st.reached, st.plain_steps, st.trace
+
+
+AUTO_MAX_DRAFT = 4  # the most an auto step drafts (its verify is compiled for each length 1..5)
 
 
 def generate(
@@ -167,7 +297,7 @@ def generate(
     cfg: ModelConfig,
     prompts: Sequence[Sequence[int]],
     *,
-    num_draft: int = 2,
+    num_draft: int | str = 2,
     max_new_tokens: int = 32,
     sampling: Sampling = Sampling(),
     eos_ids: Sequence[int] | None = None,
@@ -177,17 +307,27 @@ def generate(
     draft_sampling: bool = False,
     trace: str | os.PathLike | bool | None = None,
     return_cache: bool = False,
+    p_min: float | None = None,
+    max_draft: int = AUTO_MAX_DRAFT,
+    costs: np.ndarray | None = None,
 ) -> plain.GenerateResult:
     """MTP speculative decoding of a batch of prompts. ``num_draft=0`` is plain decoding.
+
+    ``num_draft="auto"``: each step drafts up to ``max_draft`` tokens, the count chosen from the measured
+    acceptance and piece costs (``costs``, default ``autodraft.measure_costs``), each row stopping at a draft
+    whose head top probability is below ``p_min`` (default 0 = off, as llama.cpp's --draft-p-min); see autodraft.py.
 
     ``trace``: a path (or env MTP_JAX_TRACE) gets an NDJSON line per row per step (step, row, drafted ids,
     accepted count, emitted ids), written on the host after the loop; ``True`` keeps it in the result only.
     A row's first token comes from the prefill; the trace's emitted ids are the rest of its output.
     ``stats`` of the result: accept_hist (0..K), per-position acceptance rate, mean tokens per step,
-    trunk forwards (prefill + verify steps).
+    trunk forwards (prefill + verify steps), plain_steps (auto mode after it stopped drafting).
     """
-    if num_draft < 0:
-        raise ValueError(f"num_draft must be >= 0, got {num_draft}")
+    auto = num_draft == "auto"
+    if not auto and (not isinstance(num_draft, (int, np.integer)) or num_draft < 0):
+        raise ValueError(f"num_draft must be 'auto' or an integer >= 0, got {num_draft!r}")
+    if auto and (params.nextn is None or not cfg.has_mtp):
+        num_draft = 0  # auto on a model without a head: plain decoding
     if num_draft == 0:
         return plain.generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                               eos_ids=eos_ids, stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache)
@@ -195,28 +335,39 @@ def generate(
         raise ValueError("speculative decoding needs a model with a NextN layer (num_nextn_predict_layers > 0)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    p_min = 0.0 if p_min is None else float(p_min)
+    if not 0.0 <= p_min <= 1.0:
+        raise ValueError(f"p_min must be in [0, 1], got {p_min}")
+    K = max_draft if auto else int(num_draft)
+    if K < 1:
+        raise ValueError(f"max_draft must be >= 1, got {K}")
     trace = trace if trace is not None else os.environ.get("MTP_JAX_TRACE")
     tokens, lens = pad_prompts(prompts, cfg)
-    size = plain.plan_cache(lens, max_new_tokens, cache_size, extra=num_draft + 1)
+    size = plain.plan_cache(lens, max_new_tokens, cache_size, extra=K + 1)
     B = len(lens)
-    c = _Static(cfg, sampling, num_draft, max_new_tokens, draft_sampling, bool(trace))
+    if auto and costs is None:
+        costs = autodraft.measure_costs(params, cfg, B, K)
+    costs = jnp.asarray(np.ones((2, K + 2), np.float32) if costs is None else costs, jnp.float32)
+    c = _Static(cfg, sampling, K, max_new_tokens, draft_sampling, bool(trace), auto, p_min)
     t0 = time.perf_counter()
-    out, n_out, trunk, steps, hist, pos_acc, tr = _spec_loop(
+    out, n_out, trunk, steps, hist, pos_acc, reached, plain_steps, tr = _spec_loop(
         params, jnp.asarray(tokens), jnp.asarray(lens), init_trunk_cache(cfg, B, size), init_nextn_cache(cfg, B, size),
         jax.random.key(seed), jnp.full((B,), max_new_tokens, jnp.int32), jnp.asarray(plain.stop_array(cfg, eos_ids, stop)),
-        c=c)
+        costs, c=c)
     out, n_out, hist = np.asarray(out), np.asarray(n_out), np.asarray(hist)
     seconds = time.perf_counter() - t0
     rows = [out[b, : n_out[b]].tolist() for b in range(B)]
     row_steps = int(hist.sum())
     stats = {
-        "num_draft": num_draft,
+        "num_draft": "auto" if auto else K,
         "accept_hist": hist.tolist(),
         "accept_rate_per_pos": (np.asarray(pos_acc) / max(row_steps, 1)).tolist(),
-        "mean_accepted": float((hist * np.arange(num_draft + 1)).sum() / max(row_steps, 1)),
-        "mean_tokens_per_step": float((hist * (np.arange(num_draft + 1) + 1)).sum() / max(row_steps, 1)),
+        "accept_rate_given_reached": (np.asarray(pos_acc) / np.maximum(np.asarray(reached), 1)).tolist(),
+        "mean_accepted": float((hist * np.arange(K + 1)).sum() / max(row_steps, 1)),
+        "mean_tokens_per_step": float((hist * (np.arange(K + 1) + 1)).sum() / max(row_steps, 1)),
         "trunk_forwards": int(steps) + 1,
         "row_steps": row_steps,
+        "plain_steps": int(plain_steps),
     }
     res = plain.GenerateResult(rows, seconds, stats)
     if tr is not None:
@@ -236,7 +387,8 @@ def _trace_lines(tr: dict[str, np.ndarray], out: np.ndarray) -> list[dict]:
             if a < 0:
                 continue
             s, n = int(tr["start"][step, row]), int(tr["n_emit"][step, row])
-            lines.append({"step": step, "row": row, "drafted": tr["drafts"][step, row].tolist(), "accepted": a,
+            drafted = tr["drafts"][step, row][: tr["n_draft"][step, row]].tolist()
+            lines.append({"step": step, "row": row, "drafted": drafted, "accepted": a,
                           "emitted": out[row, s: s + n].tolist()})
     return lines
 

@@ -226,21 +226,24 @@ def _reachable(comps: dict[str, list[str]], root: str) -> set[str]:
     return seen
 
 
-def test_draft_and_verify_run_inside_the_while_body():
+@pytest.mark.parametrize("auto", [False, True])
+def test_draft_and_verify_run_inside_the_while_body(auto):
     """Must-show 6: one executable whose top-level while loop's body computation (and what it calls) holds every
     matmul of the "draft" (NextN block) and "verify" (trunk: both layer stacks) named scopes. XLA may hoist what
     does not depend on the loop state, such as the causal mask's iota, out of the loop: matmuls it cannot."""
     tokens, lens = M.pad_prompts(PROMPTS, CFG)
     B, S = len(PROMPTS), 40
-    c = SP._Static(CFG, Sampling(), 3, 16, False, False)
+    c = SP._Static(CFG, Sampling(), 3, 16, False, False, auto=auto, p_min=0.5 if auto else 0.0)
     args = (PARAMS, jnp.asarray(tokens), jnp.asarray(lens), kvcache.init_trunk_cache(CFG, B, S),
             kvcache.init_nextn_cache(CFG, B, S), jax.random.key(0), jnp.full((B,), 16, jnp.int32),
-            jnp.asarray([-1], jnp.int32))
+            jnp.asarray([-1], jnp.int32), jnp.ones((2, 5), jnp.float32))
     hlo = SP._spec_loop.lower(*args, c=c).compile().as_text()
     assert hlo.count("HloModule") == 1  # one executable
     comps, entry = _hlo_computations(hlo)
     loops = [ln for ln in comps[entry] if " while(" in ln and 'op_name="jit(_spec_loop)/while"' in ln]
-    assert len(loops) == 1, "the speculative loop is one while in the entry computation"
+    # the speculative loop is one while in the entry computation (auto: then a plain loop for when drafting
+    # stops paying)
+    assert len(loops) == (2 if auto else 1)
     inside = _reachable(comps, re.search(r"body=%([\w.\-]+)", loops[0]).group(1))
 
     def ops(scope: str, kinds: str, within: set[str]) -> list[str]:
@@ -253,5 +256,6 @@ def test_draft_and_verify_run_inside_the_while_body():
         assert not ops(scope, matmuls, set(comps) - inside), f"{scope} matmuls outside the while body"
     assert ops("prefill", matmuls, set(comps) - inside) and not ops("prefill", matmuls, inside)  # runs once, before
     verify, draft = ops("verify", matmuls, inside), ops("draft", matmuls, inside)
-    assert all(any(f"/verify/{stack}/" in ln for ln in verify) for stack in ("dense_layers", "moe_layers"))  # trunk
-    assert all(any(f"/draft/{part}/" in ln for ln in draft) for part in ("attention", "ffn"))  # the NextN block
+    # (auto mode: the verify is one of K+1 run-once loops over its lengths, the head steps a nested while)
+    assert all(any(re.search(f"/verify/(.*/)?{stack}/", ln) for ln in verify) for stack in ("dense_layers", "moe_layers"))
+    assert all(any(re.search(f"/draft/(.*/)?{part}/", ln) for ln in draft) for part in ("attention", "ffn"))

@@ -1,0 +1,97 @@
+"""``--num-draft auto``: how many tokens to draft, chosen inside the compiled loop from measured numbers.
+
+Two rules (speculative.py applies them every step):
+
+* **confidence** (llama.cpp's ``--draft-p-min``): a row stops drafting at the first draft whose probability
+  under the head is below ``p_min``; rows of a batch draft different counts and the verify covers the most
+  any active row drafted.
+* **expected gain**: with per-position acceptance rates r_i estimated from the steps so far (Laplace prior)
+  and the measured cost of a verify of T tokens, v[T], and of a head forward over T pairs, h[T], both in
+  units of one plain decode step, drafting k tokens yields E(k) = 1 + r_0 + r_0 r_1 + ... tokens for
+  v[k+1] + h[k+1] + (k-1) h[1] decodes. The first WARMUP_STEPS steps draft one token; after that the loop
+  drafts the k that maximizes E(k) / cost(k), and once the best ratio is below 1 it switches to plain
+  decoding for the rest of the call, so MTP never runs slower than plain decoding by more than the
+  warm-up steps.
+
+``measure_costs`` times the pieces once per (model, batch, k_max) on the device in use (compiled loops of
+each piece on a cache, as inside the real loops) and keeps the result for the process.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.kvcache import init_nextn_cache, init_trunk_cache
+from mtp_jax.model import forward
+from mtp_jax.mtp import nextn_forward
+
+WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may give up on drafting
+
+
+@partial(jax.jit, static_argnames=("cfg", "T", "head", "n"))
+def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int):
+    """n compiled calls of one piece (trunk or head forward over T tokens) on a cache, lengths reset each time."""
+    B = cache.lengths.shape[0]
+    L = cache.lengths
+    toks = jnp.ones((B, T), jnp.int32)
+    h = jnp.zeros((B, T, cfg.hidden_size), jnp.float32)
+
+    def body(_, c):
+        if head:
+            _, lg, c, _ = nextn_forward(params, h, toks, c, cfg, logits="last")
+        else:
+            _, lg, c, _ = forward(params, toks, c, cfg, logits="all")
+        return c.with_lengths(L + (lg[0, 0, 0] > 1e30).astype(jnp.int32))  # keep the logits live
+
+    return jax.lax.fori_loop(0, n, body, cache).lengths
+
+
+def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3) -> float:
+    """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
+    size = ctx + T + 8
+    cache = (init_nextn_cache if head else init_trunk_cache)(cfg, B, size).with_lengths(jnp.full((B,), ctx))
+    jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+_COSTS: dict = {}
+
+
+def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 64) -> np.ndarray:
+    """[2, k_max + 2] float32: row 0 = verify cost v[T], row 1 = head cost h[T], T = 1..k_max+1 (index 0
+    unused), in units of one plain decode step (v[1] = 1)."""
+    key = (cfg, batch, k_max, jax.default_backend())
+    if key not in _COSTS:
+        t1 = time_piece(params, cfg, batch, 1, False, ctx)
+        v = [1.0] + [time_piece(params, cfg, batch, T, False, ctx) / t1 for T in range(1, k_max + 2)]
+        h = [1.0] + [time_piece(params, cfg, batch, T, True, ctx) / t1 for T in range(1, k_max + 2)]
+        _COSTS[key] = np.array([v, h], np.float32)
+    return _COSTS[key]
+
+
+def expected_tokens(acc: jax.Array, reached: jax.Array) -> jax.Array:
+    """acc, reached [K] (times position i was accepted / verified with all earlier ones accepted) ->
+    E[k] [K+1]: expected tokens emitted by a step that drafts k = 0..K tokens."""
+    r = (acc + 1.0) / (reached + 2.0)  # Laplace prior 1/2
+    return jnp.concatenate([jnp.ones((1,)), 1.0 + jnp.cumsum(jnp.cumprod(r))])
+
+
+def choose(acc: jax.Array, reached: jax.Array, costs: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array]:
+    """-> (k in 1..k_max maximizing E(k)/cost(k), that best ratio)."""
+    e = expected_tokens(acc.astype(jnp.float32), reached.astype(jnp.float32))[1:]  # [K] for k = 1..K
+    k = jnp.arange(1, k_max + 1)
+    cost = costs[0, k + 1] + costs[1, k + 1] + (k - 1) * costs[1, 1]
+    ratio = e / cost
+    best = jnp.argmax(ratio)
+    return (best + 1).astype(jnp.int32), ratio[best]

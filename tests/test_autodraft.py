@@ -1,0 +1,79 @@
+"""--num-draft auto: confidence early stop, K from measured acceptance and costs, plain fallback."""
+
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from mtp_jax import autodraft
+from mtp_jax import generate as plain
+from mtp_jax import speculative as SP
+from mtp_jax.sampling import Sampling
+from tests.spec_fixtures import drafting_params
+from tests.test_speculative import _CHI2_999, _chi2_homogeneity
+
+CFG, PARAMS = drafting_params(0.06)
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [1, 2], [3]]
+CHEAP = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * np.array([[1.0], [0.05]], np.float32)  # verify 1, head 0.05
+
+
+def test_choose_prefers_long_drafts_when_they_are_accepted_and_cheap():
+    k, ratio = autodraft.choose(jnp.array([90, 80, 70, 60]), jnp.array([100, 90, 80, 70]), jnp.asarray(CHEAP), 4)
+    assert int(k) == 4 and float(ratio) > 2
+    k, ratio = autodraft.choose(jnp.array([0, 0, 0, 0]), jnp.array([100, 0, 0, 0]), jnp.asarray(CHEAP), 4)
+    assert int(k) == 1 and float(ratio) < 1  # nothing accepted: drafting cannot pay
+
+
+def test_expected_tokens():
+    e = autodraft.expected_tokens(jnp.array([8.0, 3.0]), jnp.array([8.0, 8.0]))  # r = 0.9, 0.4
+    np.testing.assert_allclose(np.asarray(e), [1.0, 1.9, 1.9 + 0.9 * 0.4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("p_min", [0.0, 0.3, 0.6])
+def test_greedy_auto_equals_plain_greedy(p_min):
+    """Rows stop drafting at different points (confidence), the verify length follows the longest draft."""
+    ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=24, eos_ids=[]).tokens
+    res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", p_min=p_min, costs=CHEAP, max_new_tokens=24,
+                      eos_ids=[], trace=True)
+    assert res.tokens == ref
+    assert res.stats["plain_steps"] == 0
+    drafted = [len(line["drafted"]) for line in res.stats["trace"]]
+    if p_min > 0:  # some rows stopped early while others went on
+        assert min(drafted) < max(drafted)
+    assert max(drafted) >= 2
+
+
+def test_auto_gives_up_drafting_when_it_cannot_pay():
+    costly = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * 5.0  # a verify or head step costs 5 decodes
+    ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=30, eos_ids=[]).tokens
+    res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costly, max_new_tokens=30, eos_ids=[])
+    assert res.tokens == ref
+    assert res.stats["plain_steps"] > 0 and res.stats["row_steps"] <= autodraft.WARMUP_STEPS * len(PROMPTS)
+
+
+def test_auto_on_a_model_without_a_head_decodes_plain():
+    import dataclasses
+    params = dataclasses.replace(PARAMS, nextn=None)
+    ref = plain.generate(params, CFG, PROMPTS, max_new_tokens=8, eos_ids=[]).tokens
+    assert SP.generate(params, CFG, PROMPTS, num_draft="auto", max_new_tokens=8, eos_ids=[]).tokens == ref
+
+
+def test_measured_costs_are_relative_to_one_decode():
+    costs = autodraft.measure_costs(PARAMS, CFG, 1, 2)
+    assert costs.shape == (2, 4) and costs[0, 1] == pytest.approx(1.0, rel=0.5) and (costs[:, 1:] > 0).all()
+
+
+@pytest.mark.parametrize("sampling, p_min", [(Sampling(temperature=1.0), 0.9), (Sampling(temperature=1.5, top_k=5, top_p=0.9), 0.8)])
+def test_sampling_with_early_stop_matches_plain_distribution(sampling, p_min):
+    """Lossless with drafts that stop early (p_min) and sampled drafts: tokens 1..3 over 3000 rows."""
+    cfg, params = drafting_params(0.06, vocab_size=8, eos_token_ids=())
+    n = 3000
+    prompts = [[1, 2, 3]] * n
+    a = plain.generate(params, cfg, prompts, max_new_tokens=3, sampling=sampling, seed=1).tokens
+    r = SP.generate(params, cfg, prompts, num_draft="auto", p_min=p_min, costs=CHEAP, max_new_tokens=3,
+                    sampling=sampling, seed=2, draft_sampling=True, trace=True)
+    drafted = np.bincount([len(line["drafted"]) for line in r.stats["trace"]])
+    assert (drafted > 0.05 * n).sum() >= 2 and drafted[1:].sum() > 0.2 * n  # rows stop at different points
+    a, b = np.asarray(a), np.asarray(r.tokens)
+    for pos in range(3):
+        stat, df = _chi2_homogeneity(np.bincount(a[:, pos], minlength=8), np.bincount(b[:, pos], minlength=8))
+        assert stat < _CHI2_999[df], (pos, stat, df)
