@@ -1,204 +1,252 @@
-"""Plain vs MTP speculative decoding, side by side in one process.
+"""Plain vs MTP speculative decoding, ours and llama.cpp's, side by side in one run.
 
-For each batch size and K it prints tokens/s of both loops (compiled, warm, best of --repeats), the measured
-speedup, the mean accepted drafts per step, and the *ideal* speedup implied by the measured acceptance and the
-measured cost of the pieces of one speculative step relative to one plain decode step:
+For each model (default: the embedded model; bench GGUFs from scripts/make_bench_model.py), each batch size
+and each K (numbers and 'auto'), it prints and writes to JSON:
 
-    ideal = tokens_per_step * t(decode 1) / (t(verify K+1) + t(head K+1) + (K-1) * t(head 1))
+* tokens/s of our plain loop and our MTP loop (compiled, warm, best of --repeats), the measured speedup,
+  the mean accepted drafts and tokens per step;
+* the cost of the pieces relative to one plain decode step, each timed as a compiled loop of in-place cache
+  updates (autodraft.time_piece): verify of K+1 tokens ("verify cost in decodes"), head over K+1 pairs, head
+  over 1; and the *ideal* speedup they imply with the measured acceptance:
+      ideal = tokens_per_step / (v[K+1] + h[K+1] + (K-1) h[1])
+* the memory roofline at batch 1: active weight bytes per token (params.param_counts x the weights' bytes per
+  parameter) / memory bandwidth, the bandwidth measured in this run (numpy copies: one thread, and one per
+  core in parallel; the larger counts, read + write bytes), and our plain tok/s as % of it;
+* llama.cpp on the same GGUF with the same thread count: llama-bench -n 128 -p 0 (plain) and
+  llama-speculative-simple --spec-type draft-mtp per K, and the ratios ours / llama.cpp.
 
-Each piece is timed as a compiled fori_loop of in-place cache updates (as inside the real loops), so
-``ideal / measured`` shows the loop overhead (sampling, bookkeeping, scatters). Writes JSON and a PNG plot
-under benchmarks/results/.
+Writes benchmarks/results/decode.json and, with matplotlib, decode.png (else says so).
 
-    python benchmarks/decode.py [--config glm4moe-tiny | --model M.gguf] [--batch 1 4 16] [--k 1 2 3 4]
+    python benchmarks/decode.py [--model M ...] [--batch 1 4 16] [--k 1 2 3 auto] [--threads N]
+
+What the profile showed (bench-m, F16, xprof traceme per XLA thunk, 2026-12-03) and what was done about it:
+* XLA:CPU ran f16 dots at ~0.6 GB/s and copied each layer's (dynamic-slice) and each routed expert's (gather)
+  weights before every dot -> mtp_jax/kernels/cpu_linear.cc reads them in place (linear.py);
+* the KV stacks were copied twice per layer (the old cache read beside a scatter into it) -> write the new
+  block first, then attend over the cache;
+* each kernel call woke a sleeping pool thread (~100 us at ~30 kernel calls per layer-step) -> spinning
+  workers; lax.switch/cond in the auto loop copied the whole KV cache into each branch -> run-once whiles.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
+import threading
 import time
-from functools import partial
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from mtp_jax import generate as plain
-from mtp_jax import llama_cpp
-from mtp_jax import speculative
-from mtp_jax.kvcache import init_nextn_cache, init_trunk_cache
-from mtp_jax.model import forward
-from mtp_jax.mtp import nextn_forward
-from mtp_jax.sampling import Sampling
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@partial(jax.jit, static_argnames=("cfg", "T", "head", "n"))
-def _repeat_piece(params, cache, cfg, T: int, head: bool, n: int):
-    """n compiled calls of one piece (trunk or head forward over T tokens) on a cache, lengths reset each time."""
-    B = cache.lengths.shape[0]
-    L = cache.lengths
-    toks = jnp.ones((B, T), jnp.int32)
-    h = jnp.zeros((B, T, cfg.hidden_size), jnp.dtype(cfg.dtype))
+def bandwidth_gbs(mb: int = 256) -> dict:
+    """numpy copy bandwidth (read + write bytes) with one thread and with one thread per core, best of 5."""
+    a = np.random.rand(mb * 2**20 // 8)
+    b = np.empty_like(a)
 
-    def body(_, c):
-        if head:
-            _, lg, c, _ = nextn_forward(params, h, toks, c, cfg, logits="all")
-        else:
-            _, lg, c, _ = forward(params, toks, c, cfg, logits="all")
-        return c.with_lengths(L + (lg[0, 0, 0] > 1e30).astype(jnp.int32))  # keep the logits live
+    def one(src, dst):
+        np.copyto(dst, src)
 
-    return jax.lax.fori_loop(0, n, body, cache).lengths
-
-
-def time_piece(params, cfg, B: int, T: int, head: bool, ctx: int, n: int = 50) -> float:
-    """Seconds per call of one piece at batch B with ``ctx`` cached tokens."""
-    size = ctx + T + 8
-    cache = (init_nextn_cache if head else init_trunk_cache)(cfg, B, size).with_lengths(jnp.full((B,), ctx))
-    jax.block_until_ready(_repeat_piece(params, cache, cfg, T, head, n))  # compile
-    t0 = time.perf_counter()
-    jax.block_until_ready(_repeat_piece(params, cache, cfg, T, head, n))
-    return (time.perf_counter() - t0) / n
+    out = {}
+    n = os.cpu_count() or 1
+    for threads in sorted({1, n}):
+        parts = np.array_split(np.arange(a.size), threads)
+        best = float("inf")
+        for _ in range(5):
+            ts = [threading.Thread(target=one, args=(a[p[0]:p[-1] + 1], b[p[0]:p[-1] + 1])) for p in parts]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            best = min(best, time.perf_counter() - t0)
+        out[f"copy_{threads}_threads"] = 2 * a.nbytes / best / 1e9
+    out["roofline"] = max(out.values())
+    return out
 
 
-def run(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, sampling: Sampling) -> list[dict]:
+def weight_bytes_per_token(params, cfg) -> float:
+    from mtp_jax.params import param_counts
+
+    itemsize = np.dtype(params.moe_layers.attn.wq.dtype if params.moe_layers is not None
+                        else params.dense_layers.attn.wq.dtype).itemsize
+    return param_counts(cfg)["active_per_token"] * itemsize
+
+
+def run_ours(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, sampling) -> list[dict]:
+    from mtp_jax import autodraft
+    from mtp_jax import generate as plain
+    from mtp_jax import speculative
+
     rows = []
     for B in batches:
         prompts = prompts_for(B)
         ctx = int(np.mean([len(p) for p in prompts])) + max_new // 2
         base = plain.best_of(lambda: plain.generate(params, cfg, prompts, max_new_tokens=max_new, sampling=sampling,
-                                              eos_ids=[]), repeats)
+                                                    eos_ids=[]), repeats)
         plain_tps = base.num_tokens / base.seconds
-        t_decode = time_piece(params, cfg, B, 1, False, ctx)
+        t1 = autodraft.time_piece(params, cfg, B, 1, False, ctx)
+        piece = {}
+
+        def cost(T, head):
+            if (T, head) not in piece:
+                piece[T, head] = autodraft.time_piece(params, cfg, B, T, head, ctx) / t1
+            return piece[T, head]
+
         for K in ks:
             res = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=K, max_new_tokens=max_new,
-                                                       sampling=sampling, eos_ids=[]), repeats)
+                                                             sampling=sampling, eos_ids=[]), repeats)
             tps = res.num_tokens / res.seconds
-            t_verify = time_piece(params, cfg, B, K + 1, False, ctx)
-            t_head_blk = time_piece(params, cfg, B, K + 1, True, ctx)
-            t_head_1 = time_piece(params, cfg, B, 1, True, ctx) if K > 1 else 0.0
-            step_cost = (t_verify + t_head_blk + (K - 1) * t_head_1) / t_decode
-            tps_step = res.stats["mean_tokens_per_step"]
             row = dict(batch=B, k=K, plain_tok_s=plain_tps, mtp_tok_s=tps, speedup=tps / plain_tps,
-                       mean_accepted=res.stats["mean_accepted"], tokens_per_step=tps_step,
-                       accept_rate_per_pos=res.stats["accept_rate_per_pos"],
-                       step_cost_in_decodes=step_cost, ideal_speedup=tps_step / step_cost,
-                       t_decode_ms=t_decode * 1e3, t_verify_ms=t_verify * 1e3, t_head_block_ms=t_head_blk * 1e3,
-                       t_head_1_ms=t_head_1 * 1e3, identical_to_plain=(res.tokens == base.tokens) if sampling.greedy
-                       else None)
+                       mean_accepted=res.stats["mean_accepted"], tokens_per_step=res.stats["mean_tokens_per_step"],
+                       accept_rate_per_pos=res.stats["accept_rate_per_pos"], plain_steps=res.stats["plain_steps"],
+                       t_decode_ms=t1 * 1e3,
+                       identical_to_plain=(res.tokens == base.tokens) if sampling.greedy else None)
+            if K != "auto":
+                step = cost(K + 1, False) + cost(K + 1, True) + (K - 1) * (cost(1, True) if K > 1 else 0.0)
+                row |= dict(verify_cost_in_decodes=cost(K + 1, False), head_block_cost=cost(K + 1, True),
+                            head_1_cost=cost(1, True), step_cost_in_decodes=step,
+                            ideal_speedup=row["tokens_per_step"] / step)
             rows.append(row)
-            print(f"B={B:>3} K={K}  plain {plain_tps:9.1f} tok/s  MTP {tps:9.1f} tok/s  speedup {row['speedup']:5.2f}x  "
-                  f"accepted {row['mean_accepted']:.2f}/{K}  tokens/step {tps_step:.2f}  step cost "
-                  f"{step_cost:.2f} decodes  ideal {row['ideal_speedup']:5.2f}x", flush=True)
+            extra = (f"  verify {row['verify_cost_in_decodes']:.2f} decodes  ideal {row['ideal_speedup']:.2f}x"
+                     if K != "auto" else f"  plain steps {row['plain_steps']}")
+            print(f"  B={B:>2} K={K!s:>4}  plain {plain_tps:8.1f} tok/s  MTP {tps:8.1f} tok/s  speedup "
+                  f"{row['speedup']:5.2f}x  tokens/step {row['tokens_per_step']:.2f}{extra}", flush=True)
     return rows
 
 
-def _llama(tool: str, *args) -> str:
-    """Run a llama.cpp tool on one thread (on busy cores its OpenMP workers spin); --no-repack: its AMX
-    repacking of quantized weights segfaults on this CPU. Returns stderr (its log)."""
-    p = subprocess.run([str(llama_cpp.bin_dir() / tool), *map(str, args), "-t", "1", "--no-repack"], capture_output=True,
-                       text=True, errors="replace", timeout=600)
+def _llama(tool: str, threads: int, *args) -> str:
+    """A llama.cpp tool's output (stdout + stderr). --no-repack: its AMX repacking segfaults on this CPU."""
+    from mtp_jax import llama_cpp
+
+    p = subprocess.run([str(llama_cpp.bin_dir() / tool), *map(str, args), "-t", str(threads)], capture_output=True,
+                       text=True, errors="replace", timeout=900)
     if p.returncode:
         raise RuntimeError(f"{tool} failed ({p.returncode}): {p.stderr[-2000:]}")
-    return p.stderr
+    return p.stdout + p.stderr
 
 
-def llama_rows(model: str, prompt: str, ks, max_new: int) -> list[dict]:
-    """llama.cpp on the same GGUF at batch 1: llama-completion (plain) and llama-speculative-simple
-    --spec-type draft-mtp for each K, greedy, tokens/s as the tools report them."""
-    if not (llama_cpp.bin_dir() / "llama-speculative-simple").exists():
-        print("llama.cpp tools not built: skipping the llama.cpp comparison")
-        return []
-    common = ["-m", model, "-p", prompt, "-n", max_new, "--temp", 0, "-c", 1024]
-    log = _llama("llama-completion", *common, "-no-cnv", "--ignore-eos")
-    plain_tps = float(re.search(r"eval time =.*?([0-9.]+) tokens per second", log.split("prompt eval time")[-1]).group(1))
-    rows = []
-    for K in ks:
-        log = _llama("llama-speculative-simple", *common, "--spec-type", "draft-mtp", "--spec-draft-n-max", K)
+def run_llama(model: str, prompt: str, ks, max_new: int, threads: int) -> dict:
+    """llama-bench tg128 (plain) and llama-speculative-simple --spec-type draft-mtp per K, greedy, batch 1."""
+    from mtp_jax import llama_cpp
+
+    if not (llama_cpp.bin_dir() / "llama-bench").exists():
+        print("  llama.cpp tools not built (../shared/tools/build-llama-cpp.sh): no llama.cpp comparison")
+        return {}
+    out = _llama("llama-bench", threads, "-m", model, "-n", 128, "-p", 0, "-r", 3, "-o", "json")
+    plain_tps = float(json.loads(out[out.index("["):out.rindex("]") + 1])[0]["avg_ts"])
+    res = {"plain_tok_s": plain_tps, "mtp": []}
+    print(f"  llama.cpp plain (llama-bench tg128, {threads} threads): {plain_tps:.1f} tok/s")
+    common = ["-m", model, "-p", prompt, "-n", max_new, "--temp", 0, "-c", 1024, "--no-repack"]
+    for K in [k for k in ks if k != "auto"]:
+        log = _llama("llama-speculative-simple", threads, *common, "--spec-type", "draft-mtp", "--spec-draft-n-max", K)
         tps = float(re.search(r"decoded\s+\d+ tokens in\s+[0-9.]+ seconds, speed:\s+([0-9.]+) t/s", log).group(1))
         drafted, accepted = llama_cpp.speculative_counts(log)
-        rows.append(dict(k=K, llama_plain_tok_s=plain_tps, llama_mtp_tok_s=tps, llama_speedup=tps / plain_tps,
-                         llama_accept_rate=accepted / max(drafted, 1)))
-        print(f"llama.cpp B=1 K={K}  plain {plain_tps:9.1f} tok/s  MTP {tps:9.1f} tok/s  speedup {tps / plain_tps:5.2f}x"
-              f"  acceptance {accepted}/{drafted}", flush=True)
-    return rows
+        res["mtp"].append(dict(k=K, mtp_tok_s=tps, accept_rate=accepted / max(drafted, 1)))
+        print(f"  llama.cpp draft-mtp K={K}: {tps:.1f} tok/s (x{tps / plain_tps:.2f} of its plain), "
+              f"acceptance {accepted}/{drafted}")
+    return res
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
+def plot(results: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for B in sorted({r["batch"] for r in rows}):
-        rs = [r for r in rows if r["batch"] == B]
-        line, = ax.plot([r["k"] for r in rs], [r["speedup"] for r in rs], "o-", label=f"batch {B} measured")
-        ax.plot([r["k"] for r in rs], [r["ideal_speedup"] for r in rs], "x--", color=line.get_color(),
-                label=f"batch {B} ideal")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("K (drafted tokens per step)")
-    ax.set_ylabel("speedup over plain decoding")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for B in sorted({row["batch"] for row in r["ours"]}):
+            rs = [row for row in r["ours"] if row["batch"] == B and row["k"] != "auto"]
+            line, = ax.plot([x["k"] for x in rs], [x["speedup"] for x in rs], "o-", label=f"B={B} measured")
+            ax.plot([x["k"] for x in rs], [x["ideal_speedup"] for x in rs], "x--", color=line.get_color(),
+                    label=f"B={B} ideal")
+            auto = [x for x in r["ours"] if x["batch"] == B and x["k"] == "auto"]
+            if auto:
+                ax.axhline(auto[0]["speedup"], color=line.get_color(), ls=":", lw=1, label=f"B={B} auto")
+        if r.get("llama", {}).get("mtp"):
+            lm = r["llama"]["mtp"]
+            ax.plot([x["k"] for x in lm], [x["mtp_tok_s"] / r["llama"]["plain_tok_s"] for x in lm], "s-", color="k",
+                    label="llama.cpp B=1")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{r['name']}: plain at {r['roofline_pct_b1']:.0f}% of roofline", fontsize=9)
+        ax.set_xlabel("K (drafted tokens per step)")
+        ax.set_ylabel("speedup over plain decoding")
+        ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    return f"wrote {path}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF / HF dir / orbax dir / config YAML (default: the embedded model)")
+    ap.add_argument("--model", nargs="+", default=None,
+                    help="GGUF / HF dir / orbax dir / config (default: the embedded model)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--k", nargs="+", default=["1", "2", "3", "auto"], help="draft counts; 'auto' for --num-draft auto")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ours and llama.cpp (default: all)")
     ap.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main(argv):\n",
-                    help="prompt text when the model has a tokenizer (every row gets it)")
+                    help="prompt text (every row gets it)")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp comparison")
     ap.add_argument("--out", default=str(RESULTS / "decode"), help="output path prefix (.json and .png are added)")
     args = ap.parse_args(argv)
+    os.environ["MTP_JAX_THREADS"] = str(args.threads)  # read by the CPU kernels when their pool starts
     import warnings
 
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    import jax
+
     from mtp_jax.cli import default_model
     from mtp_jax.io.load import load_model
+    from mtp_jax.sampling import Sampling
 
-    model = args.model or default_model()
-    cfg, params, tok = load_model(model)
-    rng = np.random.default_rng(0)
-    if tok is not None:
-        ids = tok.encode(args.prompt, add_special=True)
-        prompts_for = lambda B: [ids] * B  # noqa: E731
-    else:
-        prompts_for = lambda B: [rng.integers(1, cfg.vocab_size, args.prompt_len).tolist() for _ in range(B)]  # noqa: E731
-    sampling = Sampling(temperature=args.temperature)
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    ks = [k if k == "auto" else int(k) for k in args.k]
+    bw = bandwidth_gbs()
+    print(f"memory bandwidth (numpy copy, read + write): {bw}")
     t0 = time.time()
-    rows = run(params, cfg, prompts_for, args.batch, args.k, args.max_new_tokens, args.repeats, sampling)
-    llama = []
-    if not args.no_llama and str(model).endswith(".gguf") and tok is not None:
-        llama = llama_rows(str(model), args.prompt, args.k, args.max_new_tokens)
-        ours = {r["k"]: r for r in rows if r["batch"] == 1}
-        for lr in llama:
-            o = ours.get(lr["k"])
-            if o:
-                print(f"ours / llama.cpp at B=1 K={lr['k']}: MTP {o['mtp_tok_s'] / lr['llama_mtp_tok_s']:.2f}x, "
-                      f"plain {o['plain_tok_s'] / lr['llama_plain_tok_s']:.2f}x")
-    meta = dict(model=str(model), config=cfg.name, device=str(jax.devices()[0]),
-                platform=platform.platform(), jax=jax.__version__, max_new_tokens=args.max_new_tokens,
-                prompt_len=args.prompt_len, temperature=args.temperature, seconds=time.time() - t0)
+    results = []
+    for model in args.model or [default_model()]:
+        cfg, params, tok = load_model(model)
+        print(f"{model} ({cfg.name}, {params.embed.dtype})", flush=True)
+        ids = tok.encode(args.prompt, add_special=True) if tok else list(range(1, 33))
+        rows = run_ours(params, cfg, lambda B: [ids] * B, args.batch, ks, args.max_new_tokens, args.repeats,
+                        Sampling())
+        bpt = weight_bytes_per_token(params, cfg)
+        b1 = next(r for r in rows if r["batch"] == 1) if 1 in args.batch else rows[0]
+        roof_tps = bw["roofline"] * 1e9 / bpt
+        r = dict(name=cfg.name, model=str(model), weight_bytes_per_token=bpt, roofline_tok_s=roof_tps,
+                 roofline_pct_b1=100 * b1["plain_tok_s"] / roof_tps, ours=rows)
+        print(f"  roofline {roof_tps:.1f} tok/s ({bpt / 1e6:.1f} MB of weights per token): our plain decode at "
+              f"batch 1 is {r['roofline_pct_b1']:.0f}% of it")
+        if not args.no_llama and str(model).endswith(".gguf") and tok is not None:
+            r["llama"] = lm = run_llama(str(model), args.prompt, ks, args.max_new_tokens, args.threads)
+            if lm:
+                r["ours_vs_llama_plain_b1"] = b1["plain_tok_s"] / lm["plain_tok_s"]
+                r["llama_roofline_pct"] = 100 * lm["plain_tok_s"] / roof_tps
+                for x in lm["mtp"]:
+                    o = next((y for y in rows if y["batch"] == 1 and y["k"] == x["k"]), None)
+                    if o:
+                        x["ours_vs_llama"] = o["mtp_tok_s"] / x["mtp_tok_s"]
+                print(f"  ours / llama.cpp plain at B=1: {r['ours_vs_llama_plain_b1']:.2f}x "
+                      f"(llama.cpp at {r['llama_roofline_pct']:.0f}% of the roofline)")
+        results.append(r)
+    meta = dict(device=str(jax.devices()[0]), platform=platform.platform(), cpus=os.cpu_count(), threads=args.threads,
+                jax=jax.__version__, max_new_tokens=args.max_new_tokens, bandwidth_gbs=bw, seconds=time.time() - t0,
+                date=time.strftime("%Y-%m-%d"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "llama_cpp": llama}, indent=1))
-    plot(rows, out.with_suffix(".png"), f"MTP vs plain decoding, {cfg.name}, {meta['device']}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=1))
+    print(f"wrote {out.with_suffix('.json')}; {plot(results, out.with_suffix('.png'))}")
     return 0
 
 
