@@ -33,7 +33,7 @@ def test_generate_bad_token_id_is_one_clear_line(capsys):
 
 
 def test_generate_checks_the_position_limit(capsys):
-    args = ["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "100000"]
+    args = ["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "100000", "-K", "3"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
