@@ -6,9 +6,10 @@ Two rules (speculative.py applies them every step):
   under the head is below ``p_min``; rows of a batch draft different counts and the verify covers the most
   any active row drafted.
 * **expected gain**: with per-position acceptance rates r_i estimated from the steps so far (Laplace prior)
-  and the measured cost of a verify of T tokens, v[T], and of a head forward over T pairs, h[T], both in
-  units of one plain decode step, drafting k tokens yields E(k) = 1 + r_0 + r_0 r_1 + ... tokens for
-  v[k+1] + h[k+1] + (k-1) h[1] decodes. The first WARMUP_STEPS steps draft one token; after that the loop
+  and the measured cost of a verify of T tokens, v[T], of a head forward over T pairs, h[T], and of the
+  step's own work o (sampling, acceptance, bookkeeping), all in units of one plain decode step, drafting k
+  tokens yields E(k) = 1 + r_0 + r_0 r_1 + ... tokens for v[k+1] + h[k+1] + (k-1) h[1] + o decodes. When
+  even k+1 tokens per step (every draft accepted) cannot pay for that, the loop decodes plain from the start. The first WARMUP_STEPS steps draft one token; after that the loop
   drafts the k that maximizes E(k) / cost(k), and once the best ratio is below 1 it switches to plain
   decoding for the rest of the call, so MTP never runs slower than plain decoding by more than the
   warm-up steps.
@@ -69,15 +70,36 @@ _COSTS: dict = {}
 
 
 def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 64) -> np.ndarray:
-    """[2, k_max + 2] float32: row 0 = verify cost v[T], row 1 = head cost h[T], T = 1..k_max+1 (index 0
-    unused), in units of one plain decode step (v[1] = 1)."""
+    """[2, k_max + 2] float32 in units of one plain decode step: row 0 = verify cost v[T], row 1 = head cost
+    h[T], T = 1..k_max+1; [1, 0] = the speculative step's own cost beyond its pieces (sampling, acceptance,
+    bookkeeping: measured as a K=1 speculative run against a plain run, both compiled loops); [0, 0] unused."""
+    from mtp_jax import generate as plain  # noqa: PLC0415  (speculative imports this module)
+    from mtp_jax import speculative  # noqa: PLC0415
+
     key = (cfg, batch, k_max, jax.default_backend())
     if key not in _COSTS:
         t1 = time_piece(params, cfg, batch, 1, False, ctx)
         v = [1.0] + [time_piece(params, cfg, batch, T, False, ctx) / t1 for T in range(1, k_max + 2)]
-        h = [1.0] + [time_piece(params, cfg, batch, T, True, ctx) / t1 for T in range(1, k_max + 2)]
+        h = [0.0] + [time_piece(params, cfg, batch, T, True, ctx) / t1 for T in range(1, k_max + 2)]
+        prompts, n = [[1] * 8] * batch, 32
+        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, max_new_tokens=n, eos_ids=[]), 2)
+        spec = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=1, max_new_tokens=n,
+                                                          eos_ids=[]), 2)
+        step = spec.seconds / spec.stats["trunk_forwards"] / (base.seconds / n)
+        h[0] = max(0.0, step - v[2] - h[2])
         _COSTS[key] = np.array([v, h], np.float32)
     return _COSTS[key]
+
+
+def step_costs(costs: jax.Array, k_max: int) -> jax.Array:
+    """[k_max] cost of a step that drafts k = 1..k_max tokens, in decodes."""
+    k = jnp.arange(1, k_max + 1)
+    return costs[0, k + 1] + costs[1, k + 1] + (k - 1) * costs[1, 1] + costs[1, 0]
+
+
+def can_pay(costs: jax.Array, k_max: int) -> jax.Array:
+    """Whether drafting can beat plain decoding at all: with every draft accepted, k+1 tokens per step."""
+    return jnp.any(jnp.arange(2, k_max + 2) / step_costs(costs, k_max) > 1.0)
 
 
 def expected_tokens(acc: jax.Array, reached: jax.Array) -> jax.Array:
@@ -90,8 +112,6 @@ def expected_tokens(acc: jax.Array, reached: jax.Array) -> jax.Array:
 def choose(acc: jax.Array, reached: jax.Array, costs: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array]:
     """-> (k in 1..k_max maximizing E(k)/cost(k), that best ratio)."""
     e = expected_tokens(acc.astype(jnp.float32), reached.astype(jnp.float32))[1:]  # [K] for k = 1..K
-    k = jnp.arange(1, k_max + 1)
-    cost = costs[0, k + 1] + costs[1, k + 1] + (k - 1) * costs[1, 1]
-    ratio = e / cost
+    ratio = e / step_costs(costs, k_max)
     best = jnp.argmax(ratio)
     return (best + 1).astype(jnp.int32), ratio[best]

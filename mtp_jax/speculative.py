@@ -280,7 +280,8 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, 
         out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
         done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
         step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=jnp.zeros((K,), jnp.int32),
-        reached=jnp.zeros((K,), jnp.int32), plain=jnp.bool_(False), plain_steps=jnp.int32(0), trace=trace,
+        reached=jnp.zeros((K,), jnp.int32), plain=~autodraft.can_pay(costs, K) if c.auto else jnp.bool_(False),
+        plain_steps=jnp.int32(0), trace=trace,
     )
     running = lambda s: (s.step < c.out_len) & ~jnp.all(s.done)  # noqa: E731
     st = jax.lax.while_loop(lambda s: running(s) & ~s.plain, partial(_spec_step, params, stops, max_new, costs, c), st)

@@ -42,12 +42,23 @@ def test_greedy_auto_equals_plain_greedy(p_min):
     assert max(drafted) >= 2
 
 
-def test_auto_gives_up_drafting_when_it_cannot_pay():
+def test_auto_decodes_plain_from_the_start_when_no_acceptance_could_pay():
     costly = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * 5.0  # a verify or head step costs 5 decodes
     ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=30, eos_ids=[]).tokens
     res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costly, max_new_tokens=30, eos_ids=[])
     assert res.tokens == ref
-    assert res.stats["plain_steps"] > 0 and res.stats["row_steps"] <= autodraft.WARMUP_STEPS * len(PROMPTS)
+    assert res.stats["row_steps"] == 0 and res.stats["plain_steps"] == 29
+
+
+def test_auto_gives_up_drafting_when_the_measured_acceptance_cannot_pay():
+    """A step drafting k costs 1 + 0.95 k decodes here: it pays only if nearly every draft is accepted."""
+    costs = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * np.array([[1.0], [0.95]], np.float32)
+    costs[1, 0] = 0.0
+    assert bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT))
+    ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=30, eos_ids=[]).tokens
+    res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costs, max_new_tokens=30, eos_ids=[])
+    assert res.tokens == ref
+    assert res.stats["plain_steps"] > 0 and 0 < res.stats["row_steps"] <= autodraft.WARMUP_STEPS * len(PROMPTS)
 
 
 def test_auto_on_a_model_without_a_head_decodes_plain():
@@ -60,6 +71,7 @@ def test_auto_on_a_model_without_a_head_decodes_plain():
 def test_measured_costs_are_relative_to_one_decode():
     costs = autodraft.measure_costs(PARAMS, CFG, 1, 2)
     assert costs.shape == (2, 4) and costs[0, 1] == pytest.approx(1.0, rel=0.5) and (costs[:, 1:] > 0).all()
+    assert costs[1, 0] >= 0  # the step's own cost beyond its pieces
 
 
 @pytest.mark.parametrize("sampling, p_min", [(Sampling(temperature=1.0), 0.9), (Sampling(temperature=1.5, top_k=5, top_p=0.9), 0.8)])
