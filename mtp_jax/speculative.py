@@ -349,6 +349,14 @@ def generate(
     if auto and costs is None:
         costs = autodraft.measure_costs(params, cfg, B, K)
     costs = jnp.asarray(np.ones((2, K + 2), np.float32) if costs is None else costs, jnp.float32)
+    if auto and not bool(autodraft.can_pay(costs, K)):  # no acceptance could pay: the plain loop itself
+        res = plain.generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                             stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache)
+        longest = max(map(len, res.tokens))
+        res.stats |= {"num_draft": "auto", "accept_hist": [0] * (K + 1), "accept_rate_per_pos": [0.0] * K,
+                      "accept_rate_given_reached": [0.0] * K, "mean_accepted": 0.0, "mean_tokens_per_step": 1.0,
+                      "trunk_forwards": longest, "row_steps": 0, "plain_steps": max(longest - 1, 0)}
+        return res
     c = _Static(cfg, sampling, K, max_new_tokens, draft_sampling, bool(trace), auto, p_min)
     t0 = time.perf_counter()
     out, n_out, trunk, steps, hist, pos_acc, reached, plain_steps, tr = _spec_loop(
