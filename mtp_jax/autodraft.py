@@ -9,10 +9,10 @@ Two rules (speculative.py applies them every step):
   and the measured cost of a verify of T tokens, v[T], of a head forward over T pairs, h[T], and of the
   step's own work o (sampling, acceptance, bookkeeping), all in units of one plain decode step, drafting k
   tokens yields E(k) = 1 + r_0 + r_0 r_1 + ... tokens for v[k+1] + h[k+1] + (k-1) h[1] + o decodes. When
-  even k+1 tokens per step (every draft accepted) cannot pay for that, the loop decodes plain from the start. The first WARMUP_STEPS steps draft one token; after that the loop
-  drafts the k that maximizes E(k) / cost(k), and once the best ratio is below 1 it switches to plain
-  decoding for the rest of the call, so MTP never runs slower than plain decoding by more than the
-  warm-up steps.
+  even k+1 tokens per step (every draft accepted) cannot pay for that, generate() runs the plain loop. Else
+  the first WARMUP_STEPS steps draft one token; after that the loop drafts the k that maximizes
+  E(k) / cost(k), and once the best ratio is below 1 it switches to plain decode steps for the rest of the
+  call.
 
 ``measure_costs`` times the pieces once per (model, batch, k_max) on the device in use (compiled loops of
 each piece on a cache, as inside the real loops) and keeps the result for the process.
@@ -79,7 +79,7 @@ def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 6
     key = (cfg, batch, k_max, jax.default_backend())
     if key not in _COSTS:
         t1 = time_piece(params, cfg, batch, 1, False, ctx)
-        v = [1.0] + [time_piece(params, cfg, batch, T, False, ctx) / t1 for T in range(1, k_max + 2)]
+        v = [1.0, 1.0] + [time_piece(params, cfg, batch, T, False, ctx) / t1 for T in range(2, k_max + 2)]
         h = [0.0] + [time_piece(params, cfg, batch, T, True, ctx) / t1 for T in range(1, k_max + 2)]
         prompts, n = [[1] * 8] * batch, 32
         base = plain.best_of(lambda: plain.generate(params, cfg, prompts, max_new_tokens=n, eos_ids=[]), 2)

@@ -155,9 +155,10 @@ def route(x: jax.Array, p: Moe, cfg: ModelConfig, li: jax.Array | int | None = N
     return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
-def _experts_kernel(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
-    """Each (token, expert) pair is a row whose expert matrix the kernel reads in place, each distinct expert
-    once per call (decode, verify and prefill alike). x [N, D] -> (out [N, k, D], h [N, k, F])."""
+def _experts_by_row(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
+    """Each (token, expert) pair is a row of ``linear`` with its expert id: the CPU kernel reads each distinct
+    expert once per call, in place; XLA gathers the picked experts' weights (worth it for few tokens only).
+    x [N, D] -> (out [N, k, D], h [N, k, F])."""
     N, k = idx.shape
     rows = jnp.repeat(x, k, axis=0)  # [N*k, D] row n*k + j pairs token n with its j-th expert
     e = idx.reshape(-1)
@@ -165,24 +166,16 @@ def _experts_kernel(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array
     return linear(h, p.down, li, e).reshape(N, k, -1), h.reshape(N, k, -1)
 
 
-def _experts_gather(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
-    """XLA: gathers the routed experts' weights (few tokens). x [N, D] -> (out [N, k, D], h [N, k, F])."""
-    gate, up, down = at(p.gate, li), at(p.up, li), at(p.down, li)
-    h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, gate[idx])) * jnp.einsum("nd,nkdf->nkf", x, up[idx])
-    return jnp.einsum("nkf,nkfd->nkd", h, down[idx]), h
-
-
 def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
     """XLA: sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
     N, k = idx.shape
-    p = Moe(router=None, bias=None, gate=at(p.gate, li), up=at(p.up, li), down=at(p.down, li))
-    E = p.gate.shape[0]
+    gate, up, down = at(p.gate, li), at(p.up, li), at(p.down, li)  # [E, ...] of this layer
     flat = idx.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     xs = x[order // k]  # [N*k, D]
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, p.gate, sizes)) * jax.lax.ragged_dot(xs, p.up, sizes)  # [N*k, F]
-    y = jax.lax.ragged_dot(h, p.down, sizes)  # [N*k, D]
+    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)  # [N*k, F]
+    y = jax.lax.ragged_dot(h, down, sizes)  # [N*k, D]
     inv = jnp.argsort(order)
     return y[inv].reshape(N, k, -1), h[inv].reshape(N, k, -1)
 
@@ -193,12 +186,11 @@ def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: 
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
     idx, w = route(xf, p, cfg, li)
-    if kernels.use_cpu_kernels():
-        experts = _experts_kernel
-    else:  # gather copies one expert's weights per (token, expert) pair; past E/2 pairs that traffic (a copy
-        # written and read) exceeds reading every expert once, so grouped matmuls win
-        n_pairs = B * T * cfg.num_experts_per_tok
-        experts = _experts_gather if 2 * n_pairs <= cfg.n_routed_experts else _experts_ragged
+    # without the kernel, gathering copies one expert's weights per (token, expert) pair; past E/2 pairs that
+    # traffic (a copy written and read) exceeds reading every expert once, so XLA's grouped matmuls win
+    n_pairs = B * T * cfg.num_experts_per_tok
+    few = kernels.use_cpu_kernels() or 2 * n_pairs <= cfg.n_routed_experts
+    experts = _experts_by_row if few else _experts_ragged
     out, h = experts(xf, idx, p, li)
     y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
     stats: Stats = {}

@@ -215,14 +215,18 @@ def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops,
     )
 
 
+def _newest(st: SpecState) -> jax.Array:
+    """[B] t_L, the newest emitted token of each row (the last pending pair's token, not yet in the trunk)."""
+    return jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]
+
+
 def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState) -> SpecState:
     cfg, K = c.cfg, c.num_draft
     rng, k_draft, k_acc = jax.random.split(st.rng, 3)
-    last = jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]  # t_L
-    plain_next = st.plain
+    last = _newest(st)
     if c.auto:
         k, _ = autodraft.choose(st.pos_acc, st.reached, costs, K)
-        k = jnp.where(st.step < autodraft.WARMUP_STEPS, 1, k)  # the first steps probe with one draft, the cheapest way to learn acceptance
+        k = jnp.where(st.step < autodraft.WARMUP_STEPS, 1, k)  # probe with one draft: the cheapest way to learn
         with jax.named_scope("draft"):
             drafts, q, n_draft, nextn = _draft_auto(params, st, k_draft, k, c)
         with jax.named_scope("verify"):
@@ -235,20 +239,19 @@ def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState)
                                            logits="all")
     with jax.named_scope("accept"):
         n_acc, nxt = verify_drafts(k_acc, logits, q, drafts, c.sampling, n_draft=n_draft if c.auto else None)
-    new = _finish(st, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops, max_new, c)
+    new = dataclasses.replace(_finish(st, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops, max_new, c), rng=rng)
     if c.auto:  # with this step's outcome counted: give up drafting when even the best k does not pay
         _, ratio = autodraft.choose(new.pos_acc, new.reached, costs, K)
-        plain_next = (new.step >= autodraft.WARMUP_STEPS) & (ratio < 1.0)
-    return dataclasses.replace(new, rng=rng, plain=plain_next)
+        new = dataclasses.replace(new, plain=(new.step >= autodraft.WARMUP_STEPS) & (ratio < 1.0))
+    return new
 
 
-def _plain_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState) -> SpecState:
+def _plain_step(params: Params, stops, max_new, c: _Static, st: SpecState) -> SpecState:
     """Auto mode once drafting does not pay: one trunk token per step, the head no longer run."""
     rng, key = jax.random.split(st.rng)
     B, K = st.pend_tok.shape[0], c.num_draft
-    last = jnp.take_along_axis(st.pend_tok, (st.n_pend - 1)[:, None], axis=1)[:, 0]
     with jax.named_scope("decode"):
-        hv, lg, trunk, _ = forward(params, last[:, None], st.trunk, c.cfg, logits="last")
+        hv, lg, trunk, _ = forward(params, _newest(st)[:, None], st.trunk, c.cfg, logits="last")
     nxt = sample(key, lg[:, 0], c.sampling)
     zeros = jnp.zeros((B,), jnp.int32)
     hv = jnp.pad(hv, ((0, 0), (0, K), (0, 0)))
@@ -280,13 +283,12 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, 
         out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
         done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
         step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=jnp.zeros((K,), jnp.int32),
-        reached=jnp.zeros((K,), jnp.int32), plain=~autodraft.can_pay(costs, K) if c.auto else jnp.bool_(False),
-        plain_steps=jnp.int32(0), trace=trace,
+        reached=jnp.zeros((K,), jnp.int32), plain=jnp.bool_(False), plain_steps=jnp.int32(0), trace=trace,
     )
     running = lambda s: (s.step < c.out_len) & ~jnp.all(s.done)  # noqa: E731
     st = jax.lax.while_loop(lambda s: running(s) & ~s.plain, partial(_spec_step, params, stops, max_new, costs, c), st)
     if c.auto:  # drafting stopped paying: the rest as plain decode steps (a second loop, not a cond in the first)
-        st = jax.lax.while_loop(running, partial(_plain_step, params, stops, max_new, costs, c), st)
+        st = jax.lax.while_loop(running, partial(_plain_step, params, stops, max_new, c), st)
     return st.out, st.n_out, st.trunk, st.step, st.hist, st.pos_acc, st.reached, st.plain_steps, st.trace
 
 
