@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import drafter
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import init_nextn_cache, init_trunk_cache
+from mtp_jax.kvcache import init_trunk_cache
 from mtp_jax.model import forward
-from mtp_jax.mtp import nextn_forward
 
 WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may give up on drafting
 
@@ -44,8 +44,8 @@ def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int):
     h = jnp.zeros((B, T, cfg.hidden_size), jnp.float32)
 
     def body(_, c):
-        if head:
-            _, lg, c, _ = nextn_forward(params, h, toks, c, cfg, logits="last")
+        if head:  # the drafter's catch-up over T pending pairs (T = 1: one draft step)
+            _, lg, c = drafter.of(cfg).catch_up(params, c, h, toks, jnp.full((B,), T, jnp.int32))
         else:
             _, lg, c, _ = forward(params, toks, c, cfg, logits="all")
         return c.with_lengths(L + (lg[0, 0, 0] > 1e30).astype(jnp.int32))  # keep the logits live
@@ -56,7 +56,8 @@ def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int):
 def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3) -> float:
     """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
     size = ctx + T + 8
-    cache = (init_nextn_cache if head else init_trunk_cache)(cfg, B, size).with_lengths(jnp.full((B,), ctx))
+    cache = drafter.of(cfg).init_cache(B, size) if head else init_trunk_cache(cfg, B, size)
+    cache = cache.with_lengths(jnp.full((B,), ctx))
     jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))  # compile
     best = float("inf")
     for _ in range(repeats):

@@ -1,8 +1,9 @@
-"""ModelConfig: the GLM-4.5 MoE family exactly as HF ``Glm4MoeConfig`` defines it.
+"""ModelConfig: the fields every family shares (a decoder-only MoE trunk with GQA-style sizes and NextN heads).
 
-Frozen and hashable, so it is passed to ``jax.jit`` as a static argument. Loadable from YAML (the bundled
-ones in ``mtp_jax/configs/``, package data) and from an HF ``config.json``; GGUF metadata is read in
-``mtp_jax.io.gguf``.
+Each family (``mtp_jax.families``) subclasses it with its own fields and its HF / GGUF mappings; a config is
+frozen and hashable, so it is passed to ``jax.jit`` as a static argument. YAML files (the bundled ones in
+``mtp_jax/configs/``, package data) name their family (``family: deepseek2``; default ``glm4moe``); an HF
+``config.json`` is dispatched on its ``model_type``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    family: ClassVar[str] = ""  # the GGUF general.architecture of the family (set by each subclass)
+
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int  # trunk layers; the NextN layers come after them (HF index num_hidden_layers)
@@ -48,6 +51,8 @@ class ModelConfig:
     name: str = "glm4moe"
 
     def __post_init__(self):
+        if not type(self).family:
+            raise TypeError("ModelConfig is the shared base; build a family's config (mtp_jax.families)")
         if isinstance(self.eos_token_ids, list):
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         self.validate()
@@ -69,6 +74,10 @@ class ModelConfig:
     @property
     def has_mtp(self) -> bool:
         return self.num_nextn_predict_layers > 0
+
+    def cache_dims(self) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """Per-token KV cache entry shapes (heads, dims) for K and for V (None: no V cache). GQA by default."""
+        return (self.num_key_value_heads, self.head_dim), (self.num_key_value_heads, self.head_dim)
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -118,17 +127,42 @@ class ModelConfig:
 
     # ---- I/O -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {"family": self.family} | dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """From to_dict's keys; ``family`` picks the config class (default glm4moe)."""
+        from mtp_jax import families
+
+        d = dict(d)
+        fam = families.by_arch(d.pop("family", "glm4moe"))
+        names = {f.name for f in dataclasses.fields(fam.config)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {unknown}")
-        return cls(**d)
+            raise ValueError(f"unknown {fam.config.__name__} keys: {unknown}")
+        return fam.config(**d)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
+        """From an HF ``config.json``, by the family that owns its ``model_type``."""
+        from mtp_jax import families
+
+        return families.by_model_type(hf.get("model_type")).config_from_hf(hf, dtype)
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path, dtype: str = "float32") -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls.from_hf_dict(json.loads(path.read_text()), dtype=dtype)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF config.json keys of this family's transformers config."""
+        from mtp_jax import families
+
+        return families.of(self).config_to_hf(self)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
@@ -141,76 +175,6 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of ModelConfig fields")
         return cls.from_dict(d.get("model", d))
-
-    @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], dtype: str = "float32") -> "ModelConfig":
-        """From the keys of an HF GLM-4.5 ``config.json`` (model_type glm4_moe)."""
-        if hf.get("model_type", "glm4_moe") != "glm4_moe":
-            raise ValueError(f"expected model_type glm4_moe, got {hf.get('model_type')!r}")
-        rope = hf.get("rope_parameters") or {}
-        eos = hf.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        n_heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads", n_heads),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            intermediate_size=hf["intermediate_size"],
-            moe_intermediate_size=hf["moe_intermediate_size"],
-            n_routed_experts=hf["n_routed_experts"],
-            num_experts_per_tok=hf["num_experts_per_tok"],
-            n_shared_experts=hf.get("n_shared_experts", 1),
-            first_k_dense_replace=hf.get("first_k_dense_replace", 1),
-            n_group=hf.get("n_group", 1),
-            topk_group=hf.get("topk_group", 1),
-            norm_topk_prob=hf.get("norm_topk_prob", True),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            attention_bias=hf.get("attention_bias", False),
-            use_qk_norm=hf.get("use_qk_norm", False),
-            num_nextn_predict_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 1)),
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            max_position_embeddings=hf.get("max_position_embeddings", 131072),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos,
-            dtype=dtype,
-        )
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path, dtype: str = "float32") -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        return cls.from_hf_dict(json.loads(path.read_text()), dtype=dtype)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The HF config.json keys (transformers Glm4MoeConfig)."""
-        return {
-            "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size, "moe_intermediate_size": self.moe_intermediate_size,
-            "n_routed_experts": self.n_routed_experts, "num_experts_per_tok": self.num_experts_per_tok,
-            "n_shared_experts": self.n_shared_experts, "first_k_dense_replace": self.first_k_dense_replace,
-            "n_group": self.n_group, "topk_group": self.topk_group, "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "partial_rotary_factor": self.partial_rotary_factor,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                "partial_rotary_factor": self.partial_rotary_factor},
-            "rms_norm_eps": self.rms_norm_eps, "attention_bias": self.attention_bias,
-            "use_qk_norm": self.use_qk_norm, "num_nextn_predict_layers": self.num_nextn_predict_layers,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if self.eos_token_ids else None,
-        }
-
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # bundled YAML configs (package data)
 

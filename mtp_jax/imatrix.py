@@ -5,7 +5,7 @@ llama-cpp-python 0.3.36): for every ``MUL_MAT`` whose weight is named ``blk.*`` 
 ``--process-output``), the sum over tokens of x^2 per input column and the token count; for every
 ``MUL_MAT_ID`` (routed experts) the same per expert, counting only the tokens routed to it. It runs the trunk
 only, so the NextN block ``blk.{n_layer}.*`` gets nothing. Here the head is driven exactly as while drafting
-(``mtp.nextn_forward`` on the teacher-forced pairs (h_{j-1}, t_j) of each chunk) and its tensors get entries
+(the family's drafter on the teacher-forced pairs (h_{j-1}, t_j) of each chunk) and its tensors get entries
 under their GGUF names. ``nextn.embed_tokens`` is a row lookup (no statistics can exist), yet llama-quantize
 demands an entry for it at IQ1/IQ2/Q2_K_S: a *neutral* entry (counts 0 = uniform importance) is written
 for such lookups unless disabled, and recorded in the metadata.
@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import drafter
 from mtp_jax.config import ModelConfig
+from mtp_jax.io import tree
 from mtp_jax.io.imatrix_gguf import ImatrixData
+from mtp_jax.io.table import plan
 from mtp_jax.model import forward
-from mtp_jax.mtp import nextn_forward, shift_hidden
 from mtp_jax.params import Params
 
 log = logging.getLogger(__name__)
@@ -40,25 +42,22 @@ KEY_NEUTRAL = "mtp_jax.neutral_lookups"  # metadata: names given a neutral (coun
 @partial(jax.jit, static_argnames=("cfg", "mtp"))
 def chunk_stats(params: Params, tokens: jax.Array, n_valid: jax.Array, cfg: ModelConfig, mtp: bool):
     """One batch of chunks [B, T] (rows with n_valid 0 are padding and add nothing)
-    -> (stats tree, trunk nll [B, T-1], NextN nll [B, T-2] or None).
+    -> (stats tree, trunk nll [B, T-1], first head's nll [B, T-2] or None).
 
-    stats: {"dense"|"moe": {suffix: {"sum2": [L, C] | [L, E, C], "count": [L] | [L, E]}}, "output": ...,
-            "nextn": ({suffix: ...}, ...)}.
+    stats: {"dense_layers"|"moe_layers": {leaf key: {"sum2": [L, C] | [L, E, C], "count": [L] | [L, E]}},
+            "top": {"lm_head": ...}, "nextn": ({leaf key: ...}, ...)}; leaf keys as layers.py gives them.
+    The heads are driven by the family's drafter on the teacher-forced pairs, as while drafting.
     """
     h, logits, _, stats = forward(params, tokens, None, cfg, n_valid=n_valid, collect_stats=True)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     mtp_nll = None
     if mtp:
-        heads = []
-        for n in range(len(params.nextn)):
-            _, lg, _, st = nextn_forward(params, shift_hidden(h), tokens, None, cfg, head=n, n_valid=n_valid,
-                                         collect_stats=True)
-            heads.append(st)
-            if n == 0:  # pair (h_{j-1}, t_j) predicts t_{j+1}; position 0 has no real h
-                lp = jax.nn.log_softmax(lg[:, 1:-1], axis=-1)
-                mtp_nll = -jnp.take_along_axis(lp, tokens[:, 2:, None], axis=-1)[..., 0]
-        stats["nextn"] = tuple(heads)
+        heads = drafter.of(cfg).teacher_forced(params, h, tokens, n_valid, collect_stats=True)
+        lg = heads[0][0]  # pair (h_{j-1}, t_j) predicts t_{j+1}; position 0 has no real h
+        lp = jax.nn.log_softmax(lg[:, 1:-1], axis=-1)
+        mtp_nll = -jnp.take_along_axis(lp, tokens[:, 2:, None], axis=-1)[..., 0]
+        stats["nextn"] = tuple(st for _, st in heads)
     return stats, nll, mtp_nll
 
 
@@ -69,43 +68,55 @@ def _entry(sum2: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return (s[None], c.reshape(1)) if s.ndim == 1 else (s, c)
 
 
+def tensor_names(params: Params, cfg: ModelConfig) -> dict[tuple, str]:
+    """Where each statistic goes, from the family's tensor table: (stack, leaf key, layer) for the trunk's
+    stacks, ("nextn", head, leaf key) for the heads, ("top", leaf key) outside the blocks -> GGUF name."""
+    names: dict[tuple, str] = {}
+    for slot in plan(cfg, tree.template_of(cfg, params)):
+        leaf = slot.leaf
+        if leaf[0] == "nextn":
+            rest = leaf[3:] if leaf[2] == "layer" else leaf[2:]
+            names[("nextn", leaf[1], ".".join(rest))] = slot.name
+        elif slot.index is not None:
+            names[(leaf[0], ".".join(leaf[1:]), slot.index)] = slot.name
+        else:
+            names[("top", ".".join(leaf))] = slot.name
+    return names
+
+
 def stats_to_entries(stats, params: Params, cfg: ModelConfig, process_output: bool = False) -> dict:
-    """Stats tree -> {GGUF weight name: (in_sum2 [n_mat, C], counts [n_mat])}."""
+    """Stats tree -> {GGUF weight name: (in_sum2 [n_mat, C], counts [n_mat])}. Only ``blk.*`` weights get entries,
+    and the output matrix with ``process_output`` (llama-imatrix's filter); a head without its own
+    shared_head_head feeds the trunk's output matrix."""
+    names = tensor_names(params, cfg)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    first = {"dense": 0, "moe": cfg.num_dense_layers}
-    for stack in ("dense", "moe"):
-        for suffix, st in stats.get(stack, {}).items():
+
+    def add(name: str | None, e: tuple[np.ndarray, np.ndarray]) -> None:
+        if name is None or not (name.startswith("blk.") or (process_output and name == "output.weight")):
+            return
+        if name in out:  # output.weight fed by both trunk and head
+            e = (out[name][0] + e[0], out[name][1] + e[1])
+        out[name] = e
+
+    for stack in ("dense_layers", "moe_layers"):
+        for key, st in stats.get(stack, {}).items():
             for j in range(np.asarray(st["sum2"]).shape[0]):
-                out[f"blk.{first[stack] + j}.{suffix}.weight"] = _entry(st["sum2"][j], st["count"][j])
-    if process_output and "output" in stats:
-        out["output.weight"] = _entry(stats["output"]["output"]["sum2"], stats["output"]["output"]["count"])
-    for n, st in enumerate(stats.get("nextn", ())):
-        blk = f"blk.{cfg.num_hidden_layers + n}"
-        for suffix, s in st.items():
-            if suffix == "eh_proj":
-                name = f"{blk}.nextn.eh_proj.weight"
-            elif suffix == "shared_head_head":
-                if params.nextn[n].shared_head_head is not None:
-                    name = f"{blk}.nextn.shared_head_head.weight"
-                elif process_output:  # the head reuses the trunk's output matrix
-                    name = "output.weight"
-                else:
-                    continue
-            else:
-                name = f"{blk}.{suffix}.weight"
-            e = _entry(s["sum2"], s["count"])
-            if name in out:  # output.weight fed by both trunk and head
-                e = (out[name][0] + e[0], out[name][1] + e[1])
-            out[name] = e
+                add(names.get((stack, key, j)), _entry(st["sum2"][j], st["count"][j]))
+    for key, st in stats.get("top", {}).items():
+        add(names.get(("top", key)), _entry(st["sum2"], st["count"]))
+    for n, head in enumerate(stats.get("nextn", ())):
+        for key, st in head.items():
+            name = names.get(("nextn", n, key))
+            if name is None and key == "shared_head_head":
+                name = names.get(("top", "lm_head"))
+            add(name, _entry(st["sum2"], st["count"]))
     return out
 
 
 def lookup_tensors(params: Params, cfg: ModelConfig) -> dict[str, int]:
     """Row-lookup weights of the NextN blocks that llama-quantize still asks an imatrix for: name -> row length."""
-    if params.nextn is None:
-        return {}
-    return {f"blk.{cfg.num_hidden_layers + n}.nextn.embed_tokens.weight": cfg.hidden_size
-            for n, nn in enumerate(params.nextn) if nn.embed_tokens is not None}
+    return {slot.name: cfg.hidden_size for slot in plan(cfg, tree.template_of(cfg, params))
+            if slot.leaf[0] == "nextn" and slot.spec.table}
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """KV cache with per-row lengths.
 
-Each stack of same-shaped layers has one K and one V array ``[L, B, S, K, H]``; ``lengths[b]`` counts the
+Each stack of same-shaped layers has one K and one V array ``[L, B, S, K, H]`` (``cfg.cache_dims()`` gives the
+per-token (heads, dims) of each; an MLA family caches one latent entry per token and no V); ``lengths[b]`` counts the
 valid slots of row b. The T new entries of row b are written at slots ``lengths[b] .. lengths[b]+T-1``
 (RoPE position = slot index), and attention reads slots ``< lengths[b]`` plus the new block causally.
 Rollback after a rejected draft is therefore just ``lengths = ...``: stale slots past the length are never
@@ -21,7 +22,7 @@ from mtp_jax.params import pytree_dataclass
 
 @pytree_dataclass
 class KVCache:
-    k: tuple  # per layer stack: [L, B, S, K, H] (None for an empty stack)
+    k: tuple  # per layer stack: [L, B, S, K, H] (None for an empty stack, and for V when cache_dims says so)
     v: tuple
     lengths: Any  # [B] int32
 
@@ -34,31 +35,31 @@ class KVCache:
         return KVCache(self.k, self.v, lengths.astype(jnp.int32))
 
 
-def _stack(n: int, batch: int, size: int, cfg: ModelConfig) -> jax.Array | None:
-    if n == 0:
+def _stack(n: int, batch: int, size: int, dims: tuple[int, int] | None, cfg: ModelConfig) -> jax.Array | None:
+    if n == 0 or dims is None:
         return None
-    return jnp.zeros((n, batch, size, cfg.num_key_value_heads, cfg.head_dim), compute_dtype(cfg.dtype))
+    return jnp.zeros((n, batch, size, *dims), compute_dtype(cfg.dtype))
+
+
+def _cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig) -> KVCache:
+    k_dims, v_dims = cfg.cache_dims()
+    return KVCache(
+        k=tuple(_stack(n, batch, size, k_dims, cfg) for n in stacks),
+        v=tuple(_stack(n, batch, size, v_dims, cfg) for n in stacks),
+        lengths=jnp.zeros((batch,), jnp.int32),
+    )
 
 
 def init_trunk_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
-    """Two stacks, dense lead layers then MoE layers, all rows empty."""
-    stacks = (cfg.num_dense_layers, cfg.num_moe_layers)
-    return KVCache(
-        k=tuple(_stack(n, batch, size, cfg) for n in stacks),
-        v=tuple(_stack(n, batch, size, cfg) for n in stacks),
-        lengths=jnp.zeros((batch,), jnp.int32),
-    )
+    """Two stacks, dense lead layers then MoE layers, all rows empty; entries as ``cfg.cache_dims()`` says."""
+    return _cache((cfg.num_dense_layers, cfg.num_moe_layers), batch, size, cfg)
 
 
 def init_nextn_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
     """One stack holding the num_nextn_predict_layers MTP blocks."""
     if not cfg.has_mtp:
         raise ValueError("the model has no NextN layer (num_nextn_predict_layers == 0)")
-    return KVCache(
-        k=(_stack(cfg.num_nextn_predict_layers, batch, size, cfg),),
-        v=(_stack(cfg.num_nextn_predict_layers, batch, size, cfg),),
-        lengths=jnp.zeros((batch,), jnp.int32),
-    )
+    return _cache((cfg.num_nextn_predict_layers,), batch, size, cfg)
 
 
 def write_block(stack: jax.Array, layer: jax.Array | int, new: jax.Array, lengths: jax.Array) -> jax.Array:

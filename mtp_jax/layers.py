@@ -2,7 +2,7 @@
 
 Statistics (``collect_stats``): each projection that llama.cpp would quantize reports, for its input x,
 ``{"sum2": sum over valid tokens of x**2 per input column, "count": number of valid tokens}``, keyed by the
-GGUF tensor suffix (``attn_q``, ``ffn_down_exps``, ...). Routed experts report per-expert sums and counts
+weight's leaf path inside its layer (``attn.wq``, ``ffn.down``; the family's tensor table names them). Routed experts report per-expert sums and counts
 over the tokens routed to them only. ``mask`` [B, T] marks the valid (non-padding) tokens.
 
 Weights are read through ``linear`` straight out of their layer stack: every function takes ``li``, the
@@ -112,12 +112,11 @@ def attention(
     stats: Stats = {}
     if collect_stats:
         s_in = sum_squares(x, mask)
-        stats = {"attn_q": s_in, "attn_k": s_in, "attn_v": s_in,
-                 "attn_output": sum_squares(out, mask)}
+        stats = {"attn.wq": s_in, "attn.wk": s_in, "attn.wv": s_in, "attn.wo": sum_squares(out, mask)}
     return y, kv, stats
 
 
-def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suffix: str = "",
+def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, prefix: str = "ffn.",
         li: jax.Array | int | None = None) -> tuple[jax.Array, Stats]:
     """SwiGLU: down(silu(x @ gate) * (x @ up)). x [B, T, D]."""
     h = jax.nn.silu(linear(x, p.gate, li)) * linear(x, p.up, li)
@@ -125,7 +124,7 @@ def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, suff
     stats: Stats = {}
     if collect_stats:
         s_in = sum_squares(x, mask)
-        stats = {f"ffn_gate{suffix}": s_in, f"ffn_up{suffix}": s_in, f"ffn_down{suffix}": sum_squares(h, mask)}
+        stats = {f"{prefix}gate": s_in, f"{prefix}up": s_in, f"{prefix}down": sum_squares(h, mask)}
     return y, stats
 
 
@@ -195,7 +194,7 @@ def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: 
     y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
     stats: Stats = {}
     if p.shared is not None:
-        y_sh, stats = mlp(x, p.shared, mask, collect_stats, suffix="_shexp", li=li)
+        y_sh, stats = mlp(x, p.shared, mask, collect_stats, prefix="ffn.shared.", li=li)
         y = y + y_sh
     if collect_stats:
         m = mask.reshape(B * T).astype(jnp.float32)
@@ -204,10 +203,10 @@ def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: 
         routed_in = {"sum2": jnp.einsum("nke,nd->ed", onehot, x2), "count": onehot.sum((0, 1))}
         h2 = jnp.square(h.astype(jnp.float32))
         stats |= {
-            "ffn_gate_inp": sum_squares(x, mask),
-            "ffn_gate_exps": routed_in,
-            "ffn_up_exps": routed_in,
-            "ffn_down_exps": {"sum2": jnp.einsum("nke,nkf->ef", onehot, h2), "count": routed_in["count"]},
+            "ffn.router": sum_squares(x, mask),
+            "ffn.gate": routed_in,
+            "ffn.up": routed_in,
+            "ffn.down": {"sum2": jnp.einsum("nke,nkf->ef", onehot, h2), "count": routed_in["count"]},
         }
     return y, stats
 

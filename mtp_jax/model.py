@@ -86,10 +86,10 @@ def forward(
     x = params.embed[tokens].astype(compute_dtype(cfg.dtype))  # [B, T, D]
     ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
     stats: dict[str, Stats] = {}
-    for s, (name, layers) in enumerate((("dense", params.dense_layers), ("moe", params.moe_layers))):
+    for s, (name, layers) in enumerate((("dense_layers", params.dense_layers), ("moe_layers", params.moe_layers))):
         if layers is None:
             continue
-        with jax.named_scope(f"{name}_layers"):
+        with jax.named_scope(name):
             x, k, v, st = run_stack(x, layers, positions, mask, cfg, None if ks is None else ks[s],
                                     None if vs is None else vs[s], lengths, collect_stats)
         if ks is not None:
@@ -105,7 +105,7 @@ def forward(
     elif logits != "none":
         raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
     if collect_stats:
-        stats["output"] = {"output": sum_squares(h, mask)}
+        stats["top"] = {"lm_head": sum_squares(h, mask)}
     new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), lengths + n_valid)
     return h, out, new_cache, stats
 

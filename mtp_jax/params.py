@@ -104,7 +104,8 @@ class Params:
 # ---- abstract description ----------------------------------------------------------------------------
 
 
-def _attention(cfg: ModelConfig) -> Attention:
+def gqa_attention(cfg: ModelConfig) -> Attention:
+    """GQA attention leaves (with bias and qk-norm when the config has them)."""
     D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     bias = cfg.attention_bias
     return Attention(
@@ -120,7 +121,7 @@ def _attention(cfg: ModelConfig) -> Attention:
     )
 
 
-def _mlp(D: int, F: int) -> Mlp:
+def mlp(D: int, F: int) -> Mlp:
     return Mlp(
         gate=ArrayInfo((D, F), ("embed", "mlp")),
         up=ArrayInfo((D, F), ("embed", "mlp")),
@@ -128,7 +129,7 @@ def _mlp(D: int, F: int) -> Mlp:
     )
 
 
-def _moe(cfg: ModelConfig) -> Moe:
+def moe(cfg: ModelConfig) -> Moe:
     D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     return Moe(
         router=ArrayInfo((D, E), ("embed", None)),
@@ -136,27 +137,23 @@ def _moe(cfg: ModelConfig) -> Moe:
         gate=ArrayInfo((E, D, F), ("experts", "embed", "moe_mlp")),
         up=ArrayInfo((E, D, F), ("experts", "embed", "moe_mlp")),
         down=ArrayInfo((E, F, D), ("experts", "moe_mlp", "embed")),
-        shared=_mlp(D, F * cfg.n_shared_experts) if cfg.n_shared_experts else None,
+        shared=mlp(D, F * cfg.n_shared_experts) if cfg.n_shared_experts else None,
     )
 
 
-def _layer(cfg: ModelConfig, moe: bool) -> Layer:
-    D = cfg.hidden_size
-    return Layer(
-        attn_norm=ArrayInfo((D,), ("norm",), "ones"),
-        attn=_attention(cfg),
-        ffn_norm=ArrayInfo((D,), ("norm",), "ones"),
-        ffn=_moe(cfg) if moe else _mlp(D, cfg.intermediate_size),
-    )
-
-
-def _stack(tree: Any, n: int) -> Any:
+def stack(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda i: ArrayInfo((n, *i.shape), ("layers", *i.axes), i.init), tree, is_leaf=_is_info)
 
 
-def abstract(cfg: ModelConfig) -> Params:
-    """The Params tree with an ArrayInfo at every leaf (no allocation)."""
+def decoder(cfg: ModelConfig, attention: Callable[[ModelConfig], Any]) -> Params:
+    """Dense lead layers, MoE layers and NextN blocks (GLM-4.5, DeepSeek-V3), with ``attention(cfg)`` leaves."""
     V, D = cfg.vocab_size, cfg.hidden_size
+
+    def layer(moe_ffn: bool) -> Layer:
+        return Layer(attn_norm=ArrayInfo((D,), ("norm",), "ones"), attn=attention(cfg),
+                     ffn_norm=ArrayInfo((D,), ("norm",), "ones"),
+                     ffn=moe(cfg) if moe_ffn else mlp(D, cfg.intermediate_size))
+
     nextn = None
     if cfg.has_mtp:
         nextn = tuple(
@@ -164,19 +161,26 @@ def abstract(cfg: ModelConfig) -> Params:
                 enorm=ArrayInfo((D,), ("norm",), "ones"),
                 hnorm=ArrayInfo((D,), ("norm",), "ones"),
                 eh_proj=ArrayInfo((2 * D, D), (None, "embed")),
-                layer=_layer(cfg, moe=True),
+                layer=layer(True),
                 shared_head_norm=ArrayInfo((D,), ("norm",), "ones"),
             )
             for _ in range(cfg.num_nextn_predict_layers)
         )
     return Params(
         embed=ArrayInfo((V, D), ("vocab", "embed")),
-        dense_layers=_stack(_layer(cfg, moe=False), cfg.num_dense_layers) if cfg.num_dense_layers else None,
-        moe_layers=_stack(_layer(cfg, moe=True), cfg.num_moe_layers) if cfg.num_moe_layers else None,
+        dense_layers=stack(layer(False), cfg.num_dense_layers) if cfg.num_dense_layers else None,
+        moe_layers=stack(layer(True), cfg.num_moe_layers) if cfg.num_moe_layers else None,
         final_norm=ArrayInfo((D,), ("norm",), "ones"),
         lm_head=None if cfg.tie_word_embeddings else ArrayInfo((D, V), ("embed", "vocab")),
         nextn=nextn,
     )
+
+
+def abstract(cfg: ModelConfig) -> Params:
+    """The Params tree with an ArrayInfo at every leaf (no allocation), as the config's family lays it out."""
+    from mtp_jax import families
+
+    return families.of(cfg).abstract(cfg)
 
 
 def shape_dtype(cfg: ModelConfig) -> Params:

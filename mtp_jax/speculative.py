@@ -29,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import autodraft
+from mtp_jax import autodraft, drafter
 from mtp_jax import generate as plain
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import KVCache, init_nextn_cache, init_trunk_cache
+from mtp_jax.kvcache import KVCache, init_trunk_cache
 from mtp_jax.linear import compute_dtype
 from mtp_jax.model import forward, pad_prompts, take_last
-from mtp_jax.mtp import nextn_forward, shift_hidden
 from mtp_jax.params import Params, pytree_dataclass
 from mtp_jax.sampling import Sampling, probs, sample, verify_drafts
 
@@ -43,7 +42,7 @@ from mtp_jax.sampling import Sampling, probs, sample, verify_drafts
 @pytree_dataclass
 class SpecState:
     trunk: KVCache  # lengths L: tokens t_0..t_{L-1} are cached
-    nextn: KVCache  # lengths M: NextN slots filled with (h_{j-1}, t_j), j < M
+    draft: Any  # the drafter's state (drafter.py); a NextN head's cache has slots (h_{j-1}, t_j), j < M
     pend_tok: Any  # [B, K+1] pending NextN pairs for slots M..M+n_pend-1 (tokens)
     pend_h: Any  # [B, K+1, D]                                       (trunk hidden one position earlier)
     n_pend: Any  # [B]
@@ -88,36 +87,34 @@ def _pick(key: jax.Array, lg: jax.Array, c: _Static) -> tuple[jax.Array, jax.Arr
 
 
 def _catch_up(params: Params, st: SpecState, c: _Static):
-    """NextN forward over the pending pairs -> (head hidden at the last one [B, 1, D], its logits, cache)."""
-    g, logits, cache, _ = nextn_forward(params, st.pend_h, st.pend_tok, st.nextn, c.cfg, n_valid=st.n_pend,
-                                        logits="last")
-    return take_last(g, st.n_pend), logits, cache
+    """The drafter over the pending pairs -> (head hidden at the last one [B, 1, D], its logits, state)."""
+    return drafter.of(c.cfg).catch_up(params, st.draft, st.pend_h, st.pend_tok, st.n_pend, st.trunk)
 
 
 def _draft(params: Params, st: SpecState, key: jax.Array, c: _Static):
-    """NextN catch-up + K drafts. -> (drafts [B, K], q [B, K, V], n_draft [B], nextn cache with lengths L+1)."""
-    cfg, K = c.cfg, c.num_draft
+    """Catch-up + K drafts. -> (drafts [B, K], q [B, K, V], n_draft [B], drafter state as catch-up left it)."""
+    dr, K = drafter.of(c.cfg), c.num_draft
     keys = jax.random.split(key, K)
-    g, logits, cache = _catch_up(params, st, c)
-    committed = cache.lengths  # = L + 1
+    g, logits, state = _catch_up(params, st, c)
+    caught_up = state
     drafts, qs = [], []
     for i in range(K):
         d, q, _ = _pick(keys[i], logits[:, 0], c)
         drafts.append(d)
         qs.append(q)
         if i + 1 < K:
-            g, logits, cache, _ = nextn_forward(params, g, d[:, None], cache, cfg, logits="all")
+            g, logits, state = dr.step(params, state, g, d, i + 1, st.trunk)
     B = st.n_pend.shape[0]
-    return jnp.stack(drafts, 1), jnp.stack(qs, 1), jnp.full((B,), K, jnp.int32), cache.with_lengths(committed)
+    return jnp.stack(drafts, 1), jnp.stack(qs, 1), jnp.full((B,), K, jnp.int32), dr.commit(state, caught_up)
 
 
 def _draft_auto(params: Params, st: SpecState, key: jax.Array, k: jax.Array, c: _Static):
     """Catch-up + up to k drafts per row, a row stopping at its first draft below p_min; head steps stop when
-    no active row drafts on. -> (drafts [B, K] (junk past n_draft), q [B, K, V], n_draft [B], nextn cache)."""
-    cfg, K = c.cfg, c.num_draft
+    no active row drafts on. -> (drafts [B, K] (junk past n_draft), q [B, K, V], n_draft [B], drafter state)."""
+    dr, K = drafter.of(c.cfg), c.num_draft
     keys = jax.random.split(key, K)
-    g, logits, cache = _catch_up(params, st, c)
-    committed = cache.lengths
+    g, logits, state = _catch_up(params, st, c)
+    caught_up = state
     d, q, conf = _pick(keys[0], logits[:, 0], c)
     go = ~st.done & (conf >= c.p_min)
     B, V = q.shape
@@ -129,17 +126,17 @@ def _draft_auto(params: Params, st: SpecState, key: jax.Array, k: jax.Array, c: 
         return (i < k) & jnp.any(go)
 
     def body(s):
-        i, g, cache, drafts, qs, go, n = s
-        g, lg, cache, _ = nextn_forward(params, g, drafts[:, i - 1][:, None], cache, cfg, logits="all")
+        i, g, state, drafts, qs, go, n = s
+        g, lg, state = dr.step(params, state, g, drafts[:, i - 1], i, st.trunk)
         d, q, conf = _pick(keys[i], lg[:, 0], c)
         go = go & (conf >= c.p_min)
         drafts = drafts.at[:, i].set(d)
         qs = qs.at[:, i].set(jnp.where(go[:, None], q, 0.0))
-        return i + 1, g, cache, drafts, qs, go, n + go
+        return i + 1, g, state, drafts, qs, go, n + go
 
-    _, _, cache, drafts, qs, _, n = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), g, cache, drafts, qs, go, go.astype(jnp.int32)))
-    return drafts, qs, jnp.minimum(n, k), cache.with_lengths(committed)
+    _, _, state, drafts, qs, _, n = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), g, state, drafts, qs, go, go.astype(jnp.int32)))
+    return drafts, qs, jnp.minimum(n, k), dr.commit(state, caught_up)
 
 
 def _once(pred: jax.Array, fn, carry):
@@ -171,7 +168,7 @@ def _verify_auto(params: Params, trunk: KVCache, last, drafts, n_draft, done, c:
     return hv, logits, trunk
 
 
-def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops, max_new, c: _Static,
+def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, draft, stops, max_new, c: _Static,
             plain_step: bool = False) -> SpecState:
     """Emit the accepted drafts and the correction/bonus token, roll back by lengths, update the statistics."""
     K = c.num_draft
@@ -206,7 +203,7 @@ def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops,
                  "n_emit": trace["n_emit"].at[i].set(jnp.where(active, n_emit, 0))}
     return SpecState(
         trunk=trunk.with_lengths(keep(L_new, L)),
-        nextn=nextn.with_lengths(keep(nextn.lengths, st.nextn.lengths)),
+        draft=drafter.of(c.cfg).keep(draft, st.draft, active),
         pend_tok=keep(emitted, st.pend_tok),  # (h_{L+j}, emitted_j) pairs for slots L+1 .. L+a+1
         pend_h=keep(hv, st.pend_h),
         n_pend=keep(n_acc + 1, st.n_pend),
@@ -228,18 +225,18 @@ def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState)
         k, _ = autodraft.choose(st.pos_acc, st.reached, costs, K)
         k = jnp.where(st.step < autodraft.WARMUP_STEPS, 1, k)  # probe with one draft: the cheapest way to learn
         with jax.named_scope("draft"):
-            drafts, q, n_draft, nextn = _draft_auto(params, st, k_draft, k, c)
+            drafts, q, n_draft, draft = _draft_auto(params, st, k_draft, k, c)
         with jax.named_scope("verify"):
             hv, logits, trunk = _verify_auto(params, st.trunk, last, drafts, n_draft, st.done, c)
     else:
         with jax.named_scope("draft"):
-            drafts, q, n_draft, nextn = _draft(params, st, k_draft, c)
+            drafts, q, n_draft, draft = _draft(params, st, k_draft, c)
         with jax.named_scope("verify"):
             hv, logits, trunk, _ = forward(params, jnp.concatenate([last[:, None], drafts], 1), st.trunk, cfg,
                                            logits="all")
     with jax.named_scope("accept"):
         n_acc, nxt = verify_drafts(k_acc, logits, q, drafts, c.sampling, n_draft=n_draft if c.auto else None)
-    new = dataclasses.replace(_finish(st, drafts, n_draft, n_acc, nxt, hv, trunk, nextn, stops, max_new, c), rng=rng)
+    new = dataclasses.replace(_finish(st, drafts, n_draft, n_acc, nxt, hv, trunk, draft, stops, max_new, c), rng=rng)
     if c.auto:  # with this step's outcome counted: give up drafting when even the best k does not pay
         _, ratio = autodraft.choose(new.pos_acc, new.reached, costs, K)
         new = dataclasses.replace(new, plain=(new.step >= autodraft.WARMUP_STEPS) & (ratio < 1.0))
@@ -255,19 +252,19 @@ def _plain_step(params: Params, stops, max_new, c: _Static, st: SpecState) -> Sp
     nxt = sample(key, lg[:, 0], c.sampling)
     zeros = jnp.zeros((B,), jnp.int32)
     hv = jnp.pad(hv, ((0, 0), (0, K), (0, 0)))
-    new = _finish(st, jnp.zeros((B, K), jnp.int32), zeros, zeros, nxt, hv, trunk, st.nextn, stops, max_new, c,
+    new = _finish(st, jnp.zeros((B, K), jnp.int32), zeros, zeros, nxt, hv, trunk, st.draft, stops, max_new, c,
                   plain_step=True)
     return dataclasses.replace(new, rng=rng)
 
 
-@partial(jax.jit, static_argnames=("c",), donate_argnames=("trunk", "nextn"))
-def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, rng, max_new, stops, costs,
+@partial(jax.jit, static_argnames=("c",), donate_argnames=("trunk", "draft"))
+def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_new, stops, costs,
                c: _Static):
     cfg, K = c.cfg, c.num_draft
     B = tokens.shape[0]
     with jax.named_scope("prefill"):
         h, logits, trunk, _ = forward(params, tokens, trunk, cfg, n_valid=n_valid, logits="last")
-        _, _, nextn, _ = nextn_forward(params, shift_hidden(h), tokens, nextn, cfg, n_valid=n_valid, logits="none")
+        draft = drafter.of(cfg).prefill(params, draft, h, tokens, n_valid, trunk)
     rng, k0 = jax.random.split(rng)
     first = sample(k0, logits[:, 0], c.sampling)
     pend_tok = jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(first)
@@ -279,7 +276,7 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, nextn: KVCache, 
                  "n_acc": jnp.full((c.out_len, B), -1, jnp.int32),
                  "start": jnp.zeros((c.out_len, B), jnp.int32), "n_emit": jnp.zeros((c.out_len, B), jnp.int32)}
     st = SpecState(
-        trunk=trunk, nextn=nextn, pend_tok=pend_tok, pend_h=pend_h, n_pend=jnp.ones((B,), jnp.int32),
+        trunk=trunk, draft=draft, pend_tok=pend_tok, pend_h=pend_h, n_pend=jnp.ones((B,), jnp.int32),
         out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
         done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
         step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=jnp.zeros((K,), jnp.int32),
@@ -362,7 +359,7 @@ def generate(
     c = _Static(cfg, sampling, K, max_new_tokens, draft_sampling, bool(trace), auto, p_min)
     t0 = time.perf_counter()
     out, n_out, trunk, steps, hist, pos_acc, reached, plain_steps, tr = _spec_loop(
-        params, jnp.asarray(tokens), jnp.asarray(lens), init_trunk_cache(cfg, B, size), init_nextn_cache(cfg, B, size),
+        params, jnp.asarray(tokens), jnp.asarray(lens), init_trunk_cache(cfg, B, size), drafter.of(cfg).init_cache(B, size),
         jax.random.key(seed), jnp.full((B,), max_new_tokens, jnp.int32), jnp.asarray(plain.stop_array(cfg, eos_ids, stop)),
         costs, c=c)
     out, n_out, hist = np.asarray(out), np.asarray(n_out), np.asarray(hist)

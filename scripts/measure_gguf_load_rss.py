@@ -45,15 +45,15 @@ def config(size_bytes: float):
     import jax
 
     from mtp_jax import params as P
-    from mtp_jax.config import ModelConfig
+    from mtp_jax.families.glm4moe import Glm4MoeConfig
 
-    def make(n_layers: int) -> ModelConfig:
-        return ModelConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=n_layers, num_attention_heads=16,
+    def make(n_layers: int) -> Glm4MoeConfig:
+        return Glm4MoeConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=n_layers, num_attention_heads=16,
                            num_key_value_heads=4, head_dim=64, intermediate_size=4096, moe_intermediate_size=512,
                            n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
                            attention_bias=True, num_nextn_predict_layers=1, dtype="float16", name="rss-probe")
 
-    def nbytes(cfg: ModelConfig) -> int:
+    def nbytes(cfg: Glm4MoeConfig) -> int:
         leaves = jax.tree.leaves(P.abstract(cfg), is_leaf=lambda x: isinstance(x, P.ArrayInfo))
         return 2 * sum(math.prod(i.shape) for i in leaves)
 

@@ -114,7 +114,7 @@ def _ce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _expert_loads(stats: dict) -> list[jax.Array]:
     """Tokens routed to each expert, per MoE stack: [[L_moe, E], [1, E] (NextN)]."""
-    return [stats["moe"]["ffn_gate_exps"]["count"], stats["nextn"]["ffn_gate_exps"]["count"][None]]
+    return [stats["moe_layers"]["ffn.gate"]["count"], stats["nextn"]["ffn.gate"]["count"][None]]
 
 
 def loss_fn(params: P.Params, window: jax.Array, cfg: ModelConfig, mtp_weight: float, detach_mtp: bool):
@@ -127,7 +127,7 @@ def loss_fn(params: P.Params, window: jax.Array, cfg: ModelConfig, mtp_weight: f
     mtp_mask = ones.at[:, 0].set(0.0)  # entry 0 pairs with a zero hidden mid-document: not what inference sees
     lm, mtp = _ce(logits, targets, ones), _ce(mtp_logits, targets, mtp_mask)
     mtp_acc = ((mtp_logits.argmax(-1) == targets) * mtp_mask).sum() / mtp_mask.sum()
-    loads = _expert_loads({"moe": st["moe"], "nextn": st_n})  # unused stats are dead code under jit
+    loads = _expert_loads({"moe_layers": st["moe_layers"], "nextn": st_n})  # unused stats are dead code under jit
     return lm + mtp_weight * mtp, {"lm": lm, "mtp": mtp, "mtp_acc": mtp_acc, "loads": loads}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtp_jax import model as M
-from mtp_jax.io import hf_names
+from mtp_jax.io import hf
 from tests.helpers import tiny_config, tiny_params
 
 transformers = pytest.importorskip("transformers")
@@ -17,7 +17,7 @@ def hf_model(cfg, params):
                                           if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "eager"
     model = transformers.Glm4MoeForCausalLM(hf_cfg).float().eval()
-    sd = hf_names.to_hf(params, cfg, fused_experts=True, with_mtp=False)
+    sd = hf.to_hf(params, cfg, fused_experts=True, with_mtp=False)
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
     # the buffers HF does not persist (rotary inv_freq) may be missing; nothing else
     assert not unexpected, unexpected
@@ -48,8 +48,8 @@ def test_hf_names_round_trip_both_expert_layouts():
     cfg = tiny_config()
     params = tiny_params(0)
     for fused in (True, False):
-        sd = hf_names.to_hf(params, cfg, fused_experts=fused)
+        sd = hf.to_hf(params, cfg, fused_experts=fused)
         assert f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in sd
-        back = hf_names.from_hf(sd, cfg, params)
+        back = hf.from_hf(sd, cfg)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
             np.testing.assert_array_equal(np.asarray(a), b)

@@ -150,7 +150,7 @@ def test_inconsistent_config_is_a_value_error(bad, match):
 def test_unknown_yaml_key_is_a_value_error(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  vocab_size: 10\n  hiden_size: 4\n")
-    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+    with pytest.raises(ValueError, match="unknown Glm4MoeConfig keys"):
         from mtp_jax.config import ModelConfig
         ModelConfig.from_yaml(f)
 

@@ -17,7 +17,7 @@ _SOURCES = ("a GGUF file, an HF directory (config.json + *.safetensors), an mtp_
 def add_io_parsers(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser(
         "convert", help="convert a model between GGUF, HF, orbax and random-weight configs",
-        description=f"Convert SRC ({_SOURCES}) to a GGUF file llama.cpp loads (arch glm4moe, NextN layer "
+        description=f"Convert SRC ({_SOURCES}) to a GGUF file llama.cpp loads (the family's arch, NextN layers "
                     "included) or to an orbax checkpoint directory. HF -> GGUF gives the tensor names, shapes "
                     "and types of llama.cpp's convert_hf_to_gguf.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,7 +96,7 @@ def describe(spec: str) -> dict[str, Any]:
     if cfg is not None:
         from mtp_jax import params as P
 
-        out["arch"] = out.get("arch", "glm4moe")
+        out["arch"] = out.get("arch", cfg.family)
         out["nextn_layers_in_config"] = cfg.num_nextn_predict_layers
         out["param_counts"] = P.param_counts(cfg)
         out["config"] = cfg.to_dict()
@@ -104,8 +104,10 @@ def describe(spec: str) -> dict[str, Any]:
 
 
 def _describe_gguf(path: Path) -> dict[str, Any]:
-    """A glm4moe file is validated as loading does, short of reading the weights; other archs only as GGUF."""
-    from mtp_jax.io.gguf import ARCH, check_tensors, config_from_gguf, open_gguf
+    """A file of a registered family is validated as loading does, short of reading the weights; other archs
+    only as GGUF."""
+    from mtp_jax import families
+    from mtp_jax.io.gguf import check_tensors, config_from_gguf, open_gguf
 
     r = open_gguf(path)
     f = r.fields.get("general.architecture")
@@ -115,7 +117,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
         "tensor_types": dict(collections.Counter(t.tensor_type.name for t in r.tensors).most_common()),
         "elements": sum(int(t.n_elements) for t in r.tensors),
     }
-    if arch == ARCH:
+    if arch in {f.arch for f in families.registered()}:
         cfg = config_from_gguf(r, path)
         out["nextn_present"] = check_tensors(r, cfg, path).nextn is not None
         out["config"] = cfg
@@ -137,7 +139,7 @@ def _describe_hf(path: Path) -> dict[str, Any]:
                 types[s.get_dtype()] += 1
                 elements += math.prod(s.get_shape())
                 names.add(k)
-    return {"arch": "glm4_moe (HF)", "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    return {"arch": f"{cfg.family} (HF {json.loads((path / 'config.json').read_text()).get('model_type')})", "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
             "tensors": len(names), "tensor_types": dict(types.most_common()), "elements": elements,
             "nextn_present": f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in names, "config": cfg}
 

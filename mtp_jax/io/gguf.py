@@ -1,18 +1,9 @@
-"""GGUF <-> (ModelConfig, Params) for llama.cpp's ``glm4moe`` architecture, the NextN (MTP) block included.
+"""GGUF <-> (ModelConfig, Params) for every registered family (``mtp_jax.families``), NextN blocks included.
 
-Conventions, checked against the llama.cpp tree of llama-cpp-python 0.3.36:
-
-* names: gguf-py's ``TENSOR_NAMES`` for ``MODEL_ARCH.GLM4_MOE`` (src/llama-arch.cpp). HF's
-  ``post_attention_layernorm`` is ``blk.N.post_attention_norm`` (ATTN_POST_NORM: GLM4_MOE has no FFN_NORM),
-  ``e_score_correction_bias`` is ``blk.N.exp_probs_b.bias``;
-* layout: numpy shape = ggml ``ne`` reversed, so a weight is [out, in] like HF's nn.Linear, routed experts are
-  stacked [E, out, in] (conversion/glm.py ``Glm4MoeModel.modify_tensors``), and Q/K are not permuted for this
-  arch (NeoX RoPE; the comment above modify_tensors says so);
-* the NextN block is ``blk.{n_layer}``: an ordinary MoE block plus ``nextn.{eh_proj, enorm, hnorm,
-  shared_head_norm, shared_head_head, embed_tokens}`` (the last three optional; src/models/glm4-moe.cpp
-  ``load_arch_tensors``); ``block_count`` counts it and ``nextn_predict_layers`` says how many there are;
-* tensor types as convert_hf_to_gguf's ``prepare_tensors``: 1-D tensors, ``*_norm.weight``, biases and
-  ``ffn_gate_inp`` stay F32, every other weight takes ``outtype``.
+The family of a file is its ``general.architecture``; its metadata keys are read by the family's
+``config_from_gguf`` (with ``Metadata``'s range-checked reads) and its tensors follow the family's tensor table
+(``mtp_jax.io.table``). Tensor types as convert_hf_to_gguf's ``prepare_tensors``: 1-D tensors,
+``*_norm.weight``, biases and ``ffn_gate_inp`` stay F32, every other weight takes ``outtype``.
 
 Reading memory-maps the file and copies each tensor once, straight into its (64-byte aligned) slot of the
 stacked parameter array, which ``jax.device_put`` then adopts without a copy on CPU; the mapped pages of a
@@ -26,8 +17,6 @@ import math
 import mmap
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +24,15 @@ import gguf
 import jax
 import ml_dtypes
 import numpy as np
-from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES, GGMLQuantizationType, Keys
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree, validate
+from mtp_jax.io.table import Slot, plan
 from mtp_jax.io.tokenizer import Tokenizer, TokenizerError
 from mtp_jax.io.validate import REQUIRED, GGUFError, dequantizable, open_reader, value
 
-ARCH = gguf.MODEL_ARCH_NAMES[MODEL_ARCH.GLM4_MOE]  # "glm4moe"
 OUTTYPES = {  # --outtype -> (tensor type of the big weights, general.file_type)
     "f32": (GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -56,208 +45,101 @@ MAX_LAYERS, MAX_EXPERTS = 512, 1024  # llama.cpp's LLAMA_MAX_LAYERS, LLAMA_MAX_E
 _U32 = 2**32 - 1
 
 
-# ---- the tensor plan: one spec per GGUF tensor of a block ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One GGUF tensor and the leaf it fills. ``n_in`` None: a vector (norm, bias), stored flat, or with ``table``
-    an embedding table [rows, D], stored as is; an int k: a linear map whose first k dims (after ``batch``
-    leading dims) are its inputs, stored [*batch, out, in]."""
-
-    tensor: MODEL_TENSOR
-    path: tuple[str, ...]  # attribute path inside a Layer / NextN / Params
-    n_in: int | None = None
-    batch: int = 0
-    suffix: str = "weight"
-    table: bool = False
-
-    def name(self, bid: int | None = None) -> str:
-        return TENSOR_NAMES[self.tensor].format(bid=bid) + "." + self.suffix
-
-    def gguf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
-        if self.n_in is None:
-            return ours if self.table else (math.prod(ours),)
-        b, rest = ours[: self.batch], ours[self.batch:]
-        return (*b, math.prod(rest[self.n_in:]), math.prod(rest[: self.n_in]))
-
-    def to_gguf(self, x: np.ndarray) -> np.ndarray:
-        """Our layout -> GGUF numpy layout (a view when x is contiguous)."""
-        if self.n_in is None:
-            return x.reshape(self.gguf_shape(x.shape))
-        b, rest = x.shape[: self.batch], x.shape[self.batch:]
-        return x.reshape(*b, math.prod(rest[: self.n_in]), math.prod(rest[self.n_in:])).swapaxes(-1, -2)
-
-    def from_gguf(self, y: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
-        """GGUF numpy layout (contiguous) -> a view in our layout."""
-        if self.n_in is None:
-            return y.reshape(ours)
-        b, rest = ours[: self.batch], ours[self.batch:]
-        ins, outs = rest[: self.n_in], rest[self.n_in:]
-        v = y.reshape(*b, *outs, *ins)
-        nb, no = len(b), len(outs)
-        return v.transpose(*range(nb), *range(nb + no, v.ndim), *range(nb, nb + no))
-
-    def ggml_type(self, name: str, n_dims: int, outtype: GGMLQuantizationType) -> GGMLQuantizationType:
-        """convert_hf_to_gguf prepare_tensors' rule."""
-        f32 = (n_dims <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
-               or self.tensor == MODEL_TENSOR.FFN_GATE_INP)
-        return GGMLQuantizationType.F32 if f32 else outtype
-
-
-T = MODEL_TENSOR
-
-
-def layer_specs(cfg: ModelConfig, moe: bool) -> list[Spec]:
-    """The tensors of one decoder block (in HF's order of a layer's tensors)."""
-    s = [Spec(T.ATTN_NORM, ("attn_norm",)), Spec(T.ATTN_POST_NORM, ("ffn_norm",))]
-    s += [Spec(T.ATTN_Q, ("attn", "wq"), 1), Spec(T.ATTN_K, ("attn", "wk"), 1), Spec(T.ATTN_V, ("attn", "wv"), 1),
-          Spec(T.ATTN_OUT, ("attn", "wo"), 2)]
-    if cfg.attention_bias:
-        s += [Spec(T.ATTN_Q, ("attn", "bq"), suffix="bias"), Spec(T.ATTN_K, ("attn", "bk"), suffix="bias"),
-              Spec(T.ATTN_V, ("attn", "bv"), suffix="bias")]
-    if cfg.use_qk_norm:
-        s += [Spec(T.ATTN_Q_NORM, ("attn", "q_norm")), Spec(T.ATTN_K_NORM, ("attn", "k_norm"))]
-    if not moe:
-        return s + [Spec(T.FFN_GATE, ("ffn", "gate"), 1), Spec(T.FFN_UP, ("ffn", "up"), 1),
-                    Spec(T.FFN_DOWN, ("ffn", "down"), 1)]
-    s += [Spec(T.FFN_GATE_INP, ("ffn", "router"), 1), Spec(T.FFN_EXP_PROBS_B, ("ffn", "bias"), suffix="bias"),
-          Spec(T.FFN_GATE_EXP, ("ffn", "gate"), 1, 1), Spec(T.FFN_UP_EXP, ("ffn", "up"), 1, 1),
-          Spec(T.FFN_DOWN_EXP, ("ffn", "down"), 1, 1)]
-    if cfg.n_shared_experts:
-        s += [Spec(T.FFN_GATE_SHEXP, ("ffn", "shared", "gate"), 1), Spec(T.FFN_UP_SHEXP, ("ffn", "shared", "up"), 1),
-              Spec(T.FFN_DOWN_SHEXP, ("ffn", "shared", "down"), 1)]
-    return s
-
-
-NEXTN_SPECS = [Spec(T.NEXTN_EH_PROJ, ("eh_proj",), 1), Spec(T.NEXTN_ENORM, ("enorm",)),
-               Spec(T.NEXTN_HNORM, ("hnorm",)), Spec(T.NEXTN_SHARED_HEAD_NORM, ("shared_head_norm",)),
-               Spec(T.NEXTN_SHARED_HEAD_HEAD, ("shared_head_head",), 1),
-               Spec(T.NEXTN_EMBED_TOKENS, ("embed_tokens",), table=True)]
-TOP_SPECS = [Spec(T.TOKEN_EMBD, ("embed",), table=True), Spec(T.OUTPUT_NORM, ("final_norm",)),
-             Spec(T.OUTPUT, ("lm_head",), 1)]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one GGUF tensor goes: the Params leaf (attribute path) and the layer index inside a stack."""
-
-    name: str
-    spec: Spec
-    leaf: tuple[Any, ...]
-    index: int | None  # row of a stacked leaf, None for unstacked leaves
-
-
-def plan(cfg: ModelConfig, template: P.Params) -> Iterator[Slot]:
-    """Every GGUF tensor of a model shaped like ``template`` (None leaves skipped): token_embd, the blocks in
-    order (the NextN block last), output_norm, output. llama.cpp looks tensors up by name; order is free."""
-    top = {s.path[0]: s for s in TOP_SPECS}
-    yield Slot(top["embed"].name(), top["embed"], ("embed",), None)
-    stacks = [("dense_layers", cfg.num_dense_layers, False), ("moe_layers", cfg.num_moe_layers, True)]
-    bid = 0
-    for attr, n, moe in stacks:
-        if getattr(template, attr) is None:
-            continue
-        for j in range(n):
-            for s in layer_specs(cfg, moe):
-                yield Slot(s.name(bid), s, (attr, *s.path), j)
-            bid += 1
-    for n, nn in enumerate(template.nextn or ()):
-        b = cfg.num_hidden_layers + n
-        for s in layer_specs(cfg, True):
-            yield Slot(s.name(b), s, ("nextn", n, "layer", *s.path), None)
-        for s in NEXTN_SPECS:
-            if getattr(nn, s.path[0]) is not None:
-                yield Slot(s.name(b), s, ("nextn", n, *s.path), None)
-    yield Slot(top["final_norm"].name(), top["final_norm"], ("final_norm",), None)
-    if template.lm_head is not None:
-        yield Slot(top["lm_head"].name(), top["lm_head"], ("lm_head",), None)
-
-
 # ---- metadata <-> ModelConfig ---------------------------------------------------------------------------------
 
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
-_POSITIVE = float(np.finfo(np.float32).tiny)
+POSITIVE = float(np.finfo(np.float32).tiny)
 
 
-def _f32(v: float) -> float:
+def f32(v: float) -> float:
     """GGUF stores float32: take the shortest decimal that rounds to it, so 1e-5 reads back as 1e-5."""
     return float(str(np.float32(v)))
 
 
-def _rotary_factor(n_rot: int, head_dim: int) -> float:
+def rotary_factor(n_rot: int, head_dim: int) -> float:
     """partial_rotary_factor with int(head_dim * factor) == n_rot (ModelConfig.rotary_dim)."""
     f = n_rot / head_dim
     return f if int(head_dim * f) == n_rot else math.nextafter(f, 1.0)
 
 
-def config_from_gguf(reader: gguf.GGUFReader, path: Any = "", dtype: str = "float32") -> ModelConfig:
-    """ModelConfig from a glm4moe GGUF's metadata and tensor shapes (llama-model.cpp load_hparams +
-    glm4-moe.cpp load_arch_hparams). Each key is range-checked before use; block_count is bounded by
-    llama.cpp's LLAMA_MAX_LAYERS and by the blocks the file has tensors for."""
-    arch = value(reader, Keys.General.ARCHITECTURE, path)
-    if arch != ARCH:
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported (expected {ARCH!r})")
+class Metadata:
+    """Range-checked reads of one GGUF's metadata for its arch (``get``), and the fields every family shares
+    (llama-model.cpp ``load_hparams``): vocab and hidden size from token_embd, trunk and NextN layer counts
+    (block_count bounded by LLAMA_MAX_LAYERS and by the blocks the file has tensors for), the MoE sizes, the
+    special token ids."""
 
-    def get(key: str, default: Any = None, lo: float = 0, hi: float = _U32) -> Any:
-        return value(reader, key.format(arch=ARCH), path, default, lo, hi)
+    def __init__(self, reader: gguf.GGUFReader, path: Any, arch: str):
+        self.reader, self.path, self.arch = reader, path, arch
+        self.tensors = {t.name: t for t in reader.tensors}
 
-    L, A, T_ = Keys.LLM, Keys.Attention, Keys.Tokenizer
-    gating = get(L.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SIGMOID))
-    if gating != gguf.ExpertGatingFuncType.SIGMOID:
-        raise GGUFError(f"{path}: expert_gating_func {gating} is not supported (GLM-4.5 uses sigmoid = 2)")
-    scaling = get(Keys.Rope.SCALING_TYPE, "none")
-    if scaling not in ("none", "linear") or (scaling == "linear" and get(Keys.Rope.SCALING_FACTOR, 1.0) != 1.0):
-        raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported")
-    tensors = {t.name: t for t in reader.tensors}
-    embd = tensors.get("token_embd.weight")
-    if embd is None:
-        raise GGUFError(f"{path}: missing tensor token_embd.weight")
-    if len(embd.shape) != 2:
-        raise GGUFError(f"{path}: tensor token_embd.weight has shape {embd.shape.tolist()[::-1]} (numpy order), "
-                        f"expected [vocab, hidden]")
-    D, V = (int(x) for x in embd.shape)
-    n_head = get(A.HEAD_COUNT, REQUIRED, 1)
-    head_dim = get(A.KEY_LENGTH, D // n_head, 1)
-    if get(A.VALUE_LENGTH, head_dim) != head_dim:
-        raise GGUFError(f"{path}: key_length and value_length differ; glm4moe needs them equal")
-    n_blocks = get(L.BLOCK_COUNT, REQUIRED, 1, MAX_LAYERS)
-    n_nextn = get(L.NEXTN_PREDICT_LAYERS, 0, 0, n_blocks - 1)
-    n_layer = n_blocks - n_nextn
-    in_file = 1 + max((int(m[1]) for n in tensors if (m := _BLOCK.match(n))), default=-1)
-    if n_layer > in_file:
-        raise GGUFError(f"{path}: key {L.BLOCK_COUNT.format(arch=ARCH)} = {n_blocks} with {n_nextn} NextN layers "
-                        f"makes {n_layer} trunk layers, but the file has tensors of {in_file} blocks")
-    n_expert = get(L.EXPERT_COUNT, REQUIRED, 1, MAX_EXPERTS)
-    n_group = get(L.EXPERT_GROUP_COUNT, 0, 0, n_expert) or 1
-    token = lambda k: get(k, None, 0, V - 1)  # noqa: E731
-    eos = tuple(dict.fromkeys(i for i in (token(T_.EOS_ID), token(T_.EOT_ID), token(T_.EOM_ID)) if i is not None))
-    try:
-        return ModelConfig(
+    def get(self, key: str, default: Any = None, lo: float = 0, hi: float = _U32) -> Any:
+        return value(self.reader, key.format(arch=self.arch), self.path, default, lo, hi)
+
+    def error(self, msg: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {msg}")
+
+    def common(self, dtype: str) -> dict[str, Any]:
+        """ModelConfig's shared fields (MoE ones included: every family here has a MoE NextN block)."""
+        L, A, T_ = Keys.LLM, Keys.Attention, Keys.Tokenizer
+        get = self.get
+        embd = self.tensors.get("token_embd.weight")
+        if embd is None:
+            raise self.error("missing tensor token_embd.weight")
+        if len(embd.shape) != 2:
+            raise self.error(f"tensor token_embd.weight has shape {embd.shape.tolist()[::-1]} (numpy order), "
+                             f"expected [vocab, hidden]")
+        D, V = (int(x) for x in embd.shape)
+        n_blocks = get(L.BLOCK_COUNT, REQUIRED, 1, MAX_LAYERS)
+        n_nextn = get(L.NEXTN_PREDICT_LAYERS, 0, 0, n_blocks - 1)
+        n_layer = n_blocks - n_nextn
+        in_file = 1 + max((int(m[1]) for n in self.tensors if (m := _BLOCK.match(n))), default=-1)
+        if n_layer > in_file:
+            raise self.error(f"key {L.BLOCK_COUNT.format(arch=self.arch)} = {n_blocks} with {n_nextn} NextN "
+                             f"layers makes {n_layer} trunk layers, but the file has tensors of {in_file} blocks")
+        n_expert = get(L.EXPERT_COUNT, REQUIRED, 1, MAX_EXPERTS)
+        n_group = get(L.EXPERT_GROUP_COUNT, 0, 0, n_expert) or 1
+        token = lambda k: get(k, None, 0, V - 1)  # noqa: E731
+        eos = tuple(dict.fromkeys(i for i in (token(T_.EOS_ID), token(T_.EOT_ID), token(T_.EOM_ID)) if i is not None))
+        n_head = get(A.HEAD_COUNT, REQUIRED, 1)
+        return dict(
             vocab_size=V, hidden_size=D, num_hidden_layers=n_layer, num_attention_heads=n_head,
-            num_key_value_heads=get(A.HEAD_COUNT_KV, n_head, 1), head_dim=head_dim,
+            num_key_value_heads=get(A.HEAD_COUNT_KV, n_head, 1),
             intermediate_size=get(L.FEED_FORWARD_LENGTH, 0),
             moe_intermediate_size=get(L.EXPERT_FEED_FORWARD_LENGTH, REQUIRED),
             n_routed_experts=n_expert, num_experts_per_tok=get(L.EXPERT_USED_COUNT, REQUIRED, 1, n_expert),
             n_shared_experts=get(L.EXPERT_SHARED_COUNT, 0), first_k_dense_replace=get(L.LEADING_DENSE_BLOCK_COUNT, 0),
             n_group=n_group, topk_group=get(L.EXPERT_GROUP_USED_COUNT, 0, 0, n_group) or n_group,
             norm_topk_prob=bool(get(L.EXPERT_WEIGHTS_NORM, False)),
-            routed_scaling_factor=_f32(get(L.EXPERT_WEIGHTS_SCALE, 1.0, -math.inf, math.inf) or 1.0),
-            partial_rotary_factor=_rotary_factor(get(Keys.Rope.DIMENSION_COUNT, head_dim, 2, head_dim), head_dim),
-            rope_theta=_f32(get(Keys.Rope.FREQ_BASE, 10000.0, _POSITIVE, math.inf)),
-            rms_norm_eps=_f32(get(A.LAYERNORM_RMS_EPS, REQUIRED, _POSITIVE, 1.0)),
-            attention_bias="blk.0.attn_q.bias" in tensors, use_qk_norm="blk.0.attn_q_norm.weight" in tensors,
-            num_nextn_predict_layers=n_nextn, tie_word_embeddings="output.weight" not in tensors,
+            routed_scaling_factor=f32(get(L.EXPERT_WEIGHTS_SCALE, 1.0, -math.inf, math.inf) or 1.0),
+            rope_theta=f32(get(Keys.Rope.FREQ_BASE, 10000.0, POSITIVE, math.inf)),
+            rms_norm_eps=f32(get(A.LAYERNORM_RMS_EPS, REQUIRED, POSITIVE, 1.0)),
+            num_nextn_predict_layers=n_nextn, tie_word_embeddings="output.weight" not in self.tensors,
             max_position_embeddings=get(L.CONTEXT_LENGTH, 131072, 1), bos_token_id=token(T_.BOS_ID),
-            eos_token_ids=eos, dtype=dtype, name=get(Keys.General.NAME, ARCH),
+            eos_token_ids=eos, dtype=dtype, name=get(Keys.General.NAME, self.arch),
         )
+
+    def build(self, cls: type, **fields: Any) -> ModelConfig:
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            raise self.error(f"inconsistent {self.arch} metadata: {e}") from None
+
+
+def config_from_gguf(reader: gguf.GGUFReader, path: Any = "", dtype: str = "float32") -> ModelConfig:
+    """The config of a GGUF, read by the family of its general.architecture (GGUFError for other archs)."""
+    from mtp_jax import families
+
+    arch = value(reader, Keys.General.ARCHITECTURE, path)
+    try:
+        fam = families.by_arch(arch)
     except ValueError as e:
-        raise GGUFError(f"{path}: inconsistent glm4moe metadata: {e}") from None
+        raise GGUFError(f"{path}: {e}") from None
+    return fam.config_from_gguf(Metadata(reader, path, arch), dtype)
 
 
-def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, ftype: gguf.LlamaFileType) -> None:
-    """The keys llama.cpp reads for glm4moe, in the order Glm4MoeModel.set_gguf_parameters writes them."""
+def write_common_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    """The shared keys, in the order convert_hf_to_gguf's TextModel.set_gguf_parameters writes them."""
     w.add_name(cfg.name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_block_count(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
@@ -273,18 +155,6 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, ftype: gguf.LlamaFileT
     if 1 < cfg.n_group and cfg.topk_group < cfg.n_group:  # llama.cpp asserts n_group_used < n_expert_groups
         w.add_expert_group_count(cfg.n_group)
         w.add_expert_group_used_count(cfg.topk_group)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_file_type(ftype)
-    w.add_rope_dimension_count(cfg.rotary_dim)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.n_shared_experts)
-    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_expert_weights_scale(cfg.routed_scaling_factor)
-    w.add_expert_weights_norm(cfg.norm_topk_prob)
-    w.add_nextn_predict_layers(cfg.num_nextn_predict_layers)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _write_special_ids(w: gguf.GGUFWriter, cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
@@ -342,7 +212,10 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
     tensors = {t.name: t for t in reader.tensors}
     head = tuple(f"blk.{cfg.num_hidden_layers + n}." for n in range(cfg.num_nextn_predict_layers))
     has_head = any(name.startswith(head) for name in tensors) if head else False
-    present = {s.path[0] for s in NEXTN_SPECS if s.name(cfg.num_hidden_layers) in tensors}
+    from mtp_jax import families
+
+    fam = families.of(cfg)
+    present = {s.path[0] for s in fam.nextn_specs(cfg) if s.name(cfg.num_hidden_layers) in tensors}
     template = tree.template(cfg, present, has_head)
     expected = set()
     for slot in plan(cfg, template):
@@ -361,14 +234,14 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
         m = _BLOCK.match(name)
         why = (f"; nextn_predict_layers = {cfg.num_nextn_predict_layers} makes blk.{m[1]} a trunk layer"
                if m and ".nextn." in name else "")
-        raise GGUFError(f"{path}: unexpected tensor {name}: not part of a glm4moe model of {cfg.num_hidden_layers} "
+        raise GGUFError(f"{path}: unexpected tensor {name}: not part of a {fam.arch} model of {cfg.num_hidden_layers} "
                         f"trunk and {cfg.num_nextn_predict_layers} NextN layers{why}")
     return template
 
 
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
               check_finite: bool = True) -> tuple[ModelConfig, P.Params]:
-    """A glm4moe GGUF -> (ModelConfig, Params of jax arrays in ``dtype``).
+    """A GGUF of a registered family -> (ModelConfig, Params of jax arrays in ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
     bfloat16 for quantized files. ``load_mtp=False`` skips the NextN block's tensors like llama.cpp's
@@ -430,7 +303,7 @@ def _encode(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outtype: str = "f32",
                tokenizer: Tokenizer | None = None) -> Path:
-    """(ModelConfig, Params) -> a glm4moe GGUF llama.cpp loads (NextN block included when params has one).
+    """(ModelConfig, Params) -> a GGUF of the config's family that llama.cpp loads (NextN block included when params has one).
 
     ``outtype`` f32 / f16 / bf16 for the weight matrices (norms, biases, router stay F32). The tokenizer's
     vocabulary is padded to cfg.vocab_size; without one the file says ``tokenizer.ggml.model = none``. Written
@@ -454,9 +327,12 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
                         f"got {cfg.eos_token_ids}")
     slots = list(plan(cfg, template))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    w = gguf.GGUFWriter(tmp, ARCH)
+    from mtp_jax import families
+
+    fam = families.of(cfg)
+    w = gguf.GGUFWriter(tmp, fam.arch)
     try:
-        _write_metadata(w, cfg, ftype)
+        fam.write_gguf_metadata(w, cfg, ftype)
         if tokenizer is not None:
             tokenizer.add_to_gguf(w, cfg.vocab_size)
         else:

@@ -1,9 +1,12 @@
-"""HF GLM-4.5 checkpoints (config.json + safetensors, transformers ``Glm4MoeForCausalLM`` naming) <->
-(ModelConfig, Params), and HF -> GGUF with the tensor names, shapes and types llama.cpp's converter writes.
+"""HF checkpoints (config.json + safetensors, transformers naming) <-> (ModelConfig, Params), and HF -> GGUF with
+the tensor names, shapes and types llama.cpp's converter writes, for every registered family.
 
-The name and layout mapping is ``mtp_jax.io.hf_names`` (both routed-expert layouts; the MTP block
-``model.layers.{num_hidden_layers}`` is required whenever the config announces one). Safetensors are read
-through the ``safetensors`` library's flax backend, which, unlike its numpy one, handles bfloat16.
+Names and layouts come from the family's tensor table (``mtp_jax.io.table``; HF tensors have the GGUF layout).
+Routed experts are read in either layout: one tensor per expert (``mlp.experts.{e}.gate_proj.weight``, as
+real checkpoints ship them) or transformers 5's fused ``mlp.experts.gate_up_proj`` [E, 2F, D] (gate first) and
+``mlp.experts.down_proj`` [E, D, F]; ``to_hf`` writes either. The MTP blocks ``model.layers.{num_hidden_layers
++ i}`` are required whenever the config announces them (unless load_mtp=False). Safetensors are read through
+the ``safetensors`` library's flax backend, which, unlike its numpy one, handles bfloat16.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from safetensors.flax import save_file
 
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
-from mtp_jax.io import hf_names
+from mtp_jax.io import tree
+from mtp_jax.io.table import Slot, plan
 from mtp_jax.io.gguf import write_gguf
 from mtp_jax.io.tokenizer import Tokenizer
 
@@ -62,10 +66,79 @@ def _config(path: Path, dtype: str | None) -> ModelConfig:
         raise HFError(f"{path}/config.json: {type(e).__name__}: {e}") from None
 
 
-def _template(cfg: ModelConfig) -> P.Params:
-    """params.abstract(cfg) with zero-byte sliceable leaves: hf_names.from_hf only reads its structure."""
-    return jax.tree.map(lambda i: np.broadcast_to(np.float32(0), i.shape), P.abstract(cfg),
-                        is_leaf=lambda x: isinstance(x, P.ArrayInfo))
+def _fused(name: str) -> str | None:
+    """The transformers 5 fused name of a per-expert HF name (None for other tensors)."""
+    if ".{e}.gate_proj." in name or ".{e}.up_proj." in name:
+        return name.split("{e}.")[0] + "gate_up_proj"
+    if ".{e}.down_proj." in name:
+        return name.split("{e}.")[0] + "down_proj"
+    return None
+
+
+def to_hf(params: P.Params, cfg: ModelConfig, fused_experts: bool = True, with_mtp: bool = True) -> dict[str, np.ndarray]:
+    """Our params -> HF state dict (float32 numpy). ``fused_experts``: the transformers 5 layout."""
+    import dataclasses
+
+    params = params if with_mtp else dataclasses.replace(params, nextn=None)
+    sd: dict[str, np.ndarray] = {}
+    for slot in plan(cfg, tree.template_of(cfg, params)):
+        name = slot.hf_name
+        if name is None:
+            continue
+        x = np.asarray(tree.get(params, slot.leaf), np.float32)
+        y = slot.spec.to_gguf(x if slot.index is None else x[slot.index])
+        fused = _fused(name)
+        if fused is None:
+            sd[name] = np.ascontiguousarray(y)
+        elif not fused_experts:
+            sd |= {name.format(e=e): np.ascontiguousarray(y[e]) for e in range(y.shape[0])}
+        elif fused.endswith("gate_up_proj"):  # gate comes first in the plan, up right after it
+            sd[fused] = np.ascontiguousarray(np.concatenate([sd[fused], y], axis=1) if fused in sd else y)
+        else:
+            sd[fused] = np.ascontiguousarray(y)
+    return sd
+
+
+def _hf_tensor(sd: Mapping[str, np.ndarray], slot: Slot, n_experts: int) -> np.ndarray:
+    """One slot's tensor in GGUF layout, from either expert layout; KeyError naming what is missing."""
+    name = slot.hf_name
+    fused = _fused(name)
+    if fused is not None and fused in sd:
+        y = np.asarray(sd[fused], np.float32)
+        if fused.endswith("gate_up_proj"):
+            half = y.shape[1] // 2
+            y = y[:, :half] if ".{e}.gate_proj." in name else y[:, half:]
+        return y
+    if fused is not None:
+        keys = [name.format(e=e) for e in range(n_experts)]
+        for k in keys:
+            if k not in sd:
+                raise KeyError(f"missing tensor {k} (nor the fused {fused})")
+        return np.stack([np.asarray(sd[k], np.float32) for k in keys])
+    if name not in sd:
+        raise KeyError(f"missing tensor {name}")
+    return np.asarray(sd[name], np.float32)
+
+
+def from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig, load_mtp: bool = True) -> P.Params:
+    """HF state dict (either expert layout) -> Params of float32 numpy arrays, shaped by the family's table.
+
+    Raises KeyError naming the first missing tensor; the MTP blocks are required when cfg has them and
+    ``load_mtp``; their optional tensors (shared head, embedding) are taken when present."""
+    from mtp_jax import families
+
+    first = f"model.layers.{cfg.num_hidden_layers}."
+    present = {s.path[0] for s in families.of(cfg).nextn_specs(cfg) if s.hf and first + s.hf in sd}
+    template = tree.template(cfg, present, load_mtp and cfg.has_mtp)
+    bufs = {leaf: np.empty(tree.get(template, leaf).shape, np.float32) for leaf in tree.leaf_paths(template)}
+    for slot in plan(cfg, template):
+        dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
+        y = _hf_tensor(sd, slot, cfg.n_routed_experts)
+        want = slot.spec.gguf_shape(dst.shape)
+        if y.shape != want:
+            raise KeyError(f"tensor {slot.hf_name} has shape {list(y.shape)}, expected {list(want)}")
+        dst[...] = slot.spec.from_gguf(np.ascontiguousarray(y), dst.shape)
+    return tree.build(template, [bufs[leaf] for leaf in tree.leaf_paths(template)])
 
 
 def read_hf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True) -> tuple[ModelConfig, P.Params]:
@@ -79,10 +152,10 @@ def read_hf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = 
     if not files:
         raise HFError(f"{path}: no *.safetensors files")
     try:
-        params = hf_names.from_hf(_Safetensors(files), cfg, _template(cfg), load_mtp=load_mtp)
+        params = from_hf(_Safetensors(files), cfg, load_mtp=load_mtp)
     except KeyError as e:
         msg = str(e.args[0])
-        msg = msg if msg.startswith("missing") else f"missing tensor {msg}"
+        msg = msg if msg.startswith(("missing", "tensor")) else f"missing tensor {msg}"
         if f"model.layers.{cfg.num_hidden_layers}." in msg:
             msg += f" (config.json announces {cfg.num_nextn_predict_layers} MTP layer(s); pass load_mtp=False to skip)"
         raise HFError(f"{path}: {msg}") from None
@@ -104,7 +177,7 @@ def write_hf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, fused_
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
-        sd = hf_names.to_hf(params, cfg, fused_experts=fused_experts)
+        sd = to_hf(params, cfg, fused_experts=fused_experts)
         save_file({k: jnp.asarray(v, dtype) for k, v in sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         hf = cfg.to_hf_dict() | {"dtype": dtype, "torch_dtype": dtype}

@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 
 from mtp_jax import params as P
-from mtp_jax.config import ModelConfig
+from mtp_jax.families.glm4moe import Glm4MoeConfig
 from mtp_jax.io import tree
-from mtp_jax.io.gguf import plan, write_gguf
+from mtp_jax.io.gguf import write_gguf
 from mtp_jax.io.imatrix_gguf import ImatrixData
+from mtp_jax.io.table import plan
 from mtp_jax.io.tokenizer import GLM_SPECIALS, tiny_bpe
 from mtp_jax.llama_cpp import bin_dir
 
 # 7 trunk layers (3 dense, 4 MoE) + the NextN block; 4 experts, GQA 2; tiny_bpe puts GLM_SPECIALS first
-TINY = ModelConfig(
+TINY = Glm4MoeConfig(
     vocab_size=300, hidden_size=256, num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2,
     head_dim=64, intermediate_size=288, moe_intermediate_size=256, n_routed_experts=4, num_experts_per_tok=2,
     first_k_dense_replace=3, routed_scaling_factor=2.5, rope_theta=1_000_000.0, attention_bias=True,
@@ -49,7 +50,7 @@ def _random_params(template: P.Params, seed: int) -> P.Params:
     return jax.tree.map(draw, template, is_leaf=lambda x: isinstance(x, P.ArrayInfo))
 
 
-def write_tiny_glm4moe(path: Path, cfg: ModelConfig = TINY, outtype: str = "f32", seed: int = 0,
+def write_tiny_glm4moe(path: Path, cfg: Glm4MoeConfig = TINY, outtype: str = "f32", seed: int = 0,
                        nan_tensor: str | None = None) -> Path:
     """Write the model (``outtype`` as write_gguf's); ``nan_tensor``: a GGUF tensor name that gets one NaN."""
     template = tree.template(cfg)
@@ -90,7 +91,7 @@ def gguf_types(path: Path) -> dict[str, gguf.GGMLQuantizationType]:
     return {t.name: gguf.GGMLQuantizationType(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
 
 
-def tiny_imatrix(cfg: ModelConfig = TINY, seed: int = 0, skip: str | None = None,
+def tiny_imatrix(cfg: Glm4MoeConfig = TINY, seed: int = 0, skip: str | None = None,
                  chunks: int = 3, chunk_size: int = 512) -> ImatrixData:
     """A synthetic imatrix for the tiny model: an entry per matmul weight (token_embd excluded), per
     expert for the 3-D ones (one expert never routed: count 0). ``skip``: a regex of names to leave out."""
