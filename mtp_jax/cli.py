@@ -1,4 +1,4 @@
-"""The ``mtp-jax`` command: generate, params, quantize (more subcommands register here as they land)."""
+"""The ``mtp-jax`` command: generate, params, plan, imatrix, quantize, convert, info."""
 
 from __future__ import annotations
 
@@ -200,6 +200,28 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # fake CPU devices stand in for the accelerators
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    from mtp_jax import plan
+    from mtp_jax.config import load_config
+
+    if args.devices < 1 or args.batch < 1:
+        raise ValueError("--devices and --batch must be >= 1")
+    cfg = load_config(args.config)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    mesh = plan.parse_mesh(args.mesh, args.devices, cfg)
+    print(f"mtp-jax plan: compiling the speculative loop of {args.config} on {args.devices} fake devices ...",
+          file=sys.stderr, flush=True)
+    p = plan.make_plan(cfg, mesh, batch=args.batch, ctx=args.ctx, prompt=args.prompt, num_draft=args.num_draft,
+                       name=args.config)
+    print(json.dumps(p.to_dict()) if args.json else plan.describe(p))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mtp_jax.io.cli import add_io_parsers
     from mtp_jax.quant.cli import add_quantize_parser
@@ -268,6 +290,30 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_check_finite(im)
     im.set_defaults(func=cmd_imatrix)
+
+    pl = sub.add_parser("plan", help="per-device memory of a config on a device mesh (compiled, not allocated)",
+                        description="Lower and compile the speculative loop for a config on N fake CPU devices "
+                                    "(jax.eval_shape, jit(...).lower(...).compile(), XLA's memory analysis; no "
+                                    "weights are allocated) and print per-device bytes of weights, KV caches (trunk "
+                                    "and MTP) and temporaries, the collectives the partitioned program runs, and "
+                                    "whether it fits an H100 80 GB, H200 141 GB, TPU v5p 95 GB or v5e 16 GB.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="example:\n  mtp-jax plan --config glm-4.5 --devices 8 --mesh expert=8 --batch 8 "
+                               "--ctx 8192")
+    pl.add_argument("--config", required=True, help="a bundled config name (glm-4.5, glm-4.5-air, ...) or a YAML / "
+                                                    "HF config.json")
+    pl.add_argument("--devices", type=int, default=8, help="fake devices (default 8)")
+    pl.add_argument("--mesh", default=None, metavar="data=N,expert=N,model=N",
+                    help="mesh axis sizes, product = --devices (default: experts on as many devices as divide the "
+                         "expert count, the rest on the model axis)")
+    pl.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
+    pl.add_argument("--ctx", type=int, default=4096, help="KV cache slots per row (default 4096)")
+    pl.add_argument("--prompt", type=int, default=512, help="prompt tokens of the prefill (default 512)")
+    pl.add_argument("--num-draft", "-K", type=int, default=3, help="drafts per step (default 3)")
+    pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                    help="weight and activation dtype (default: the config's)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.set_defaults(func=cmd_plan)
 
     add_quantize_parser(sub)
     add_io_parsers(sub)

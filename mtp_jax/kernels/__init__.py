@@ -8,6 +8,7 @@ is False and callers use plain XLA ops (correct, several times slower on CPU: se
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
@@ -83,6 +84,20 @@ def available() -> bool:
     return True
 
 
+_DISABLED = [0]  # > 0 inside ``disabled()``
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace with XLA's dots instead of the CPU kernels (``mtp-jax plan`` lowers for accelerators on fake CPU
+    devices; the kernels are single-device CPU code)."""
+    _DISABLED[0] += 1
+    try:
+        yield
+    finally:
+        _DISABLED[0] -= 1
+
+
 def use_cpu_kernels() -> bool:
-    """Kernels apply when tracing for the CPU backend and they could be built."""
-    return jax.default_backend() == "cpu" and available()
+    """Kernels apply when tracing for the CPU backend and they could be built (and are not ``disabled()``)."""
+    return not _DISABLED[0] and jax.default_backend() == "cpu" and available()
