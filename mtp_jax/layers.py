@@ -1,4 +1,5 @@
-"""Small pure functions: rms_norm, partial RoPE, GQA attention, SwiGLU MLP, GLM-4.5 MoE, decoder block.
+"""Small pure functions: rms_norm, RoPE (partial NeoX; interleaved pairs with YaRN), GQA and MLA attention, SwiGLU
+MLP, MoE (sigmoid or softmax router), decoder block.
 
 Statistics (``collect_stats``): each projection that llama.cpp would quantize reports, for its input x,
 ``{"sum2": sum over valid tokens of x**2 per input column, "count": number of valid tokens}``, keyed by the
@@ -10,19 +11,23 @@ layer's index into the stacked leaves (None for an unstacked layer such as the N
 a small per-layer leaf (norm, bias) by it.
 
 Shapes: B batch, T new tokens, S cache slots, D hidden, N q heads, K kv heads, G = N/K, H head_dim,
-F ffn, E experts, k experts per token.
+F ffn, E experts, k experts per token; MLA: Q q-LoRA rank, C latent (kv_lora_rank), Hn / R / Hv nope / rope /
+value head dims.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import write_block
 from mtp_jax.linear import linear
-from mtp_jax.params import Attention, Layer, Mlp, Moe
+from mtp_jax.params import Attention, Layer, MlaAttention, Mlp, Moe
 
 Stats = dict[str, dict[str, jax.Array]]
 KV = tuple[jax.Array, jax.Array, jax.Array | int]  # K stack, V stack [L, B, S, K, H], this layer's index
@@ -52,6 +57,41 @@ def rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> j
     x1, x2, rest = xf[..., :half], xf[..., half:rotary_dim], xf[..., rotary_dim:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.astype(x.dtype)
+
+
+def yarn_freqs(dim: int, theta: float, factor: float = 1.0, orig_ctx: int = 4096, beta_fast: float = 32.0,
+               beta_slow: float = 1.0) -> np.ndarray:
+    """Rotation frequency of each of the dim/2 pairs: theta^(-2i/dim), and with YaRN (factor > 1) blended towards
+    theta^(-2i/dim) / factor by the ramp between the correction dims. llama.cpp: ggml.c ggml_rope_yarn_corr_dims
+    (floor / ceil, clamped to [0, dim-1]) and ggml-cpu/ops.cpp rope_yarn / rope_yarn_ramp with ext_factor 1;
+    HF: modeling_rope_utils._compute_yarn_parameters (truncate=True). A constant, computed on the host."""
+    inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factor == 1.0:
+        return inv.astype(np.float32)
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    extrap = 1 - np.clip((np.arange(dim // 2) - low) / max(high - low, 0.001), 0, 1)  # 1: keep the original
+    return (inv / factor * (1 - extrap) + inv * extrap).astype(np.float32)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's magnitude correction 1 + 0.1 * mscale * ln(factor) (1 for factor <= 1): HF yarn_get_mscale."""
+    return 1.0 if factor <= 1 else 1.0 + 0.1 * mscale * math.log(factor)
+
+
+def rope_interleaved(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """RoPE on adjacent pairs (x[2i], x[2i+1]) of the whole last axis, in place: llama.cpp LLAMA_ROPE_TYPE_NORM, as
+    deepseek2 uses it (llama_model_rope_type); HF apply_rotary_pos_emb_interleave computes the same rotation but
+    writes the pairs de-interleaved, a permutation shared by q and k that leaves q.k unchanged.
+    x [B, T, n, R], positions [B, T], freqs [R/2] (yarn_freqs)."""
+    ang = positions.astype(jnp.float32)[:, :, None, None] * jnp.asarray(freqs)  # [B, T, 1, R/2]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape).astype(x.dtype)
 
 
 def sum_squares(x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -116,6 +156,83 @@ def attention(
     return y, kv, stats
 
 
+def _heads_sum_squares(x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """x [B, T, n, C] (one input per head of a per-head weight) -> sum2 [n, C] and count [n] (llama-imatrix: one
+    matrix per head of a 3-D MUL_MAT weight, every head seeing every token)."""
+    m = mask.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    return {"sum2": jnp.einsum("btnc,bt->nc", xf * xf, m), "count": jnp.full((x.shape[2],), m.sum())}
+
+
+def mla_attention(
+    x: jax.Array,  # [B, T, D] (already normed)
+    p: MlaAttention,
+    positions: jax.Array,  # [B, T]
+    cfg: ModelConfig,  # a DeepSeek-style config (families/deepseek2.py)
+    mask: jax.Array,  # [B, T] valid tokens
+    kv: KV | None = None,  # (latent stack [L, B, S, 1, C + R], None, layer index)
+    lengths: jax.Array | None = None,  # [B]
+    collect_stats: bool = False,
+    li: jax.Array | int | None = None,
+) -> tuple[jax.Array, KV | None, Stats]:
+    """MLA, absorbed, over the latent cache -> (out [B, T, D], updated kv, stats). llama.cpp src/models/deepseek2.cpp
+    ``graph`` (is_mla branch) and ``graph_mtp``:
+
+    q = wq_b(rms(wq_a x)) (or wq x) split per head into q_nope [Hn] | q_pe [R]; wkv_a x = c [C] | k_pe [R], c normed;
+    RoPE (interleaved pairs, YaRN) on q_pe and k_pe; a token's cache entry is concat(c, k_pe), one per token
+    (cfg.cache_dims()); query = concat(q_nope @ wk_b[h], q_pe); scores over the entries scaled by cfg.attn_scale;
+    the attended latent goes through wv_b[h], then wo. The new entries are written before attending, as in
+    ``attention``, so XLA updates the cache in place."""
+    B, T, _ = x.shape
+    N, C = cfg.num_attention_heads, cfg.kv_lora_rank
+    Hn, R, Hv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    eps = cfg.rms_norm_eps
+    flat = lambda w: w.reshape(*w.shape[:-2], -1)  # noqa: E731  [.., Q, N, H] -> [.., Q, N*H] (free)
+    freqs = cfg.rope_freqs()
+    stats: Stats = {}
+    with jax.named_scope("q"):
+        if p.wq_a is not None:
+            qa = rms_norm(linear(x, p.wq_a, li), at(p.q_a_norm, li), eps)  # [B, T, Q]
+            q = linear(qa, flat(p.wq_b), li)
+            if collect_stats:
+                stats = {"attn.wq_a": sum_squares(x, mask), "attn.wq_b": sum_squares(qa, mask)}
+        else:
+            q = linear(x, flat(p.wq), li)
+            if collect_stats:
+                stats = {"attn.wq": sum_squares(x, mask)}
+        q = q.reshape(B, T, N, Hn + R)
+        q_nope, q_pe = q[..., :Hn], rope_interleaved(q[..., Hn:], positions, freqs)
+        q_abs = linear(q_nope, p.wk_b, li, heads=True)  # [B, T, N, C]
+        query = jnp.concatenate([q_abs, q_pe], axis=-1)  # [B, T, N, C + R]
+    with jax.named_scope("latent"):
+        ckv = linear(x, p.wkv_a, li)  # [B, T, C + R]
+        c = rms_norm(ckv[..., :C], at(p.kv_a_norm, li), eps)
+        k_pe = rope_interleaved(ckv[..., None, C:], positions, freqs)  # [B, T, 1, R]
+        entry = jnp.concatenate([c[:, :, None], k_pe], axis=-1)  # [B, T, 1, C + R]
+    with jax.named_scope("scores"):
+        if kv is not None:
+            ks, vs, ci = kv
+            ks = write_block(ks, ci, entry, lengths)
+            kv = (ks, vs, ci)
+            lat = ks[ci][:, :, 0]  # [B, S, C + R]
+            S = lat.shape[1]
+            visible = jnp.arange(S)[None, None, :] < (lengths[:, None] + jnp.arange(T)[None, :] + 1)[:, :, None]
+        else:
+            lat = entry[:, :, 0]
+            visible = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None]  # [1, T(query), T(key)] causal
+        scores = jnp.einsum("btnc,bsc->bnts", query, lat.astype(query.dtype),
+                            preferred_element_type=jnp.float32) * cfg.attn_scale
+        scores = jnp.where(visible[:, None], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+        o_lat = jnp.einsum("bnts,bsc->btnc", probs, lat[..., :C].astype(query.dtype))  # [B, T, N, C]
+    o = linear(o_lat, p.wv_b, li, heads=True).reshape(B, T, N * Hv)
+    y = linear(o, p.wo.reshape(*p.wo.shape[:-3], N * Hv, -1), li)
+    if collect_stats:
+        stats |= {"attn.wkv_a": sum_squares(x, mask), "attn.wk_b": _heads_sum_squares(q_nope, mask),
+                  "attn.wv_b": _heads_sum_squares(o_lat, mask), "attn.wo": sum_squares(o, mask)}
+    return y, kv, stats
+
+
 def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, prefix: str = "ffn.",
         li: jax.Array | int | None = None) -> tuple[jax.Array, Stats]:
     """SwiGLU: down(silu(x @ gate) * (x @ up)). x [B, T, D]."""
@@ -129,9 +246,11 @@ def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, pref
 
 
 def route(x: jax.Array, p: Moe, cfg: ModelConfig, li: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
-    """GLM-4.5 router (HF Glm4MoeTopkRouter, llama.cpp build_moe_ffn with sigmoid gating + exp_probs_b).
+    """GLM-4.5 / DeepSeek-V3 router (HF Glm4MoeTopkRouter / DeepseekV3TopkRouter, llama.cpp llama-graph.cpp
+    build_moe_ffn with exp_probs_b and n_expert_groups).
 
-    Sigmoid scores; the correction bias is added for *selection* only; experts are picked among the
+    Sigmoid scores (softmax over all experts when the config's ``scoring_func`` says so: DeepSeek-V2, GGUF
+    expert_gating_func 1); the correction bias is added for *selection* only; experts are picked among the
     topk_group best groups (a group's score = sum of its top-2 biased scores); the weights are the
     unbiased scores of the picked experts, normalized if norm_topk_prob, times routed_scaling_factor.
     x [N, D] -> (idx [N, k] int32, weights [N, k] float32).
@@ -139,7 +258,8 @@ def route(x: jax.Array, p: Moe, cfg: ModelConfig, li: jax.Array | int | None = N
     N = x.shape[0]
     E, k, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     logits = linear(x.astype(jnp.float32), p.router, li)
-    scores = jax.nn.sigmoid(logits)  # [N, E]
+    softmax = getattr(cfg, "scoring_func", "sigmoid") == "softmax"
+    scores = jax.nn.softmax(logits, axis=-1) if softmax else jax.nn.sigmoid(logits)  # [N, E]
     choice = scores + at(p.bias, li).astype(jnp.float32)
     if G > 1 and cfg.topk_group < G:
         grouped = choice.reshape(N, G, E // G)
@@ -222,9 +342,11 @@ def decoder_block(
     collect_stats: bool = False,
     li: jax.Array | int | None = None,  # index into stacked leaves of p (None: p is one layer)
 ) -> tuple[jax.Array, KV | None, Stats]:
-    """Pre-norm block: x + attn(norm(x)); then + ffn(norm(.)) with a dense MLP or the MoE."""
+    """Pre-norm block: x + attn(norm(x)); then + ffn(norm(.)) with a dense MLP or the MoE. The attention is GQA
+    or MLA, as the layer's parameters say."""
+    attend = mla_attention if isinstance(p.attn, MlaAttention) else attention
     with jax.named_scope("attention"):
-        a, kv, stats = attention(rms_norm(x, at(p.attn_norm, li), cfg.rms_norm_eps), p.attn, positions, cfg, mask,
+        a, kv, stats = attend(rms_norm(x, at(p.attn_norm, li), cfg.rms_norm_eps), p.attn, positions, cfg, mask,
                                  kv, lengths, collect_stats, li)
     x = x + a
     with jax.named_scope("ffn"):

@@ -3,6 +3,9 @@
 ``linear(x, w, layer, experts)`` multiplies activations x [..., K] by one weight matrix taken out of a stack
 *in place*: ``w`` is [K, N], [L, K, N] (``layer`` picks one), [E, K, N] (``experts`` picks one per row) or
 [L, E, K, N]; ``trans=True`` means the matrix is stored [N, K] (a tied embedding used as the output head).
+``heads=True``: w [(L,) E, K, N] holds one matrix per head and x [..., E, K] has the heads on its second-to-last
+axis, head e multiplied by w[e] (MLA's per-head ``attn_k_b`` / ``attn_v_b``; an einsum in XLA, the kernel's
+expert rows on CPU).
 
 On CPU it runs the native kernel (mtp_jax/kernels/cpu_linear.cc): it reads f32/f16/bf16 weights at memory
 speed straight out of the stack (no per-step copy of a layer's or an expert's weights) on all cores, and a
@@ -62,9 +65,18 @@ def linear(
     layer: jax.Array | int | None = None,  # index into L (w has a layer axis iff given)
     experts: jax.Array | None = None,  # [...] expert id of each row (w has an expert axis iff given)
     trans: bool = False,
+    heads: bool = False,  # w [(L,) E, K, N] per head, x [..., E, K]: row [..., e, :] uses w[e]
 ) -> jax.Array:
     """x @ W -> [..., N] in x's dtype."""
     lead = x.shape[:-1]
+    if heads:
+        if experts is not None or trans or w.ndim != (layer is not None) + 3 or x.shape[-2] != w.shape[-3]:
+            raise ValueError(f"linear: per-head weight of shape {w.shape} does not match x {x.shape} "
+                             f"(layer={layer is not None})")
+        if not kernels.use_cpu_kernels():
+            m = w if layer is None else w[layer]
+            return jnp.einsum("...ek,ekn->...en", x, m.astype(x.dtype)).astype(x.dtype)
+        experts = jnp.broadcast_to(jnp.arange(w.shape[-3], dtype=jnp.int32), lead)  # the kernel reads each once
     n_lead = (layer is not None) + (experts is not None)
     if w.ndim != n_lead + 2:
         raise ValueError(f"linear: weight of shape {w.shape} does not match layer={layer is not None}, "

@@ -6,7 +6,7 @@ Layers of one kind are stacked on a leading ``layers`` axis and run with ``lax.s
 layers and the MoE layers are two stacks; the NextN layer has its own (unstacked) params.
 
 Axis letters used in shape comments: V vocab, D hidden, N query heads, K kv heads, H head_dim,
-F ffn, E experts, L layers.
+F ffn, E experts, L layers; MLA: Q q_lora_rank, C kv_lora_rank, Hn / R / Hv the nope / rope / value head dims.
 """
 
 from __future__ import annotations
@@ -51,6 +51,22 @@ class Attention:
     bv: Any = None  # [K, H]
     q_norm: Any = None  # [H]  (use_qk_norm)
     k_norm: Any = None  # [H]
+
+
+@pytree_dataclass
+class MlaAttention:
+    """Multi-head latent attention (DeepSeek-V2/V3) in the absorbed layout llama.cpp runs (src/models/deepseek2.cpp):
+    HF's kv_b_proj is split per head into wk_b (applied to the query) and wv_b (applied to the attention output)."""
+
+    wkv_a: Any  # [D, C + R]     the latent c (C) and the shared rope key (R) of a token
+    kv_a_norm: Any  # [C]
+    wk_b: Any  # [N, Hn, C]      per head: q_nope -> the latent space
+    wv_b: Any  # [N, C, Hv]      per head: attended latent -> value
+    wo: Any  # [N, Hv, D]
+    wq: Any = None  # [D, N, Hn + R]  without q-LoRA
+    wq_a: Any = None  # [D, Q]        q-LoRA
+    q_a_norm: Any = None  # [Q]
+    wq_b: Any = None  # [Q, N, Hn + R]
 
 
 @pytree_dataclass
@@ -118,6 +134,24 @@ def gqa_attention(cfg: ModelConfig) -> Attention:
         bv=ArrayInfo((K, H), ("kv_heads", "head_dim"), "normal") if bias else None,
         q_norm=ArrayInfo((H,), ("head_dim",), "ones") if cfg.use_qk_norm else None,
         k_norm=ArrayInfo((H,), ("head_dim",), "ones") if cfg.use_qk_norm else None,
+    )
+
+
+def mla_attention(cfg: ModelConfig) -> MlaAttention:
+    """MLA leaves (q-LoRA when cfg.q_lora_rank is set); cfg is a DeepSeek-style config (families/deepseek2.py)."""
+    D, N, C = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    Hn, R, Hv, Q = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank
+    lora = Q is not None
+    return MlaAttention(
+        wkv_a=ArrayInfo((D, C + R), ("embed", None)),
+        kv_a_norm=ArrayInfo((C,), ("norm",), "ones"),
+        wk_b=ArrayInfo((N, Hn, C), ("q_heads", "head_dim", None)),
+        wv_b=ArrayInfo((N, C, Hv), ("q_heads", None, "head_dim")),
+        wo=ArrayInfo((N, Hv, D), ("q_heads", "head_dim", "embed")),
+        wq=None if lora else ArrayInfo((D, N, Hn + R), ("embed", "q_heads", "head_dim")),
+        wq_a=ArrayInfo((D, Q), ("embed", None)) if lora else None,
+        q_a_norm=ArrayInfo((Q,), ("norm",), "ones") if lora else None,
+        wq_b=ArrayInfo((Q, N, Hn + R), (None, "q_heads", "head_dim")) if lora else None,
     )
 
 

@@ -22,7 +22,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_MODULES = ("glm4moe",)  # imported on first lookup (they import the model code, which imports this package)
+_MODULES = ("glm4moe", "deepseek2")  # imported on first lookup (they import the model code, which imports this package)
 
 
 @dataclass(frozen=True)

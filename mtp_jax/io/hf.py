@@ -34,7 +34,8 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 
 class HFError(ValueError):
-    """An HF checkpoint directory that cannot be read as a GLM-4.5 model; the message names the directory."""
+    """An HF checkpoint directory that cannot be read as a model of a registered family; the message names the
+    directory."""
 
 
 class _Safetensors(Mapping):
@@ -88,7 +89,9 @@ def to_hf(params: P.Params, cfg: ModelConfig, fused_experts: bool = True, with_m
         x = np.asarray(tree.get(params, slot.leaf), np.float32)
         y = slot.spec.to_gguf(x if slot.index is None else x[slot.index])
         fused = _fused(name)
-        if fused is None:
+        if slot.spec.hf_part is not None:  # one of several GGUF tensors cut from this HF tensor
+            sd[name] = slot.spec.hf_part.put(y, sd.get(name))
+        elif fused is None:
             sd[name] = np.ascontiguousarray(y)
         elif not fused_experts:
             sd |= {name.format(e=e): np.ascontiguousarray(y[e]) for e in range(y.shape[0])}
@@ -117,7 +120,13 @@ def _hf_tensor(sd: Mapping[str, np.ndarray], slot: Slot, n_experts: int) -> np.n
         return np.stack([np.asarray(sd[k], np.float32) for k in keys])
     if name not in sd:
         raise KeyError(f"missing tensor {name}")
-    return np.asarray(sd[name], np.float32)
+    y = np.asarray(sd[name], np.float32)
+    part = slot.spec.hf_part
+    if part is not None:
+        if y.ndim != 2 or y.shape[0] != part.groups * part.width:
+            raise KeyError(f"tensor {name} has shape {list(y.shape)}, expected [{part.groups * part.width}, ...]")
+        y = part.take(y)
+    return y
 
 
 def from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig, load_mtp: bool = True) -> P.Params:

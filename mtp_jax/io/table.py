@@ -5,7 +5,8 @@ tensors in file order from them. GGUF, HF and orbax I/O, imatrix names and the q
 
 Layout: numpy shape = ggml ``ne`` reversed, so a GGUF weight is [out, in] like HF's ``nn.Linear``; our leaves
 are [in..., out...] with heads split. HF tensors have the GGUF layout (routed experts: one tensor per expert,
-``{e}`` in the HF name, or transformers 5's fused ``gate_up_proj`` / ``down_proj``; see io/hf.py).
+``{e}`` in the HF name, or transformers 5's fused ``gate_up_proj`` / ``down_proj``; see io/hf.py), except where a
+``Part`` says that llama.cpp's converter cuts one HF tensor into several GGUF tensors.
 """
 
 from __future__ import annotations
@@ -23,11 +24,37 @@ HF_BLOCK = "model.layers.{bid}"  # an HF decoder block's prefix (the NextN block
 
 
 @dataclass(frozen=True)
+class Part:
+    """A GGUF tensor that is a slice of one HF matrix: the HF [groups * width, in] viewed [groups, width, in],
+    rows [start, stop) of each group, swapped to [groups, in, stop - start] when ``transpose``. DeepSeek's
+    kv_b_proj -> attn_k_b (transposed) and attn_v_b: convert_hf_to_gguf DeepseekV2Model.modify_tensors."""
+
+    groups: int
+    width: int
+    start: int
+    stop: int
+    transpose: bool = False
+
+    def take(self, hf: np.ndarray) -> np.ndarray:
+        """HF matrix -> this GGUF tensor (numpy layout)."""
+        y = hf.reshape(self.groups, self.width, -1)[:, self.start: self.stop]
+        return y.swapaxes(1, 2) if self.transpose else y
+
+    def put(self, y: np.ndarray, hf: np.ndarray | None) -> np.ndarray:
+        """Write this GGUF tensor into the HF matrix (a new one of zeros when ``hf`` is None); returns it."""
+        y = y.swapaxes(1, 2) if self.transpose else y
+        if hf is None:
+            hf = np.zeros((self.groups * self.width, y.shape[-1]), y.dtype)
+        hf.reshape(self.groups, self.width, -1)[:, self.start: self.stop] = y
+        return hf
+
+
+@dataclass(frozen=True)
 class Spec:
     """One tensor and the leaf it fills. ``n_in`` None: a vector (norm, bias), stored flat, or with ``table``
     an embedding table [rows, D], stored as is; an int k: a linear map whose first k dims (after ``batch``
     leading dims) are its inputs, stored [*batch, out, in]. ``hf``: the HF name, relative to the block prefix
-    for block tensors (None: HF has no such tensor)."""
+    for block tensors (None: HF has no such tensor); ``hf_part``: this tensor is a Part of that HF tensor."""
 
     tensor: MODEL_TENSOR
     path: tuple[str, ...]  # attribute path inside a Layer / NextN / Params
@@ -36,6 +63,7 @@ class Spec:
     suffix: str = "weight"
     table: bool = False
     hf: str | None = None
+    hf_part: Part | None = None
 
     def name(self, bid: int | None = None) -> str:
         return TENSOR_NAMES[self.tensor].format(bid=bid) + "." + self.suffix

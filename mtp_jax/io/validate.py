@@ -48,8 +48,8 @@ _MIN_TENSOR_INFO = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 
 
 class GGUFError(ValueError):
-    """A GGUF file that fails validation or cannot be read as (or written from) a glm4moe model; the message names
-    the file."""
+    """A GGUF file that fails validation or cannot be read as (or written from) a model of a registered family; the
+    message names the file."""
 
 
 def regular_file(path: str | os.PathLike, error: type[ValueError] = GGUFError) -> Path:
@@ -242,6 +242,11 @@ KEY_TYPES = {  # the keys this project reads ({arch}: general.architecture's val
     _A.HEAD_COUNT: INTS, _A.HEAD_COUNT_KV: INTS, _A.KEY_LENGTH: INT, _A.VALUE_LENGTH: INT,
     _A.LAYERNORM_RMS_EPS: FLOAT, Keys.Rope.DIMENSION_COUNT: INT, Keys.Rope.FREQ_BASE: FLOAT,
     Keys.Rope.SCALING_TYPE: STR, Keys.Rope.SCALING_FACTOR: FLOAT,
+    # MLA and YaRN (deepseek2)
+    _L.VOCAB_SIZE: INT, _A.Q_LORA_RANK: INT, _A.KV_LORA_RANK: INT, _A.KEY_LENGTH_MLA: INT, _A.VALUE_LENGTH_MLA: INT,
+    _A.TEMPERATURE_SCALE: FLOAT, Keys.Rope.SCALING_ORIG_CTX_LEN: INT, Keys.Rope.SCALING_YARN_LOG_MUL: FLOAT,
+    Keys.Rope.SCALING_YARN_BETA_FAST: FLOAT, Keys.Rope.SCALING_YARN_BETA_SLOW: FLOAT,
+    Keys.Rope.SCALING_ATTN_FACTOR: FLOAT,
     _T.MODEL: STR, _T.PRE: STR, _T.LIST: STRS, _T.TOKEN_TYPE: INT_ARRAY, _T.MERGES: STRS, _T.SCORES: FLOAT_ARRAY,
     _T.BOS_ID: INT, _T.EOS_ID: INT, _T.EOT_ID: INT, _T.EOM_ID: INT, _T.UNK_ID: INT, _T.PAD_ID: INT,
     _T.ADD_BOS: BOOL, _T.ADD_EOS: BOOL, _T.ADD_PREFIX: BOOL,
