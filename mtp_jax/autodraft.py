@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import drafter
+from mtp_jax import drafter, sharding
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import init_trunk_cache
 from mtp_jax.model import forward
@@ -57,7 +57,7 @@ def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n
     """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
     size = ctx + T + 8
     cache = drafter.of(cfg).init_cache(B, size) if head else init_trunk_cache(cfg, B, size)
-    cache = cache.with_lengths(jnp.full((B,), ctx))
+    cache = sharding.place_rows(cache.with_lengths(jnp.full((B,), ctx)), sharding.mesh_of(params))
     jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))  # compile
     best = float("inf")
     for _ in range(repeats):

@@ -94,12 +94,46 @@ def _progress(run, what: str, calls: int):
     return announced
 
 
+def _start_devices(args) -> None:
+    """Before JAX starts: join a multi-process run (jax.distributed) and make --devices fake CPU devices where
+    there is no accelerator (the setting only affects the CPU backend)."""
+    import jax
+
+    if args.coordinator or args.num_processes:
+        if not (args.coordinator and args.num_processes and args.process_id is not None):
+            raise ValueError("--coordinator, --num-processes and --process-id go together")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
+        if args.devices:
+            jax.config.update("jax_num_cpu_devices", max(args.devices // args.num_processes, 1))
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.devices:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+
+
+def _place(args, cfg, params):
+    """Params on a mesh of --devices devices (default: all devices of all processes), rows and caches follow."""
+    import jax
+
+    from mtp_jax import sharding
+
+    n = args.devices or len(jax.devices())
+    if n > len(jax.devices()):
+        raise ValueError(f"--devices {n}: only {len(jax.devices())} devices are visible")
+    if n == 1:
+        return params
+    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh, n, cfg))
+    placement = [(pattern, "replicated") for pattern in args.replicate or ()]
+    return sharding.shard_params(params, cfg, mesh, placement=placement)
+
+
 def cmd_generate(args) -> int:
     from mtp_jax import generate as plain
     from mtp_jax import speculative
     from mtp_jax.sampling import Sampling
 
+    _start_devices(args)
     cfg, params, tok = _load_model(args)
+    params = _place(args, cfg, params)
     if args.prompt is not None:
         if tok is None:
             raise ValueError("--prompt needs a model with a tokenizer (a GGUF or HF model); use --prompt-ids")
@@ -205,7 +239,7 @@ def cmd_plan(args) -> int:
 
     jax.config.update("jax_platforms", "cpu")  # fake CPU devices stand in for the accelerators
     jax.config.update("jax_num_cpu_devices", args.devices)
-    from mtp_jax import plan
+    from mtp_jax import plan, sharding
     from mtp_jax.config import load_config
 
     if args.devices < 1 or args.batch < 1:
@@ -213,7 +247,7 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
-    mesh = plan.parse_mesh(args.mesh, args.devices, cfg)
+    mesh = sharding.parse_mesh(args.mesh, args.devices, cfg)
     print(f"mtp-jax plan: compiling the speculative loop of {args.config} on {args.devices} fake devices ...",
           file=sys.stderr, flush=True)
     p = plan.make_plan(cfg, mesh, batch=args.batch, ctx=args.ctx, prompt=args.prompt, num_draft=args.num_draft,
@@ -262,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the best is reported")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")
+    d = g.add_argument_group("devices", "a mesh of devices (and processes): rows on data, experts on expert, "
+                                        "heads and FFN on model")
+    d.add_argument("--devices", type=int, default=None,
+                   help="devices to run on (default: all; on a CPU-only machine, N fake CPU devices)")
+    d.add_argument("--mesh", default=None, metavar="data=N,expert=N,model=N",
+                   help="mesh axis sizes, product = --devices (default: experts on as many devices as divide the "
+                        "expert count, the rest on model)")
+    d.add_argument("--replicate", action="append", default=None, metavar="REGEX",
+                   help="keep tensors whose name matches whole on every device (repeatable; names such as "
+                        "moe_layers.ffn.gate, mtp.0.eh_proj: e.g. --replicate 'mtp\\..*')")
+    d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process run: the coordinator's address (jax.distributed.initialize)")
+    d.add_argument("--num-processes", type=int, default=None, help="multi-process run: number of processes")
+    d.add_argument("--process-id", type=int, default=None, help="multi-process run: this process' index")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("params", help="parameter counts of a config (no allocation)",

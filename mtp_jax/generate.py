@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, init_trunk_cache
 from mtp_jax.model import forward, pad_prompts
@@ -129,13 +130,16 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens, lens = pad_prompts(prompts, cfg)
     size = plan_cache(lens, max_new_tokens, cache_size)
-    cache = init_trunk_cache(cfg, len(lens), size)
+    mesh = sharding.mesh_of(params)  # sharded params: rows and caches go on the same mesh (rows on data)
+    cache = sharding.place_rows(init_trunk_cache(cfg, len(lens), size), mesh)
     stops = stop_array(cfg, eos_ids, stop)
+    rows = sharding.place_rows((jnp.asarray(tokens), jnp.asarray(lens), jnp.full((len(lens),), max_new_tokens,
+                                                                                jnp.int32)), mesh)
     t0 = time.perf_counter()
-    out, n_out, cache = _plain_loop(params, jnp.asarray(tokens), jnp.asarray(lens), cache, jax.random.key(seed),
-                                    jnp.full((len(lens),), max_new_tokens, jnp.int32), jnp.asarray(stops),
-                                    cfg=cfg, sampling=sampling, out_len=max_new_tokens)
-    out, n_out = np.asarray(out), np.asarray(n_out)
+    out, n_out, cache = sharding.run_synced(_plain_loop, params, rows[0], rows[1], cache, jax.random.key(seed),
+                                            rows[2], jnp.asarray(stops), cfg=cfg, sampling=sampling,
+                                            out_len=max_new_tokens)
+    out, n_out = sharding.to_host((out, n_out))
     seconds = time.perf_counter() - t0
     res = GenerateResult([out[b, : n_out[b]].tolist() for b in range(len(lens))], seconds)
     if return_cache:

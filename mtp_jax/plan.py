@@ -67,23 +67,6 @@ class Plan:
         return asdict(self) | {"total_bytes": self.total_bytes, "fits": self.fits()}
 
 
-def parse_mesh(text: str | None, n_devices: int, cfg: ModelConfig) -> dict[str, int]:
-    """"data=2,expert=4,model=1" -> sizes (missing axes 1). None: experts on as many devices as divide both
-    the expert count and the device count, the rest on the model axis."""
-    if text is None:
-        expert = math.gcd(n_devices, max(cfg.n_routed_experts, 1))
-        return {"data": 1, "expert": expert, "model": n_devices // expert}
-    sizes = {"data": 1, "expert": 1, "model": 1}
-    for part in text.split(","):
-        name, _, val = part.partition("=")
-        if name.strip() not in sizes or not val.strip().isdigit() or int(val) < 1:
-            raise ValueError(f"--mesh: expected data=N,expert=N,model=N, got {part!r}")
-        sizes[name.strip()] = int(val)
-    if math.prod(sizes.values()) != n_devices:
-        raise ValueError(f"--mesh {text} uses {math.prod(sizes.values())} devices, --devices says {n_devices}")
-    return sizes
-
-
 def _shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec, mesh: Mesh) -> int:
     parts = [1 if a is None else mesh.shape[a] for a in spec] + [1] * (len(shape) - len(spec))
     return math.prod(-(-d // p) for d, p in zip(shape, parts)) * jnp.dtype(dtype).itemsize
@@ -116,7 +99,7 @@ def abstract_cache(cache: KVCache, mesh: Mesh) -> tuple[KVCache, int]:
     def stack(x):
         if x is None:
             return None
-        spec = sharding.spec_for(x.shape, ("layers", "batch", None, "kv_heads", "head_dim"), mesh)
+        spec = sharding.spec_for(x.shape, sharding.CACHE_AXES, mesh)
         per[0] += _shard_bytes(x.shape, x.dtype, spec, mesh)
         return _abstract(x.shape, x.dtype, mesh, spec)
 

@@ -8,7 +8,8 @@ replicated. So one rules table serves every model size and mesh shape.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -41,6 +42,23 @@ def make_mesh(data: int = 1, model: int = 1, expert: int = 1, devices=None) -> M
     return Mesh(np.asarray(devices[:n]).reshape(data, model, expert), ("data", "model", "expert"))
 
 
+def parse_mesh(text: str | None, n_devices: int, cfg: ModelConfig) -> dict[str, int]:
+    """"data=2,expert=4,model=1" -> sizes (missing axes 1). None: experts on as many devices as divide both
+    the expert count and the device count, the rest on the model axis."""
+    if text is None:
+        expert = math.gcd(n_devices, max(cfg.n_routed_experts, 1))
+        return {"data": 1, "expert": expert, "model": n_devices // expert}
+    sizes = {"data": 1, "expert": 1, "model": 1}
+    for part in text.split(","):
+        name, _, val = part.partition("=")
+        if name.strip() not in sizes or not val.strip().isdigit() or int(val) < 1:
+            raise ValueError(f"--mesh: expected data=N,expert=N,model=N, got {part!r}")
+        sizes[name.strip()] = int(val)
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"--mesh {text} uses {math.prod(sizes.values())} devices, --devices says {n_devices}")
+    return sizes
+
+
 def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh,
              rules: Mapping[str, str | None] = RULES) -> PartitionSpec:
     used: set[str] = set()
@@ -55,14 +73,87 @@ def spec_for(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh,
     return PartitionSpec(*out)
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES) -> Any:
-    """NamedSharding per leaf, same tree as the params."""
-    return jax.tree.map(lambda i: NamedSharding(mesh, spec_for(i.shape, i.axes, mesh, rules)),
-                        P.abstract(cfg), is_leaf=lambda x: isinstance(x, P.ArrayInfo))
+Placement = Sequence[tuple[str, str | None]]  # (regex on the tensor name, "replicated" | None = by the rules)
 
 
-def shard_params(params: P.Params, cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES) -> P.Params:
-    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+def tensor_name(path: tuple) -> str:
+    """The name placement patterns match: the leaf path with the MTP blocks as ``mtp.`` ("moe_layers.ffn.gate",
+    "mtp.0.eh_proj", "mtp.0.layer.attn.wq")."""
+    key = ".".join(str(k.idx if isinstance(k, jax.tree_util.SequenceKey) else k.name) for k in path)
+    return "mtp." + key[len("nextn."):] if key.startswith("nextn.") else key
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES,
+                    placement: Placement = (), template: Any = None) -> Any:
+    """NamedSharding per leaf, same tree as the params. ``placement``: the first pattern that matches a tensor's
+    name (``tensor_name``, re.fullmatch) decides it: "replicated", or None for the logical-axis rules; e.g.
+    ``[(r"mtp\..*", "replicated")]`` keeps the MTP head whole on every device. ``template``: the tree of
+    ArrayInfo to follow (default params.abstract(cfg))."""
+    pats = [(re.compile(p), how) for p, how in placement]
+    for _, how in placement:
+        if how not in ("replicated", None):
+            raise ValueError(f"placement must be 'replicated' or None, got {how!r}")
+
+    def one(path, i: P.ArrayInfo) -> NamedSharding:
+        name = tensor_name(path)
+        how = next((h for pat, h in pats if pat.fullmatch(name)), None)
+        spec = PartitionSpec() if how == "replicated" else spec_for(i.shape, i.axes, mesh, rules)
+        return NamedSharding(mesh, spec)
+
+    template = P.abstract(cfg) if template is None else template
+    return jax.tree_util.tree_map_with_path(one, template, is_leaf=lambda x: isinstance(x, P.ArrayInfo))
+
+
+def shard_params(params: P.Params, cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES,
+                 placement: Placement = ()) -> P.Params:
+    """Params placed on the mesh; generate() and speculative.generate() then put rows and caches on it too."""
+    from mtp_jax.io import tree  # noqa: PLC0415
+
+    shardings = param_shardings(cfg, mesh, rules, placement, tree.template_of(cfg, params))
+    return jax.tree.map(place, params, shardings)
+
+
+def mesh_of(params: Any) -> Mesh | None:
+    """The mesh the params are placed on (None on a single device)."""
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")  # a KV stack [L, B, S, heads, dims]
+
+
+def place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """An array with every process holding the whole value (host or device) -> a global array with this sharding;
+    each device's shard is sliced out of it (works across processes, unlike device_put of one process' array)."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def place_rows(x: Any, mesh: Mesh | None) -> Any:
+    """Per-row arrays (leading batch axis) and KV caches (``CACHE_AXES``) on the mesh, rows on ``data``."""
+    if mesh is None:
+        return x
+
+    def one(a):
+        axes = CACHE_AXES if a.ndim == 5 else ("batch",) + (None,) * (a.ndim - 1)
+        return place(a, NamedSharding(mesh, spec_for(a.shape, axes, mesh)))
+
+    return jax.tree.map(one, x)
+
+
+def to_host(x: Any) -> Any:
+    """numpy values of (possibly multi-process) global arrays: every process gets the whole value."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree.map(one, x)
 
 
 def sharded_fraction(params: P.Params) -> float:
@@ -71,3 +162,20 @@ def sharded_fraction(params: P.Params) -> float:
     total = sum(math.prod(x.shape) for x in leaves)
     split = sum(math.prod(x.shape) for x in leaves if not x.sharding.is_fully_replicated)
     return split / total
+
+
+def run_synced(fn: Any, *args: Any, **static: Any) -> Any:
+    """``fn(*args, **static)`` for a jitted ``fn``; in a multi-process run, every process compiles first and waits
+    at a barrier before running: the first cross-process collective gives its peers only 30 s (gloo's key-value
+    wait), less than one process may still spend compiling on a loaded machine."""
+    if jax.process_count() == 1:
+        return fn(*args, **static)
+    from jax._src import distributed  # noqa: PLC0415  (the coordination client; jax's own multi-process tests use it)
+
+    compiled = fn.lower(*args, **static).compile()
+    run_synced.calls += 1
+    distributed.global_state.client.wait_at_barrier(f"mtp_jax_run_{run_synced.calls}", 600_000)
+    return compiled(*args)
+
+
+run_synced.calls = 0

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import autodraft, drafter
+from mtp_jax import autodraft, drafter, sharding
 from mtp_jax import generate as plain
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, init_trunk_cache
@@ -357,12 +357,15 @@ def generate(
                       "trunk_forwards": longest, "row_steps": 0, "plain_steps": max(longest - 1, 0)}
         return res
     c = _Static(cfg, sampling, K, max_new_tokens, draft_sampling, bool(trace), auto, p_min)
+    mesh = sharding.mesh_of(params)  # sharded params: rows and caches go on the same mesh (rows on data)
+    toks, n_valid, budget, trunk, draft = sharding.place_rows(
+        (jnp.asarray(tokens), jnp.asarray(lens), jnp.full((B,), max_new_tokens, jnp.int32),
+         init_trunk_cache(cfg, B, size), drafter.of(cfg).init_cache(B, size)), mesh)
     t0 = time.perf_counter()
-    out, n_out, trunk, steps, hist, pos_acc, reached, plain_steps, tr = _spec_loop(
-        params, jnp.asarray(tokens), jnp.asarray(lens), init_trunk_cache(cfg, B, size), drafter.of(cfg).init_cache(B, size),
-        jax.random.key(seed), jnp.full((B,), max_new_tokens, jnp.int32), jnp.asarray(plain.stop_array(cfg, eos_ids, stop)),
-        costs, c=c)
-    out, n_out, hist = np.asarray(out), np.asarray(n_out), np.asarray(hist)
+    out, n_out, trunk, steps, hist, pos_acc, reached, plain_steps, tr = sharding.run_synced(
+        _spec_loop, params, toks, n_valid, trunk, draft, jax.random.key(seed), budget,
+        jnp.asarray(plain.stop_array(cfg, eos_ids, stop)), costs, c=c)
+    out, n_out, hist, pos_acc, reached, tr = sharding.to_host((out, n_out, hist, pos_acc, reached, tr))
     seconds = time.perf_counter() - t0
     rows = [out[b, : n_out[b]].tolist() for b in range(B)]
     row_steps = int(hist.sum())
@@ -379,7 +382,7 @@ def generate(
     }
     res = plain.GenerateResult(rows, seconds, stats)
     if tr is not None:
-        res.stats["trace"] = lines = _trace_lines(jax.tree.map(np.asarray, tr), out)
+        res.stats["trace"] = lines = _trace_lines(tr, out)
         if not isinstance(trace, bool):
             _write_ndjson(trace, lines)
     if return_cache:

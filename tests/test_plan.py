@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mtp_jax import params as P
-from mtp_jax import plan
+from mtp_jax import plan, sharding
 from mtp_jax.config import CONFIGS, load_config
 
 REAL = [name for name in ("glm-4.5", "glm-4.5-air", "deepseek-v3") if (CONFIGS / f"{name}.yaml").exists()]
@@ -56,7 +56,7 @@ def test_plan_in_process_on_4_devices_shards_rows_and_experts():
 def test_bad_mesh_is_a_value_error():
     cfg = load_config("glm4moe-tiny")
     with pytest.raises(ValueError, match="uses 4 devices"):
-        plan.parse_mesh("data=2,expert=2", 8, cfg)
+        sharding.parse_mesh("data=2,expert=2", 8, cfg)
     with pytest.raises(ValueError, match="expected data=N"):
-        plan.parse_mesh("pipeline=2", 2, cfg)
-    assert plan.parse_mesh(None, 8, cfg) == {"data": 1, "expert": 8, "model": 1}
+        sharding.parse_mesh("pipeline=2", 2, cfg)
+    assert sharding.parse_mesh(None, 8, cfg) == {"data": 1, "expert": 8, "model": 1}

@@ -1,0 +1,80 @@
+"""The loops on a device mesh: 4 fake CPU devices in-process (data x expert, and model), placement patterns, and
+two processes on localhost (jax.distributed over gloo) giving the same tokens as one process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from mtp_jax import sharding, speculative
+from mtp_jax.generate import generate
+from tests.helpers import tiny_config, tiny_params
+
+CFG = tiny_config()
+PARAMS = tiny_params(0)
+PROMPTS = [[1, 5, 9, 2], [7, 3, 3, 8, 1, 4], [2, 2], [9, 9, 9, 1]]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    plain = generate(PARAMS, CFG, PROMPTS, max_new_tokens=10, eos_ids=[])
+    mtp = speculative.generate(PARAMS, CFG, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[])
+    assert mtp.tokens == plain.tokens
+    return plain.tokens
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, expert=2), dict(model=4)], ids=["data2xexpert2", "model4"])
+def test_sharded_greedy_equals_one_device(mesh, reference):
+    assert len(jax.devices()) >= 4
+    params = sharding.shard_params(PARAMS, CFG, sharding.make_mesh(**mesh))
+    assert sharding.sharded_fraction(params) > 0.2
+    plain = generate(params, CFG, PROMPTS, max_new_tokens=10, eos_ids=[], return_cache=True)
+    mtp = speculative.generate(params, CFG, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[], return_cache=True)
+    assert plain.tokens == reference and mtp.tokens == reference
+    if mesh.get("data", 1) > 1:  # rows (and their caches) live on the data axis
+        spec = mtp.stats["cache"].k[1].sharding.spec
+        assert spec[1] == "data"
+
+
+def test_placement_patterns_replicate_the_head():
+    mesh = sharding.make_mesh(data=1, expert=4)
+    params = sharding.shard_params(PARAMS, CFG, mesh, placement=[(r"mtp\..*", "replicated")])
+    assert params.moe_layers.ffn.gate.sharding.spec[1] == "expert"  # trunk experts split
+    for x in jax.tree.leaves(params.nextn):
+        assert x.sharding.is_fully_replicated
+    assert sharding.tensor_name((jax.tree_util.GetAttrKey("nextn"), jax.tree_util.SequenceKey(0),
+                                 jax.tree_util.GetAttrKey("eh_proj"))) == "mtp.0.eh_proj"
+    with pytest.raises(ValueError, match="replicated"):
+        sharding.param_shardings(CFG, mesh, placement=[("x", "sharded")])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_generate_what_one_process_does(tmp_path):
+    args = ["--config", "glm4moe-tiny", "--prompt-ids", "1,5,9,2;7,3,3,8", "-K", "2", "--max-new-tokens", "8",
+            "--repeats", "1"]
+    cmd = [sys.executable, "-m", "mtp_jax.cli", "generate", *args]
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    port = _free_port()
+    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):  # files, not pipes: a full pipe would stall one process mid-collective
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(subprocess.Popen([*cmd, "--devices", "2", "--mesh", "data=2", "--coordinator",
+                                           f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                                          stdout=o, stderr=e))
+    for p in procs:
+        p.wait(timeout=300)
+    assert all(p.returncode == 0 for p in procs), [err.read_text()[-2000:] for _, err in logs]
+    rows = lambda text: [line for line in text.splitlines() if line.startswith(("[0]", "[1]"))]  # noqa: E731
+    assert len(rows(one)) == 2
+    for out, _ in logs:
+        assert rows(out.read_text()) == rows(one)
