@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 _MODULES = ("glm4moe", "deepseek2")  # imported on first lookup (they import the model code, which imports this package)
+ARCHS = frozenset(_MODULES)  # a family's module is named after its GGUF arch (register checks it): known without jax
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ _REGISTRY: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    if family.arch not in ARCHS:
+        raise ValueError(f"family {family.arch!r}: its module must be mtp_jax/families/{family.arch}.py, listed in "
+                         f"_MODULES")
     if family.arch in _REGISTRY:
         raise ValueError(f"family {family.arch!r} is registered twice")
     _REGISTRY[family.arch] = family

@@ -20,7 +20,9 @@ attention/FFN), so such tensors fail as in llama.cpp ("Missing importance matrix
 --mtp-fallback names a type for them.
 
 Without OUT.gguf the output is ggml-model-FTYPE.gguf beside the input, as llama-quantize names it.
-Split (multi-file) models are not supported: merge them first with llama-gguf-split --merge."""
+A split model (NAME-00001-of-0000N.gguf ..., as llama-gguf-split writes them) is read from its first
+file; --keep-split writes one output per input split. The tensors are converted in pieces of rows,
+NTHREADS (or --threads) processes at a time, so memory holds a few pieces, never the model."""
 
 _EPILOG = "file types (FTYPE, case-insensitive, or its number):\n" + "\n".join(
     f"  {int(f):3d}  {name}" + ("" if policy.ftype_name(f) == name else f"  (alias for {policy.ftype_name(f)})")
@@ -46,6 +48,9 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                    help="output GGUF (written to a temp file, renamed on success); default: "
                         "ggml-model-FTYPE.gguf beside the input")
     p.add_argument("ftype", metavar="FTYPE", help="file type, e.g. Q4_K_M, IQ4_XS, Q8_0, COPY (list below)")
+    p.add_argument("nthreads", metavar="NTHREADS", nargs="?",
+                   help="processes converting tensor rows, this one included (as llama-quantize's nthreads; "
+                        "default: all CPUs)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix GGUF or legacy .dat)")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--include-weights", metavar="NAME", action="append", default=[],
@@ -78,9 +83,10 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
                         "a file (OUT.gguf may be left out); reports the first error the real run would hit "
                         "(a missing imatrix, say) as a warning")
     p.add_argument("--keep-split", action="store_true",
-                   help="not supported: split (multi-file) models are neither read nor written")
+                   help="a split input gives one output per split: OUT (less a .gguf) + -0000k-of-0000n.gguf, "
+                        "as llama-quantize --keep-split names them; llama-gguf-split --merge joins them")
     p.add_argument("--threads", metavar="N", type=int, default=None,
-                   help="worker processes for large tensors (default: all CPUs)")
+                   help="the same as NTHREADS")
     p.set_defaults(func=run_quantize)
     return p
 
@@ -93,21 +99,51 @@ def _default_output(input_path: str, ftype: str) -> Path:
     return Path(input_path).parent / f"ggml-model-{name}.gguf"
 
 
+def _is_ftype(text: str) -> bool:
+    """try_parse_ftype in quantize.cpp: a file type's name or number, or COPY."""
+    if text.strip().upper() == policy.COPY:
+        return True
+    try:
+        policy.parse_ftype(text)
+    except QuantError:
+        return False
+    return True
+
+
+def _positionals(args: argparse.Namespace) -> tuple[str | None, str, int | None]:
+    """(OUT or None, FTYPE, NTHREADS or None) as quantize.cpp reads ``IN [OUT] FTYPE [NTHREADS]``: the word
+    after IN is the file type when it parses as one (then OUT is left out), else it is OUT."""
+    output, ftype, nthreads = args.output, args.ftype, args.nthreads
+    if output is not None and _is_ftype(output):
+        if nthreads is not None:
+            raise QuantError(f"unexpected argument '{nthreads}' after NTHREADS '{ftype}' (IN [OUT] FTYPE [NTHREADS])")
+        output, ftype, nthreads = None, output, ftype
+    threads = args.threads
+    if nthreads is not None:
+        try:
+            n = int(nthreads)
+        except ValueError:
+            raise QuantError(f"invalid nthread '{nthreads}'") from None
+        if threads is not None and threads != n:
+            raise QuantError(f"NTHREADS {n} and --threads {threads} disagree")
+        threads = n
+    return output, ftype, threads
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     """Run ``mtp-jax quantize``; bad input raises ValueError (QuantError/ImatrixError) with one clear line."""
     from mtp_jax.quant.gguf_quantize import quantize_gguf
 
-    if args.keep_split:
-        raise QuantError("--keep-split is not supported: split (multi-file) models are neither read nor written")
-    output = args.output
+    output, ftype, threads = _positionals(args)
     if output is None and not args.dry_run:
-        output = _default_output(args.input, args.ftype)
+        output = _default_output(args.input, ftype)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = quantize_gguf(args.input, output, args.ftype, args.imatrix, pure=args.pure,
+    summary = quantize_gguf(args.input, output, ftype, args.imatrix, pure=args.pure,
                             output_tensor_type=args.output_tensor_type,
                             token_embedding_type=args.token_embedding_type, tensor_types=args.tensor_type,
                             include_weights=args.include_weights, exclude_weights=args.exclude_weights,
                             leave_output_tensor=args.leave_output_tensor, allow_requantize=args.allow_requantize,
-                            dry_run=args.dry_run, mtp_fallback=args.mtp_fallback, threads=args.threads)
+                            dry_run=args.dry_run, mtp_fallback=args.mtp_fallback, threads=threads,
+                            keep_split=args.keep_split)
     print(summary.describe())
     return 0

@@ -3,12 +3,15 @@
 Mirrors ``llama_model_quantize_impl`` (src/llama-quant.cpp, llama-cpp-python 0.3.36 tree) and the
 metadata tools/quantize/quantize.cpp adds: the same key/value pairs in the same order, the same tensor
 order and types (mtp_jax.quant.policy), the same data and alignment, so the output can be compared
-byte for byte with llama-quantize's. Differences: the header is written first and tensors streamed
-after it (the input stays memory-mapped; one tensor's rows are in memory at a time), every imatrix /
-input-type error is raised before any data is written, and the output appears only on success (a
-failed llama-quantize leaves a partial file). The input is validated first (mtp_jax.io.validate; a
-glm4moe model also against its tensor table), and an imatrix against the model (imatrix_gguf.check_model).
-Quantized inputs (--allow-requantize) are dequantized by gguf-py; split (multi-file) inputs are not read.
+byte for byte with llama-quantize's. Differences: the header is written first and the tensors streamed
+after it in pieces of rows (mtp_jax.quant.stream: read from the memory-mapped input, converted, written,
+released, so memory holds a few pieces, never the file), every imatrix / input-type error is raised
+before any data is written, and the output appears only on success (a failed llama-quantize leaves a
+partial file). The input is validated first (mtp_jax.io.validate; a glm4moe model also against its
+tensor table), and an imatrix against the model (imatrix_gguf.check_model). Quantized inputs
+(--allow-requantize) are dequantized by gguf-py. A split model (``NAME-00001-of-0000N.gguf``, split.*
+keys as llama-gguf-split writes them) is read from its first file, as llama.cpp's model loader does;
+``keep_split`` writes one output per input split, as llama-quantize --keep-split.
 """
 
 from __future__ import annotations
@@ -16,23 +19,25 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGUF_MAGIC, GGUF_VERSION, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys, LlamaFileType
-from gguf import quants as gguf_quants
+from gguf import ReaderTensor
+from gguf import Keys, LlamaFileType
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mtp_jax.io.imatrix_gguf import atomic_write, check_model, read_imatrix, to_quant_weights
+from mtp_jax.families import ARCHS
+from mtp_jax.io.imatrix_gguf import check_model, read_imatrix, to_quant_weights
 from mtp_jax.io.validate import open_reader, regular_file
-from mtp_jax.quant import policy, registry
+from mtp_jax.quant import policy, registry, stream
 from mtp_jax.quant.base import QuantError
 from mtp_jax.quant.policy import FLOAT_TYPES, ModelInfo, QuantOptions, TensorDesc, TensorPlan, ggml_type_name
 
@@ -44,8 +49,7 @@ KEY_IMATRIX_DATASET = "quantize.imatrix.dataset"
 KEY_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
 KEY_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
 _SPLIT_KEYS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-
-POOL_MIN_ELEMENTS = 1 << 20  # smaller tensors are quantized in-process (pickling would cost more)
+GGUF_DEFAULT_ALIGNMENT = 32
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class TensorReport:
 
 @dataclass(frozen=True)
 class QuantizeSummary:
-    out_path: Path | None  # None: a dry run
+    out_path: Path | None  # None: a dry run; with keep_split, the first split's file
     ftype: str  # the file type's name, COPY included
     tensors: tuple[TensorReport, ...]
     n_elements: int
@@ -68,6 +72,7 @@ class QuantizeSummary:
     mtp_promoted: tuple[str, ...]  # NextN/MTP tensors promoted by mtp_fallback
     seconds: float
     would_fail: str | None = None  # a dry run: the first error the real run would raise
+    out_paths: tuple[Path, ...] = ()  # every file written (keep_split: one per split)
 
     @property
     def bytes_in(self) -> int:
@@ -91,7 +96,9 @@ class QuantizeSummary:
         if self.out_path is None:
             lines.append(f"dry run: {len(self.tensors)} tensors as {self.ftype}, no file written")
         else:
-            lines.append(f"{len(self.tensors)} tensors as {self.ftype} -> {self.out_path} in {self.seconds:.1f} s")
+            where = (f"{len(self.out_paths)} split files {self.out_paths[0]} .. {self.out_paths[-1].name}"
+                     if len(self.out_paths) > 1 else self.out_path)
+            lines.append(f"{len(self.tensors)} tensors as {self.ftype} -> {where} in {self.seconds:.1f} s")
         if self.would_fail:
             lines.append(f"WARNING: dry run completed, but the quantization itself would fail: {self.would_fail}")
         if self.n_fallback:
@@ -110,7 +117,7 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike | None
                   include_weights: Sequence[str] = (), exclude_weights: Sequence[str] = (),
                   leave_output_tensor: bool = False, allow_requantize: bool = False, dry_run: bool = False,
                   mtp_fallback: str | GGMLQuantizationType | None = None, threads: int | None = None,
-                  progress: bool = True) -> QuantizeSummary:
+                  keep_split: bool = False, progress: bool = True) -> QuantizeSummary:
     """Quantize the GGUF at ``in_path`` to ``out_path`` as ``llama-quantize [options] IN OUT FTYPE [threads]``.
 
     ftype: a file type's name or number, or "COPY" (every tensor copied as it is, general.file_type
@@ -121,8 +128,12 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike | None
     are dequantized and quantized again instead of refused. dry_run: plan and size every tensor and
     write nothing (``out_path`` unused); the errors llama-quantize's dry run skips end up in the
     summary's ``would_fail``. mtp_fallback: the type a NextN/MTP-block tensor gets when it needs an
-    imatrix and has no entry (None: llama.cpp's error). threads: worker processes for large tensors
-    (default: all CPUs). Raises QuantError (a ValueError) on bad input; no output is left then.
+    imatrix and has no entry (None: llama.cpp's error). threads: processes converting pieces of rows,
+    this one included (default: all CPUs). ``in_path`` may be the first file of a split model
+    (``NAME-00001-of-0000N.gguf``); keep_split: one output per input split, named as llama-quantize
+    names them (``out_path`` less a ".gguf" + ``-0000k-of-0000n.gguf``), with the split.* keys, so
+    llama-gguf-split --merge joins them (tensors in split order, which the type choice follows too).
+    Raises QuantError (a ValueError) on bad input; no output is left then.
     """
     t0 = time.perf_counter()
     opts = _options(ftype, pure, output_tensor_type, token_embedding_type, tensor_types, mtp_fallback,
@@ -135,32 +146,43 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike | None
     if threads < 1:
         raise QuantError(f"threads must be >= 1, got {threads}")
 
-    reader = _open(in_path)
-    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
-    descs = _tensor_descs(reader)
+    src = _open(in_path)
+    fields = {k: f.contents() for k, f in src.readers[0].fields.items() if not k.startswith("tokenizer.")}
+    where = {t.name: (i, t.data_offset) for i, t in src.tensors}
+    tensors = sorted(src.tensors, key=lambda it: (it[0], it[1].data_offset)) if keep_split else src.tensors
+    descs = _tensor_descs(t for _, t in tensors)
     weights, imatrix_kvs, unused = _load_imatrix(imatrix, include_weights, exclude_weights, descs)
     deferred = [] if dry_run else None
     try:
         model = ModelInfo.from_metadata(fields)
     except QuantError as e:
         raise QuantError(f"{in_path}: {e}") from None
-    plans = policy.plan_tensors(model, descs, opts, {k: v.size for k, v in weights.items()}, deferred)
+    plans = policy.plan_tensors(model, descs, opts, {k: v.size for k, v in weights.items()}, deferred,
+                                keep_order=keep_split)
     _check_quantizers(plans, deferred)
     _warn_uncovered(imatrix, plans, unused)
 
     reports: list[TensorReport] = []
+    out_paths: list[Path] = []
     if dry_run:
         for i, p in enumerate(plans):
             reports.append(_report(p, _nbytes(p.type, p.desc.ne)))
             _log_tensor(i, len(plans), p, reports[-1], dry_run=True)
     else:
         file_type = policy.copy_file_type(fields.get(Keys.General.FILE_TYPE), descs) if opts.only_copy else opts.ftype
-        header = _header(_metadata(reader, file_type, imatrix_kvs), plans, int(reader.alignment))
-        atomic_write(out_path, lambda f: _write_data(f, header, reader, plans, weights, threads, progress, reports))
-    return QuantizeSummary(out_path, policy.COPY if opts.only_copy else policy.ftype_name(opts.ftype),
+        kvs = _metadata(src.readers[0], file_type, imatrix_kvs)
+        outputs = _outputs(out_path, plans, where, kvs, int(src.readers[0].alignment), keep_split)
+        out_paths = [o.path for o in outputs]
+        _check_outputs(src.paths, out_paths)
+        paths = [str(p) for p in src.paths]
+        del src, tensors  # the readers (and their maps) are not needed for the data
+        _atomic_write_all(out_paths, lambda files: _write_data(files, outputs, where, paths, weights, threads,
+                                                               progress, reports))
+    return QuantizeSummary(out_paths[0] if out_paths else out_path,
+                           policy.COPY if opts.only_copy else policy.ftype_name(opts.ftype),
                            tuple(reports), sum(int(np.prod(p.desc.ne)) for p in plans),
                            sum(p.fallback for p in plans), tuple(p.name for p in plans if p.mtp_promoted),
-                           time.perf_counter() - t0, deferred[0] if deferred else None)
+                           time.perf_counter() - t0, deferred[0] if deferred else None, tuple(out_paths))
 
 
 def _options(ftype, pure, output_tensor_type, token_embedding_type, tensor_types, mtp_fallback,
@@ -191,72 +213,191 @@ def _check_quantizers(plans: Sequence[TensorPlan], deferred: list[str] | None) -
                 return
 
 
-def _write_data(f, header: bytes, reader: GGUFReader, plans: Sequence[TensorPlan], weights: dict[str, np.ndarray],
-                threads: int, progress: bool, reports: list[TensorReport]) -> None:
-    """Write the header, then tensor by tensor (each padded to the alignment); large conversions run in
-    ``threads`` worker processes that memory-map the input themselves."""
-    align = int(reader.alignment)
-    offsets = {t.name: t.data_offset for t in reader.tensors}
-    f.write(header)
-    pool = None
+@dataclass(frozen=True)
+class _Output:
+    path: Path
+    header: bytes
+    plans: tuple[TensorPlan, ...]
+    align: int
+
+
+def split_path(prefix: str | os.PathLike, split_no: int, split_count: int) -> Path:
+    """llama_split_path: PREFIX-0000k-of-0000n.gguf for split_no k - 1."""
+    return Path(f"{os.fspath(prefix)}-{split_no + 1:05d}-of-{split_count:05d}.gguf")
+
+
+def keep_split_prefix(out_path: str | os.PathLike) -> str:
+    """The prefix llama-quantize --keep-split names its outputs after: the output path less its last five
+    characters when ".gguf" occurs in it (quantize.cpp's test, kept as it is)."""
+    name = os.fspath(out_path)
+    return name[:-5] if ".gguf" in name else name
+
+
+def _outputs(out_path: Path, plans: Sequence[TensorPlan], where: dict[str, tuple[int, int]], kvs: list[bytes],
+             align: int, keep_split: bool) -> list[_Output]:
+    """The output file(s), each with its header and tensors. keep_split: one per input split, up to the last
+    split holding a tensor (a split of no tensors, as --no-tensor-first-split makes, gets a file of none);
+    the first has the model's key/values; when there are several, each has split.no / split.count /
+    split.tensors.count appended (and the others no other key, hence ggml's default alignment)."""
+    if not keep_split:
+        return [_Output(out_path, _header(kvs, plans, align), tuple(plans), align)]
+    n_split = max((where[p.name][0] + 1 for p in plans), default=1)
+    prefix = keep_split_prefix(out_path)
+    outputs = []
+    for i in range(n_split):
+        mine = tuple(p for p in plans if where[p.name][0] == i)
+        split_kvs = [_kv_u16(Keys.Split.LLM_KV_SPLIT_NO, i), _kv_u16(Keys.Split.LLM_KV_SPLIT_COUNT, n_split),
+                     _kv_i32(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plans))] if n_split > 1 else []
+        a = align if i == 0 else GGUF_DEFAULT_ALIGNMENT
+        header = _header((kvs if i == 0 else []) + split_kvs, mine, a)
+        outputs.append(_Output(split_path(prefix, i, n_split), header, mine, a))
+    return outputs
+
+
+def _atomic_write_all(paths: Sequence[Path], write: Callable[[list], None]) -> None:
+    """Call write(files) on temp files next to ``paths`` and rename them over ``paths`` when it returns; no
+    file is left on failure (imatrix_gguf.atomic_write for several files)."""
+    tmps: list[str] = []
     try:
-        with logging_redirect_tqdm(), tqdm(plans, desc="quantize", unit="tensor", disable=not progress) as bar:
-            for i, p in enumerate(bar):
-                pooled = threads > 1 and p.converts and np.prod(p.desc.ne) >= POOL_MIN_ELEMENTS
-                jobs = _jobs(p, offsets[p.name], weights.get(p.name) if p.use_imatrix else None,
-                             pieces=2 * threads if pooled else 1)
-                if pooled:
-                    if pool is None:
-                        pool = ProcessPoolExecutor(threads, mp_context=get_context("spawn"), initializer=_init_worker,
-                                                   initargs=(str(reader.data.filename),))
-                    chunks: Iterable[bytes] = pool.map(_worker, jobs)
-                else:
-                    chunks = (_run_job(reader.data, j) for j in jobs)
-                try:
-                    n_out = sum(f.write(c) for c in chunks)
-                except QuantError as e:  # llama-quantize's message, and the file
-                    raise QuantError(f"{e} in {reader.data.filename}") from None
-                f.write(bytes(_pad(n_out, align) - n_out))
+        files = []
+        for path in paths:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmps.append(tmp)
+            files.append(os.fdopen(fd, "wb"))
+        try:
+            write(files)
+        finally:
+            for f in files:
+                f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path in zip(tmps, paths):
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+
+
+def _write_data(files: list, outputs: Sequence[_Output], where: dict[str, tuple[int, int]], paths: Sequence[str],
+                weights: dict[str, np.ndarray], threads: int, progress: bool, reports: list[TensorReport]) -> None:
+    """Each output's header, then its tensors, each padded to the alignment, from pieces converted by
+    ``threads`` processes (mtp_jax.quant.stream)."""
+    all_plans = [p for o in outputs for p in o.plans]
+
+    def pieces():
+        for p in all_plans:
+            file, offset = where[p.name]
+            yield from stream.pieces(p.name, file, offset, p.desc.type, p.type, p.desc.ne,
+                                     weights.get(p.name) if p.use_imatrix else None)
+
+    i = 0
+    with closing(stream.convert(pieces(), paths, threads)) as results, logging_redirect_tqdm(), \
+            tqdm(total=len(all_plans), desc="quantize", unit="tensor", disable=not progress) as bar:
+        for f, o in zip(files, outputs):
+            f.write(o.header)
+            for p in o.plans:
+                n_out = sum(f.write(next(results)[1]) for _ in range(stream.count(p.desc.ne)))
+                if n_out != _nbytes(p.type, p.desc.ne):  # the header says so
+                    raise AssertionError(f"{p.name}: {n_out} bytes written, {_nbytes(p.type, p.desc.ne)} expected")
+                f.write(bytes(_pad(n_out, o.align) - n_out))
                 reports.append(_report(p, n_out))
-                _log_tensor(i, len(plans), p, reports[-1])
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+                _log_tensor(i, len(all_plans), p, reports[-1])
+                bar.update()
+                i += 1
 
 
 def _check_paths(in_path: Path, out_path: Path | None) -> None:
-    """The input is a regular file; the output (None for a dry run) can be created and is not the input."""
+    """The input is a regular file; the output's directory (None: a dry run) exists."""
     regular_file(in_path, QuantError)
-    if out_path is None:
-        return
-    if not out_path.parent.is_dir():
+    if out_path is not None and not out_path.parent.is_dir():
         raise QuantError(f"output directory {out_path.parent} does not exist")
-    if out_path.exists() and os.path.samefile(in_path, out_path):
-        raise QuantError(f"input and output files are the same: '{in_path}'")
 
 
-def _open(path: Path) -> GGUFReader:
-    """The input, validated (mtp_jax.io.validate; a glm4moe model also against its tensor table, as loading does),
-    as one GGUFReader; a split model would lose the other files' tensors, so it is refused."""
+def _check_outputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
+    for o in outputs:
+        for i in inputs:
+            if o.exists() and os.path.samefile(i, o):
+                raise QuantError(f"input and output files are the same: '{i}'")
+
+
+@dataclass
+class _Input:
+    """The model's file(s): the readers and paths in split order, every tensor with its split index."""
+
+    paths: list[Path]
+    readers: list[GGUFReader]
+    tensors: list[tuple[int, ReaderTensor]]
+
+
+def _split_key(reader: GGUFReader, key: str, path: Path, default: int | None = None) -> int | None:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise QuantError(f"{path}: key {key} = {v!r}, expected an integer")
+    return v
+
+
+def _open(path: Path) -> _Input:
+    """The input, validated (mtp_jax.io.validate; a glm4moe model also against its tensor table, as loading
+    does). A split model's other files are found and checked as llama_model_loader does: ``path`` must be
+    the first split (split.no 0) named PREFIX-00001-of-0000N.gguf, each other file PREFIX-0000k-of-0000N.gguf
+    with split.no k - 1, no tensor twice, split.tensors.count tensors in all."""
     reader = open_reader(path, QuantError)
-    n_split = reader.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
-    if n_split is not None and int(n_split.contents()) > 1:
-        raise QuantError(f"{path} is one of {int(n_split.contents())} split files; split input is not supported "
-                         "(merge it first: llama-gguf-split --merge)")
+    inp = _Input([path], [reader], [(0, t) for t in reader.tensors])
+    n_split = _split_key(reader, Keys.Split.LLM_KV_SPLIT_COUNT, path, 0)
+    if n_split > 1:
+        no = Keys.Split.LLM_KV_SPLIT_NO
+        idx = _split_key(reader, no, path, 0)
+        if idx != 0:
+            raise QuantError(f"illegal split file idx: {idx} (file: {path}), model must be loaded with the first split")
+        prefix = os.fspath(path)
+        if not prefix.endswith(tail := split_path("", 0, n_split).name) or len(prefix) == len(tail):
+            raise QuantError(f"invalid split file name: {path} (split 1 of {n_split} must be named "
+                             f"PREFIX{tail})")
+        prefix = prefix[:-len(tail)]
+        names = {t.name: path for t in reader.tensors}
+        for i in range(1, n_split):
+            p = split_path(prefix, i, n_split)
+            r = open_reader(p, QuantError)
+            got = _split_key(r, no, p)
+            if got is None:
+                raise QuantError(f"missing key {no} in GGUF split {p}")
+            if got != i:
+                raise QuantError(f"invalid split file idx: {got} (file: {p}), expected {i}")
+            for t in r.tensors:
+                if t.name in names:
+                    raise QuantError(f"{p}: invalid model: tensor '{t.name}' is duplicated (also in {names[t.name]})")
+                names[t.name] = p
+            inp.paths.append(p)
+            inp.readers.append(r)
+            inp.tensors += [(i, t) for t in r.tensors]
+        expected = _split_key(reader, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, path)
+        if expected is None:
+            raise QuantError(f"{path}: key not found in model: {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}")
+        if expected != len(inp.tensors):
+            raise QuantError(f"{path}: corrupted model: {expected} tensors expected but {len(inp.tensors)} found "
+                             f"in {n_split} split files")
     arch = reader.fields.get(Keys.General.ARCHITECTURE)
-    if arch is not None and arch.contents() == MODEL_ARCH_NAMES[MODEL_ARCH.GLM4_MOE]:
+    if arch is not None and arch.contents() in ARCHS:  # a family we model: its tensor table is checked
         from mtp_jax.io.gguf import GGUFError, check_tensors, config_from_gguf
 
+        whole = SimpleNamespace(fields=reader.fields, tensors=[t for _, t in inp.tensors])  # every split's tensors
         try:
-            check_tensors(reader, config_from_gguf(reader, path), path)
+            check_tensors(whole, config_from_gguf(whole, path), path)
         except GGUFError as e:
             raise QuantError(str(e)) from None
-    return reader
+    return inp
 
 
-def _tensor_descs(reader: GGUFReader) -> list[TensorDesc]:
+def _tensor_descs(tensors: Iterable[ReaderTensor]) -> list[TensorDesc]:
     descs = []
-    for t in reader.tensors:
+    for t in tensors:
         ne = tuple(int(n) for n in t.shape) or (1,)  # n_dims 0: a scalar, ne = [1] as in ggml
         while len(ne) > 1 and ne[-1] == 1:
             ne = ne[:-1]
@@ -323,6 +464,14 @@ def _kv_u32(key: str, v: int) -> bytes:
     return _gguf_str(key) + struct.pack("<II", GGUFValueType.UINT32, v)
 
 
+def _kv_u16(key: str, v: int) -> bytes:
+    return _gguf_str(key) + struct.pack("<IH", GGUFValueType.UINT16, v)
+
+
+def _kv_i32(key: str, v: int) -> bytes:
+    return _gguf_str(key) + struct.pack("<Ii", GGUFValueType.INT32, v)
+
+
 def _kv_str(key: str, v: str) -> bytes:
     """A string override as quantize.cpp sets it (strncpy into char[128]: at most 127 bytes)."""
     return _gguf_str(key) + struct.pack("<I", GGUFValueType.STRING) + _gguf_str(v.encode("utf-8")[:127])
@@ -366,63 +515,6 @@ def _nbytes(t: GGMLQuantizationType, ne: tuple[int, ...]) -> int:
 
 
 # --- tensor data ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Job:
-    """Rows [row0, row0 + nrows) of one tensor, inside one expert (one imatrix slice)."""
-
-    name: str
-    offset: int  # of the tensor's data in the input file
-    src: GGMLQuantizationType
-    dst: GGMLQuantizationType
-    n_per_row: int
-    row0: int
-    nrows: int
-    imatrix: np.ndarray | None  # f32[n_per_row]
-
-
-def _jobs(p: TensorPlan, offset: int, imatrix: np.ndarray | None, pieces: int) -> list[_Job]:
-    """One job per expert (ne[2]; one for a 2-D tensor), split further into about ``pieces`` jobs in all
-    (for the pool). Jobs never cross an expert: each expert has its own imatrix slice (f32[n])."""
-    n, rows = p.desc.ne[0], int(np.prod(p.desc.ne[1:], dtype=np.int64))
-    per_expert, n_mat = p.desc.dim(1), rows // p.desc.dim(1)
-    step = -(-per_expert // max(1, -(-pieces // n_mat)))
-    return [_Job(p.name, offset, p.desc.type, p.type, n, e * per_expert + r, min(step, per_expert - r),
-                 None if imatrix is None else imatrix[e * n:(e + 1) * n])
-            for e in range(n_mat) for r in range(0, per_expert, step)]
-
-
-def _run_job(data: np.ndarray, j: _Job) -> bytes:
-    """data: the input file as u8 (memory-mapped). Returns the output bytes of the job's rows.
-
-    Float data, and quantized data that is requantized, is validated as llama_model_loader::load_data_range
-    does (check_tensors); quantized data that is copied is not."""
-    src_row = policy.row_bytes(j.src, j.n_per_row)
-    raw = data[j.offset + j.row0 * src_row: j.offset + (j.row0 + j.nrows) * src_row]
-    if j.src == j.dst and j.src not in FLOAT_TYPES:
-        return raw.tobytes()
-    # f32[nrows, n_per_row]; quantized rows as llama_tensor_dequantize_impl's to_float
-    x = gguf_quants.dequantize(raw.reshape(j.nrows, src_row), j.src).astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        raise QuantError(f"tensor '{j.name}' has invalid data (NaN or Inf)")
-    if j.src == j.dst:
-        return raw.tobytes()
-    if j.dst in FLOAT_TYPES:
-        return gguf_quants.quantize(x, j.dst).tobytes()
-    return registry.quantize(x, j.dst, j.imatrix).tobytes()
-
-
-_SRC: np.ndarray | None = None  # the input file in a worker process
-
-
-def _init_worker(path: str) -> None:
-    global _SRC
-    _SRC = np.memmap(path, mode="r")
-
-
-def _worker(j: _Job) -> bytes:
-    return _run_job(_SRC, j)
 
 
 def _report(p: TensorPlan, n_out: int) -> TensorReport:

@@ -599,7 +599,7 @@ def _is_mtp(model: ModelInfo, name: str) -> bool:
 
 def plan_tensors(model: ModelInfo, tensors: Sequence[TensorDesc], opts: QuantOptions,
                  imatrix_sizes: Mapping[str, int] | None = None,
-                 deferred: list[str] | None = None) -> list[TensorPlan]:
+                 deferred: list[str] | None = None, keep_order: bool = False) -> list[TensorPlan]:
     """Every tensor's output type, in llama-quantize's output order; raises llama.cpp's imatrix errors.
 
     imatrix_sizes: tensor name -> number of imatrix values (K, or n_expert*K for 3-D tensors); None or
@@ -607,8 +607,10 @@ def plan_tensors(model: ModelInfo, tensors: Sequence[TensorDesc], opts: QuantOpt
     --dry-run. llama-quantize's dry run skips the imatrix and requantizing checks (it sizes an IQ2_XXS
     model before there is an imatrix), so their errors are appended to it instead of raised, in the
     order the real run meets them, and the tensor keeps the type chosen before the failed check.
+    keep_order: visit ``tensors`` in the order given (--keep-split sorts them by split, then data offset,
+    before the type choice, whose layer counters depend on the order) instead of the loader's.
     """
-    ordered = loader_order(tensors)
+    ordered = list(tensors) if keep_order else loader_order(tensors)
     has_imatrix = bool(imatrix_sizes)
     qs = _State(model=model, opts=opts, has_imatrix=has_imatrix,
                 has_tied_embeddings=not any(t.name == "output.weight" for t in tensors),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mtp_jax.io.imatrix_gguf import ImatrixError, write_imatrix_gguf
-from mtp_jax.quant import gguf_quantize
+from mtp_jax.quant import stream
 from mtp_jax.quant.base import QuantError
 from mtp_jax.quant.cli import add_quantize_parser
 from mtp_jax.quant.gguf_quantize import quantize_gguf
@@ -245,14 +245,44 @@ def _write_gguf(path: Path, add) -> None:
     w.close()
 
 
-def test_split_input_is_refused(tmp_path):
-    def add(w):
-        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
-        w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+def test_bad_split_inputs(tmp_path):
+    """A split model is read from its first file; llama_model_loader's checks, each naming a file."""
+    split = gguf.Keys.Split
 
-    _write_gguf(tmp_path / "model-00001-of-00002.gguf", add)
-    with pytest.raises(QuantError, match="one of 2 split files; split input is not supported"):
-        quantize(tmp_path / "model-00001-of-00002.gguf", tmp_path / "out.gguf", "Q8_0")
+    def write(name, no, count, n_tensors, tensor="token_embd.weight"):
+        def add(w):
+            w.add_uint16(split.LLM_KV_SPLIT_NO, no)
+            w.add_uint16(split.LLM_KV_SPLIT_COUNT, count)
+            w.add_int32(split.LLM_KV_SPLIT_TENSORS_COUNT, n_tensors)
+            w.add_tensor(tensor, np.ones((4, 32), np.float32))
+
+        _write_gguf(tmp_path / name, add)
+        return tmp_path / name
+
+    first = write("model-00001-of-00002.gguf", 0, 2, 2)
+    with pytest.raises(QuantError, match=r"model-00002-of-00002\.gguf: no such file$"):
+        quantize(first, tmp_path / "out.gguf", "Q8_0")
+    second = write("model-00002-of-00002.gguf", 1, 2, 2)
+    with pytest.raises(QuantError, match=r"^illegal split file idx: 1 \(file: .*model-00002-of-00002\.gguf\), model "
+                                         r"must be loaded with the first split$"):
+        quantize(second, tmp_path / "out.gguf", "Q8_0")
+    with pytest.raises(QuantError, match=r"model-00002-of-00002\.gguf: invalid model: tensor 'token_embd\.weight' is "
+                                         r"duplicated \(also in .*model-00001-of-00002\.gguf\)$"):
+        quantize(first, tmp_path / "out.gguf", "Q8_0")
+    write("model-00002-of-00002.gguf", 0, 2, 2, "output.weight")
+    with pytest.raises(QuantError, match=r"^invalid split file idx: 0 \(file: .*model-00002-of-00002\.gguf\), "
+                                         r"expected 1$"):
+        quantize(first, tmp_path / "out.gguf", "Q8_0")
+    write("model-00002-of-00002.gguf", 1, 2, 2, "output.weight")
+    write("model-00001-of-00002.gguf", 0, 2, 3)
+    with pytest.raises(QuantError, match=r"model-00001-of-00002\.gguf: corrupted model: 3 tensors expected but 2 "
+                                         r"found in 2 split files$"):
+        quantize(first, tmp_path / "out.gguf", "Q8_0")
+    renamed = tmp_path / "model.gguf"
+    first.rename(renamed)
+    with pytest.raises(QuantError, match=r"^invalid split file name: .*model\.gguf \(split 1 of 2 must be named "
+                                         r"PREFIX-00001-of-00002\.gguf\)$"):
+        quantize(renamed, tmp_path / "out.gguf", "Q8_0")
     assert _no_output(tmp_path)
 
 
@@ -273,7 +303,7 @@ def test_summary_and_log(files, tmp_path, caplog):
 
 def test_worker_processes_give_the_same_file(files, tmp_path, monkeypatch):
     quantize(files["f16"], tmp_path / "one.gguf", "F32", threads=1)
-    monkeypatch.setattr(gguf_quantize, "POOL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(stream, "POOL_MIN_ELEMENTS", 0)
     quantize(files["f16"], tmp_path / "two.gguf", "F32", threads=2)
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
 
@@ -313,7 +343,7 @@ def _nan_model(tmp_path, name):
                                           ("blk.0.attn_norm.weight", 1)])
 def test_non_finite_weights(tmp_path, monkeypatch, name, threads):
     """Converted and copied tensors are checked, as llama_model_loader (check_tensors) does; also in a worker."""
-    monkeypatch.setattr(gguf_quantize, "POOL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(stream, "POOL_MIN_ELEMENTS", 0)
     with pytest.raises(QuantError, match=rf"^tensor '{re.escape(name)}' has invalid data"):
         quantize(_nan_model(tmp_path, name), tmp_path / "out.gguf", "F16", threads=threads)
     assert _no_output(tmp_path)
@@ -424,7 +454,15 @@ def test_cli_options(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", str(model), "x.gguf", "Q8_0", "--tensor-type-file", str(tmp_path / "no")])
     assert "failed to open file" in capsys.readouterr().err
-    args = parser.parse_args(["quantize", str(model), str(tmp_path / "out.gguf"), "Q8_0", "--keep-split"])
-    with pytest.raises(QuantError, match="--keep-split is not supported"):
-        args.func(args)
-    assert _no_output(tmp_path)
+    # IN FTYPE NTHREADS and IN OUT FTYPE NTHREADS, as llama-quantize reads them
+    for argv, out in [([str(model), "q8_0", "1"], tmp_path / "ggml-model-Q8_0.gguf"),
+                      ([str(model), str(tmp_path / "o.gguf"), "Q8_0", "1"], tmp_path / "o.gguf")]:
+        out.unlink(missing_ok=True)
+        args = parser.parse_args(["quantize", *argv])
+        assert args.func(args) == 0 and out.exists()
+    for argv, msg in [([str(model), "q8_0", "x"], "invalid nthread 'x'"),
+                      ([str(model), "q8_0", "2", "--threads", "1"], "NTHREADS 2 and --threads 1 disagree"),
+                      ([str(model), "q8_0", "2", "3"], "unexpected argument '3'")]:
+        args = parser.parse_args(["quantize", *argv])
+        with pytest.raises(QuantError, match=msg):
+            args.func(args)
