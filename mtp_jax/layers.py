@@ -157,11 +157,12 @@ def attention(
 
 
 def _heads_sum_squares(x: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """x [B, T, n, C] (one input per head of a per-head weight) -> sum2 [n, C] and count [n] (llama-imatrix: one
-    matrix per head of a 3-D MUL_MAT weight, every head seeing every token)."""
+    """x [B, T, n, C] (the input of each head's matrix of a per-head weight) -> sum2 [n * C] (head-major) and the
+    token count: llama-imatrix's entry for a 3-D MUL_MAT weight (collect_imatrix: values of matrix i2 at
+    i2 * ne0, one count for the dense tensor)."""
     m = mask.astype(jnp.float32)
     xf = x.astype(jnp.float32)
-    return {"sum2": jnp.einsum("btnc,bt->nc", xf * xf, m), "count": jnp.full((x.shape[2],), m.sum())}
+    return {"sum2": jnp.einsum("btnc,bt->nc", xf * xf, m).reshape(-1), "count": m.sum()}
 
 
 def mla_attention(

@@ -7,6 +7,7 @@ plain greedy output for K = 1..4; our HF -> GGUF equals llama.cpp's converter on
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from functools import lru_cache
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtp_jax import imatrix as IM
 from mtp_jax import kvcache, speculative
 from mtp_jax import model as M
 from mtp_jax import params as P
@@ -24,6 +26,7 @@ from mtp_jax.config import load_config
 from mtp_jax.generate import generate
 from mtp_jax.io import hf
 from mtp_jax.io.gguf import read_gguf, write_gguf
+from mtp_jax.io.imatrix_gguf import read_imatrix, write_imatrix_gguf
 from mtp_jax.io.tokenizer import tiny_bpe
 from mtp_jax.llama_cpp import speculative_counts
 from tests.io import llama_cpp_peer
@@ -283,3 +286,113 @@ def test_hf_to_gguf_matches_llama_cpp_converter(peer, converted_model, files, tm
     assert ka == kb
     cfg2, _ = read_gguf(theirs, dtype="float32", load_mtp=False)  # the converter's file reads back (no NextN)
     assert cfg2.num_hidden_layers == cfg.num_hidden_layers
+
+
+# ---- imatrix and quantization ------------------------------------------------------------------------------------
+
+CHUNK = 128
+# every row a multiple of 256 (IQ2_XXS and the k-quants apply everywhere): attn_k_b rows are qk_nope_head_dim long,
+# attn_v_b rows kv_lora_rank, attn_output rows heads x v_head_dim
+WIDE = dict(hidden_size=256, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=256, qk_rope_head_dim=64,
+            v_head_dim=64, intermediate_size=256, moe_intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def model256(files, tok):
+    """The wide model; decisive routing (router x 20: float rounding, ours vs ggml, cannot flip an expert) and a
+    NextN block with its own embed_tokens / shared_head_head copies, as DeepSeek-V3's MTP module has them."""
+    cfg = tiny(**WIDE)
+    p = P.init(jax.random.key(5), cfg, std=0.05)
+    moe = dataclasses.replace(p.moe_layers, ffn=dataclasses.replace(p.moe_layers.ffn, router=p.moe_layers.ffn.router * 20))
+    nn = dataclasses.replace(p.nextn[0], embed_tokens=p.embed, shared_head_head=p.lm_head)
+    params = dataclasses.replace(p, moe_layers=moe, nextn=(nn,))
+    return write_gguf(files / "wide-f32.gguf", cfg, params, "f32", tok), cfg, params
+
+
+@pytest.fixture(scope="module")
+def text(files):
+    import json.decoder
+    import json.encoder
+    path = files / "imatrix-text.txt"
+    path.write_text(inspect.getsource(json.decoder) + inspect.getsource(json.encoder))
+    return path
+
+
+@pytest.fixture(scope="module")
+def imatrix_theirs(peer, model256, text, files):
+    out = files / "imatrix-llama.gguf"
+    p = peer.run("llama-imatrix", "-m", model256[0], "-f", text, "-o", out, "-c", CHUNK, "-b", CHUNK, "--chunks", 4,
+                 "-t", 1, "-fa", "off", "--no-ppl", timeout=300)
+    assert p.returncode == 0 and out.exists(), p.stderr[-3000:]
+    return out, read_imatrix(out)
+
+
+@pytest.fixture(scope="module")
+def imatrix_ours(model256, text, tok, files):
+    _, cfg, params = model256
+    bos = tok.bos_id if tok.add_bos else None
+    chunks = IM.make_chunks(tok.encode(text.read_text(), add_special=True), CHUNK, bos, max_chunks=4)
+    col = IM.Collector(params, cfg, mtp=True, batch=2)
+    col.add(chunks)
+    data = col.result(CHUNK, [text.name])
+    return write_imatrix_gguf(data, files / "imatrix-ours.gguf"), data
+
+
+@pytest.mark.peer
+def test_imatrix_trunk_entries_agree_with_llama_imatrix_and_cover_the_head(imatrix_theirs, imatrix_ours, model256):
+    """Every MLA matmul included: attn_k_b / attn_v_b are 3-D (one matrix per head), one count per tensor."""
+    (_, theirs), (_, data), cfg = imatrix_theirs, imatrix_ours, model256[1]
+    n = cfg.num_hidden_layers
+    assert theirs.chunk_count == data.chunk_count == 4
+    assert not any(name.startswith(f"blk.{n}.") for name in theirs.in_sum2)  # llama.cpp: no MTP statistics
+    mla = {"attn_q_a", "attn_q_b", "attn_kv_a_mqa", "attn_k_b", "attn_v_b", "attn_output"}
+    assert {f"blk.{i}.{t}.weight" for i in range(n) for t in mla} <= set(theirs.in_sum2)
+    for name in theirs.in_sum2:
+        assert name in data.in_sum2, name
+        np.testing.assert_array_equal(data.counts[name], theirs.counts[name], err_msg=name)
+        a, b = data.in_sum2[name], theirs.in_sum2[name]
+        assert a.shape == b.shape, name
+        rel = np.abs(a - b).max() / np.abs(b).max()
+        assert rel <= 1e-3, (name, rel)
+    head = {k for k in data.in_sum2 if k.startswith(f"blk.{n}.")}
+    assert {f"blk.{n}.{t}.weight" for t in mla | {"ffn_down_exps", "nextn.eh_proj", "nextn.shared_head_head"}} <= head
+    assert set(data.in_sum2) - set(theirs.in_sum2) == head
+
+
+@pytest.mark.peer
+def test_llama_quantize_iq2_xxs_with_our_imatrix_and_the_result_drafts(peer, imatrix_theirs, imatrix_ours, model256,
+                                                                        files):
+    model, cfg, _ = model256
+    bad = peer.run("llama-quantize", "--imatrix", imatrix_theirs[0], model, files / "iq2-theirs.gguf", "IQ2_XXS", 1,
+                   timeout=300)
+    assert bad.returncode != 0
+    assert f"Missing importance matrix for tensor blk.{cfg.num_hidden_layers}." in (
+        bad.stderr + bad.stdout.decode(errors="replace"))
+    good = peer.run("llama-quantize", "--imatrix", imatrix_ours[0], model, files / "iq2-ours.gguf", "IQ2_XXS", 1,
+                    timeout=300)
+    assert good.returncode == 0, good.stderr[-3000:]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(files / "iq2-ours.gguf").tensors}
+    assert types[f"blk.{cfg.num_hidden_layers}.attn_k_b.weight"] != "F32"
+    # --no-repack: llama.cpp's AMX repacking of quantized weights segfaults on this CPU (test_imatrix_peer.py)
+    spec = peer.run_until("llama-speculative-simple", "-m", files / "iq2-ours.gguf", "--spec-type", "draft-mtp",
+                          "-p", "def main():", "-n", 24, "--temp", 0, "-t", 1, "-c", 256, "--no-repack",
+                          ok=lambda p: "n_drafted" in p.stderr)
+    assert speculative_counts(spec.stderr)[0] > 0
+
+
+@pytest.mark.peer
+def test_our_q4_k_m_equals_llama_quantize(peer, imatrix_ours, model256, files):
+    """Our quantizer on the deepseek2 file (MLA tensors, MTP block, our imatrix): llama-quantize's bytes."""
+    from mtp_jax.quant.gguf_quantize import quantize_gguf
+
+    model = model256[0]
+    ours = files / "q4km-ours.gguf"
+    quantize_gguf(model, ours, "Q4_K_M", imatrix=imatrix_ours[0], threads=1, progress=False)
+    ref = files / "q4km-llama.gguf"
+    p = peer.run("llama-quantize", "--imatrix", imatrix_ours[0], model, ref, "Q4_K_M", 1, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    if ours.read_bytes() != ref.read_bytes():
+        a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+        differ = [(t.name, t.tensor_type.name, u.tensor_type.name) for t, u in zip(a.tensors, b.tensors)
+                  if t.tensor_type != u.tensor_type or not np.array_equal(t.data, u.data)]
+        pytest.fail(f"tensors differ from llama-quantize's: {differ}" if differ else "the metadata differs")
