@@ -186,8 +186,13 @@ def converted_model(files, tok, drafting_model):
 
 
 @pytest.mark.peer
-def test_logits_match_llama_cpp(peer, random_model, tok):
-    path, cfg, params = random_model
+@pytest.mark.parametrize("overrides", [{}, {"scoring_func": "softmax"}, NO_LORA],
+                         ids=["lora-yarn-groups", "softmax-gating", "plain"])
+def test_logits_match_llama_cpp(peer, tok, tmp_path, overrides):
+    """softmax: expert_gating_func 1 (DeepSeek-V2), with the correction bias and groups; plain: no q-LoRA (written
+    as q_lora_rank 0), no YaRN, tied output."""
+    cfg, params = tiny(**overrides), random_params(0, **overrides)
+    path = write_gguf(tmp_path / "m.gguf", cfg, params, "f32", tok)
     ids = tok.encode(PROMPT + " in the northern valley.")
     theirs = peer.logits(path, ids)
     _, ours, _, _ = M.forward(params, jnp.asarray([ids]), None, cfg)
