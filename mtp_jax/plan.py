@@ -7,6 +7,12 @@ KV caches with rows on ``data`` and KV heads on ``model``), compiles the loop (X
 kernels: the plan is for accelerators) and reports per-device bytes of weights, caches and temporaries, the
 collectives the partitioned program runs, and which named devices it fits. Nothing the size of the model is
 ever allocated, so a 671 B model plans on a laptop.
+
+XLA:CPU has no 16-bit dots: it converts every bf16/f16 weight stack to an f32 temporary (the buffer assignment
+of a bf16 GLM-4.5-Air plan showed 80 GB of such copies against 4.4 GB of real temporaries). So the loop is
+compiled in float32: weights and caches are reported at the config's dtype (the per-leaf shard sizes, which XLA's
+float32 argument bytes confirm at twice the size), temporaries as XLA computes them in float32, an upper bound
+for the 16-bit activations an accelerator keeps.
 """
 
 from __future__ import annotations
@@ -45,20 +51,21 @@ class Plan:
     prompt: int
     num_draft: int
     dtype: str
-    weight_bytes: int  # per device, from the shardings (the largest shard of each leaf)
+    weight_bytes: int  # per device at ``dtype``, from the shardings (the largest shard of each leaf)
     weight_bytes_total: int  # unsharded
-    kv_bytes: int  # per device: trunk cache
+    kv_bytes: int  # per device at ``dtype``: trunk cache
     kv_bytes_draft: int  # per device: the drafter's cache
-    argument_bytes: int  # XLA memory analysis, per device
+    compiled_dtype: str  # what XLA compiled (float32: see the module docstring)
+    argument_bytes: int  # XLA memory analysis, per device, at compiled_dtype
     output_bytes: int
-    temp_bytes: int
+    temp_bytes: int  # XLA memory analysis at compiled_dtype
     compile_seconds: float
     collectives: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        """Arguments (weights, caches, inputs; donated caches alias their outputs) plus temporaries."""
-        return self.argument_bytes + self.temp_bytes
+        """Weights and caches at ``dtype`` (donated caches alias their outputs) plus temporaries."""
+        return self.weight_bytes + self.kv_bytes + self.kv_bytes_draft + self.temp_bytes
 
     def fits(self) -> dict[str, bool]:
         return {label: self.total_bytes <= cap for label, cap in DEVICES.values()}
@@ -124,6 +131,9 @@ def make_plan(cfg: ModelConfig, mesh_sizes: dict[str, int], batch: int = 1, ctx:
         raise ValueError(f"{name or cfg.name}: the config has no NextN layer; nothing to draft with")
     mesh = sharding.make_mesh(**mesh_sizes)
     K = num_draft
+    target = cfg.dtype
+    scale = jnp.dtype(target).itemsize / 4  # shard sizes scale exactly with the element size
+    cfg = cfg.replace(dtype="float32")
     with kernels.disabled():
         params, w_per, w_total = abstract_params(cfg, mesh)
         trunk, kv = abstract_cache(jax.eval_shape(lambda: kvcache.init_trunk_cache(cfg, batch, ctx)), mesh)
@@ -142,8 +152,9 @@ def make_plan(cfg: ModelConfig, mesh_sizes: dict[str, int], batch: int = 1, ctx:
     text = compiled.as_text()
     coll = collections.Counter(m for m in re.findall(r"= [^=]*? (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", text))
     return Plan(config=name or cfg.name, devices=n, mesh=mesh_sizes, batch=batch, ctx=ctx, prompt=prompt,
-                num_draft=K, dtype=cfg.dtype, weight_bytes=w_per, weight_bytes_total=w_total, kv_bytes=kv,
-                kv_bytes_draft=kv_d, argument_bytes=int(mem.argument_size_in_bytes),
+                num_draft=K, dtype=target, weight_bytes=round(w_per * scale), weight_bytes_total=round(w_total * scale),
+                kv_bytes=round(kv * scale), kv_bytes_draft=round(kv_d * scale), compiled_dtype=cfg.dtype,
+                argument_bytes=int(mem.argument_size_in_bytes),
                 output_bytes=int(mem.output_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                 compile_seconds=round(seconds, 1), collectives=dict(coll))
 
@@ -157,7 +168,7 @@ def describe(p: Plan) -> str:
         f"{p.config} on {p.devices} devices (mesh {mesh}), batch {p.batch}, context {p.ctx}, prompt {p.prompt}, "
         f"K={p.num_draft}, {p.dtype}; compiled in {p.compile_seconds} s",
         f"  per device: weights {gb(p.weight_bytes)} (of {gb(p.weight_bytes_total)}), KV cache {gb(p.kv_bytes)} "
-        f"+ MTP {gb(p.kv_bytes_draft)}, XLA arguments {gb(p.argument_bytes)}, temporaries {gb(p.temp_bytes)}, "
+        f"+ MTP {gb(p.kv_bytes_draft)}, temporaries {gb(p.temp_bytes)} (XLA, {p.compiled_dtype}), "
         f"total {gb(p.total_bytes)}",
         f"  collectives: {coll}",
         f"  fits: {fits}",
