@@ -308,7 +308,8 @@ def model256(files, tok):
     NextN block with its own embed_tokens / shared_head_head copies, as DeepSeek-V3's MTP module has them."""
     cfg = tiny(**WIDE)
     p = P.init(jax.random.key(5), cfg, std=0.05)
-    moe = dataclasses.replace(p.moe_layers, ffn=dataclasses.replace(p.moe_layers.ffn, router=p.moe_layers.ffn.router * 20))
+    ffn = p.moe_layers.ffn
+    moe = dataclasses.replace(p.moe_layers, ffn=dataclasses.replace(ffn, router=ffn.router * 20))
     nn = dataclasses.replace(p.nextn[0], embed_tokens=p.embed, shared_head_head=p.lm_head)
     params = dataclasses.replace(p, moe_layers=moe, nextn=(nn,))
     return write_gguf(files / "wide-f32.gguf", cfg, params, "f32", tok), cfg, params

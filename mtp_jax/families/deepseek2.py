@@ -120,8 +120,8 @@ class DeepseekV3Config(ModelConfig):
                 raise ValueError(f"YaRN needs rope_factor >= 1 and a positive original context, got "
                                  f"{self.rope_factor} and {self.rope_original_max_position_embeddings}")
             if (self.rope_beta_fast, self.rope_beta_slow) != (BETA_FAST, BETA_SLOW):
-                raise ValueError(f"YaRN beta_fast / beta_slow {self.rope_beta_fast} / {self.rope_beta_slow}: llama.cpp's "
-                                 f"deepseek2 always uses {BETA_FAST} / {BETA_SLOW}")
+                raise ValueError(f"YaRN beta_fast / beta_slow {self.rope_beta_fast} / {self.rope_beta_slow}: "
+                                 f"llama.cpp's deepseek2 always uses {BETA_FAST} / {BETA_SLOW}")
             if not self.rope_mscale == self.rope_mscale_all_dim > 0:
                 raise ValueError(f"YaRN mscale {self.rope_mscale} and mscale_all_dim {self.rope_mscale_all_dim}: "
                                  f"transformers and llama.cpp agree only when they are equal and positive")
@@ -164,8 +164,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> DeepseekV3Conf
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         max_position_embeddings=hf.get("max_position_embeddings", 4096), bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos, dtype=dtype,
-        q_lora_rank=hf.get("q_lora_rank", 1536), kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+        q_lora_rank=hf.get("q_lora_rank", 1536), kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
         rope_scaling="yarn" if yarn else "none", rope_factor=float(factor) if yarn else 1.0,
         rope_original_max_position_embeddings=orig if yarn else 4096,
         rope_beta_fast=float(rope.get("beta_fast") or BETA_FAST) if yarn else BETA_FAST,
