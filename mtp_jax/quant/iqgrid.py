@@ -9,14 +9,38 @@ Structure: the five IQ2/IQ3 types share one pipeline (``_GridType``: weights, si
 every try snaps groups of n values to the grid, a re-snap, the superblock scales); IQ1_S and IQ1_M share
 another (``_OneBitType``: an exhaustive search over sorted splits, a snap, a refit). A type states only
 its parameters, its candidate scores (IQ1) and its byte layout. Off-grid groups of both go through
-``_best_neighbours``.
+``_neighbours`` (``_best_neighbours``, C's loop over one table per group, is its exact fallback).
 
-Layout and speed, as in primitives.py: superblocks are quantized in pieces of ``_CHUNK``; inside a piece
-arrays are element-major ``[n, S]`` (element of a sub-block, sub-block), so that C's sequential sums are
-one-pass ``dot0`` reductions, and the tries keep only per-sub-block scalars and the grid indices of the
-best try, selected branch-free (``_blend``). Most of the time goes to the neighbour search (C's
-candidate loops); it looks C's distance terms up in per-group tables instead of recomputing them for
-every candidate, in batches of ``_CANDIDATES`` candidates whose temporaries stay in the CPU cache.
+Layout: superblocks are quantized in pieces of ``_CHUNK*chunks``; inside a piece arrays are element-major
+``[n, S]`` (element of a sub-block, sub-block), so that C's sequential sums are one-pass ``dot0``
+reductions. Every float operation is C's, in C's order; vectorization is across groups, sub-blocks and
+candidates only.
+
+Speed (issue 19). Profile before (cProfile + line_profiler, 256x4096 rows, imatrix): the IQ2/IQ3 types
+spent 70-85% in the neighbour search, ~45-65 ns per candidate (per candidate and value one gather of a
+code, index arithmetic and one random gather of a table term, for every off-grid group of every try
+separately); IQ2_XXS another ~15% in make_qp_quants' refinement (~2000 tiny numpy calls per piece). IQ1_S
+and IQ1_M spent ~55% in the split selection (a Python-level step for each of the 1122/612 candidates of
+C's order), ~30% in neighbours of off-grid groups, much of the rest in np.add/maximum.accumulate along
+axis 0 (about 9x slower than a loop over rows) and np.where on random masks (~4 ns per element).
+Changes: (1) ``_neighbours``: the off-grid groups of all tries of a piece are sorted by key (radix sort)
+into tiles of 4-16 groups sharing a key, so a candidate is n - prefix + 1 row gathers and adds for the
+whole tile (~3-4 ns per padded candidate), with size classes bounding the padding; IQ3 runs in batches of
+32K groups, whose temporaries are reused instead of page-faulted (a third of IQ3_XXS's time was sys time).
+(2) IQ1: ``_scan`` computes every candidate's score at once and replays C's loop exactly over the few
+candidates within 2^-12 of the best (the proof is in its docstring; ~2 per sub-block), IQ1_S's scores
+share their power-of-two products, prefix sums are row loops, pieces are 4x larger. (3) make_qp_quants
+(primitives.py): per element, the proposal is computed for every block and the rest only where it
+differs. (4) No np.where on random masks in the per-value steps. After (benchmarks/quantize_speed.py,
+1024x4096, 2 repeats, ratio = libggml CPU time / ours): IQ1_S 0.36x -> 0.71x, IQ1_M 0.30x -> 0.69x,
+IQ2_XXS 0.29x -> 0.77x, IQ2_XS 0.32x -> 1.37x, IQ2_S 0.40x -> 0.92x, IQ3_XXS 0.31x -> 0.46x,
+IQ3_S 0.25x -> 0.57x (a quiet machine; on a busy one 0.86/0.68/0.76/1.09/0.74/0.43/0.52x: runs vary by
+~15%), all bit-exact (tests/quant/test_iqgrid*.py). Where the time goes now: the neighbour search is still
+60-85% of every IQ2/IQ3 type (IQ3_XXS: ~180 ns per off-grid group with ~8 candidates, C ~90 ns all in),
+bound by the ~250 element operations per group (term table, gathers, first minimum) at numpy's 0.2-1 ns
+each, while C's scalar loop is cheap for so few candidates; IQ1's split scores are ~12 operations per
+candidate. Types with many candidates per group (IQ2_XS) beat C; the others would need fewer element
+operations than we found a way to do in pure NumPy.
 """
 
 from __future__ import annotations
@@ -35,8 +59,6 @@ from mtp_jax.quant.primitives import (
     GROUP_MAX_EPS_IQ1_S,
     GROUP_MAX_EPS_IQ2_S,
     GROUP_MAX_EPS_IQ3_XXS,
-    _blend,
-    _select_bits,
     dot0,
     element_major,
     fp16_bytes,
@@ -47,9 +69,11 @@ from mtp_jax.quant.primitives import (
 
 F = np.float32
 _CHUNK = 256  # superblocks per piece (times the type's ``chunks``)
-_CANDIDATES = 1 << 17  # neighbour candidates per batch of the search
 _MAGIC2 = F(25165824.0)  # v + 2*12582912 has the mantissa bits of 0.5*v + 12582912 (C's nearest_int)
-_OFF = np.int32(1 << 16)  # flag on a grid index: the group was off the grid (it came from the neighbour search)
+_TILE_CANDS = 1 << 16  # padded candidates per step of the neighbour search (its temporaries stay in the cache)
+_FLT_MAX = np.finfo(F).max
+_NB_BATCH = {"iq3xxs": 1 << 15, "iq3s": 1 << 15}  # groups per neighbour search call (default 1 << 20):
+# IQ3's many off-grid groups with few candidates each run faster in batches whose temporaries stay small
 
 
 # ------------------------------------------------------------------------------- grids and neighbours
@@ -64,7 +88,7 @@ class _Grid:
     nwant smallest distinct distances), are nb[nb_start[u] : nb_start[u] + nb_count[u]].
     codes i32[n - prefix + 1, len(nb)]: for each neighbour, its rows in the term table of
     ``_best_neighbours`` (row 0: the partial sum over the first ``prefix`` values, nlev**prefix rows;
-    then nlev rows for each further value).
+    then nlev rows for each further value). ``_tiles`` lays the same lists out for ``_neighbours``.
     """
 
     n: int
@@ -132,10 +156,155 @@ def _grid(name: str) -> _Grid:
         nbs.append(cols)
     nb = np.concatenate(nbs).astype(np.int32)
 
-    nl = levels[nb]                                                                      # [len(nb), n]
-    codes = [sum(nl[:, i] * nlev**i for i in range(prefix))]
-    codes += [nlev**prefix + (i - prefix) * nlev + nl[:, i] for i in range(prefix, n)]
-    return _Grid(n, bits, nlev, prefix, levels, odd, kmap, starts, counts, nb, np.stack(codes).astype(np.int32))
+    return _Grid(n, bits, nlev, prefix, levels, odd, kmap, starts, counts, nb, _codes(levels[nb], nlev, prefix))
+
+
+def _codes(nl: np.ndarray, nlev: int, prefix: int) -> np.ndarray:
+    """Levels int[..., n] of candidates -> their rows in a term table (see _Grid.codes) int32[n-prefix+1, ...]."""
+    n = nl.shape[-1]
+    codes = [sum(nl[..., i] * nlev**i for i in range(prefix))]
+    codes += [nlev**prefix + (i - prefix) * nlev + nl[..., i] for i in range(prefix, n)]
+    return np.stack(codes).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """The neighbour lists of a grid laid out for ``_neighbours``.
+
+    The off-grid keys (valid level combinations only) are ordered by size class of their neighbour count
+    (counts padded up to the class size Kp, at most ~1.2x), then by key; rank i16[K] gives a key's place in
+    that order (-1: on the grid or not a level combination). classes: per class (first rank, end rank, Kp,
+    codes intp[keys, n - prefix + 1, Kp]: each candidate's rows in the term table (``_codes`` with this
+    ``prefix``), nb i32[keys, Kp]: its grid index). Padding candidates repeat the first neighbour: equal
+    distance, so the first one still wins. rows: the term table's rows per group.
+    """
+
+    prefix: int
+    rows: int
+    rank: np.ndarray
+    nkeys: int
+    classes: tuple
+
+
+_TILE_PREFIX = {"iq2xxs": 4, "iq2xs": 4, "iq2s": 3, "iq1s": 4, "iq3xxs": 1, "iq3s": 1}  # values summed up front
+
+
+@cache
+def _tiles(name: str) -> _Tiles:
+    """Build (once) the tile layout of a grid's neighbour lists (see _Tiles)."""
+    grid = _grid(name)
+    p, n, nlev = _TILE_PREFIX[name], grid.n, grid.nlev
+    keys = np.arange(len(grid.kmap))
+    digits = (keys[:, None] >> (grid.bits * np.arange(n))) & ((1 << grid.bits) - 1)
+    vk = np.flatnonzero((digits < nlev).all(1) & (grid.kmap < 0))                       # searchable keys
+    K = grid.nb_count[vk]
+    sizes = [1]
+    while sizes[-1] < K.max():
+        sizes.append(max(sizes[-1] + 1, int(np.ceil(sizes[-1] * 1.2))))
+    cls = np.searchsorted(sizes, K)
+    order = np.lexsort((vk, cls))
+    vk, cls, K = vk[order], cls[order], K[order]
+    rank = np.full(len(grid.kmap), -1, np.int16)
+    rank[vk] = np.arange(len(vk))
+    classes = []
+    for c in np.unique(cls):
+        sel = np.flatnonzero(cls == c)
+        Kp = sizes[c]
+        j = np.minimum(np.arange(Kp), K[sel, None] - 1)                                  # [keys, Kp]
+        j = np.where(np.arange(Kp) < K[sel, None], j, 0)
+        nb = grid.nb[grid.nb_start[vk[sel], None] + j]                                   # [keys, Kp]
+        codes = _codes(grid.levels[nb], nlev, p).transpose(1, 0, 2).astype(np.intp)      # [keys, n', Kp]
+        classes.append((int(sel[0]), int(sel[-1]) + 1, Kp, np.ascontiguousarray(codes), nb.astype(np.int32)))
+    return _Tiles(p, nlev**p + (n - p) * nlev, rank, len(vk), tuple(classes))
+
+
+def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np.ndarray, wg: np.ndarray,
+                qv: np.ndarray, qsel: np.ndarray | None = None) -> np.ndarray:
+    """iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2 for M groups at once -> grid index i32[M].
+
+    u i32[M] off-grid keys; gid [M] the group's column in xg, wg f32[n, NG] (values, weights); s f32[M] the
+    scale; qv f32[V, nlev] level value tables, qsel [M] the group's table (None: table 0). The result is the
+    first neighbour minimizing C's ``d2 += w*diff*diff`` (diff = s*q - x, sequential over the n values).
+
+    The groups are sorted by key (a radix sort of int16 ranks) into tiles of W groups of one key (W = 4, 8
+    or 16: wide, but with little padding for the keys' group counts). A tile's term table (C's
+    ``(w*diff)*diff`` for every value and level, the first ``prefix`` values already summed in C order for
+    every level combination) has rows of W floats, so each candidate of the key costs n - prefix + 1 row
+    gathers and additions (in C order) for all W groups at once, and the first minimum is a few passes over
+    [Kp, slots]. The tiles run in steps of about _TILE_CANDS padded candidates per size class. Groups whose
+    least distance is NaN or not below FLT_MAX (NaN weights; C ignores NaN and aborts on the latter) go
+    through the C loop (``_best_neighbours``).
+    """
+    grid, t = _grid(name), _tiles(name)
+    n, nlev, p, rows = grid.n, grid.nlev, t.prefix, t.rows
+    M = len(u)
+    if not M:
+        return np.empty(0, np.int32)
+    rank = np.take(t.rank, u)
+    order = np.argsort(rank.view(np.uint16), kind="stable")                              # radix sort
+    cnt = np.bincount(rank, minlength=t.nkeys)
+    per_key = M / np.count_nonzero(cnt)
+    W = 16 if per_key >= 24 else 8 if per_key >= 8 else 4  # tile width: wide enough, little padding
+    tiles = -(-cnt // W)
+    tstart = np.cumsum(tiles) - tiles
+    slot = np.take(tstart * W - (np.cumsum(cnt) - cnt), np.take(rank, order))            # sorted group -> slot
+    slot += np.arange(M)
+    S = int(tstart[-1] + tiles[-1]) * W
+    g = np.zeros(S, np.intp)  # padding slots: group 0, results ignored
+    g[slot] = np.take(gid, order)
+    xs, ws = np.take(xg, g, axis=1), np.take(wg, g, axis=1)                               # [n, S]
+    ss = np.zeros(S, F)
+    ss[slot] = np.take(s, order)
+    if qsel is None:
+        q0 = qv[0][:, None]
+    else:
+        qs = np.zeros(S, np.intp)
+        qs[slot] = np.take(qsel, order)
+    tile_rank = np.repeat(np.arange(t.nkeys, dtype=np.intp), tiles)
+    res, least = np.empty(S, np.int32), np.empty(S, F)
+    for r0, r1, Kp, codes, nbs in t.classes:
+        a, b = int(tstart[r0]), int(tstart[r1 - 1] + tiles[r1 - 1])
+        step = max(1, _TILE_CANDS // (Kp * W))
+        wd = np.arange(Kp, 0, -1, dtype=np.int8 if Kp < 128 else np.int16)[:, None]
+        nbs = nbs.reshape(-1)
+        for c0 in range(a, b, step):
+            c1 = min(b, c0 + step)
+            nt, sl = c1 - c0, slice(c0 * W, c1 * W)
+            ns = nt * W
+            xsc, wsc = xs[:, sl], ws[:, sl]
+            lvc = ss[sl] * (q0 if qsel is None else np.take(qv, qs[sl], axis=0).T)           # s*q [nlev, ns]
+            table = np.empty((rows, ns), F)
+            tw = np.empty((max(p, n - p), nlev, ns), F)
+            for dst, lo, hi in ((table[nlev**p:].reshape(n - p, nlev, ns), p, n),
+                                (table[:nlev].reshape(1, nlev, ns) if p == 1 else np.empty((p, nlev, ns), F), 0, p)):
+                np.subtract(lvc, xsc[lo:hi, None], out=dst)                                 # diff = s*q - x
+                dst *= np.multiply(wsc[lo:hi, None], dst, out=tw[:hi - lo])                 # (w*diff)*diff
+            head = dst
+            head[0] += F(0)  # C starts d2 at +0
+            part = head[0]
+            for i in range(1, p):  # row of (l_0..l_i) = sum l_k nlev^k
+                dst = table[:nlev**(i + 1)] if i == p - 1 else np.empty((nlev**(i + 1), ns), F)
+                np.add(part[None], head[i][:, None], out=dst.reshape(nlev, -1, ns))
+                part = dst
+            kl = tile_rank[c0:c1] - r0
+            R = np.take(codes, kl, axis=0).transpose(1, 2, 0) * nt                           # [n', Kp, nt]
+            R += np.arange(nt)
+            d2 = np.add.reduce(np.take(table.reshape(rows * nt, W), R, axis=0), axis=0)   # [Kp, nt, W], C order
+            d2 = d2.reshape(Kp, ns)
+            m = np.min(d2, axis=0, out=least[sl])
+            eq = np.equal(d2, m)
+            k = np.max(np.multiply(eq.view(np.int8), wd), axis=0).astype(np.intp)        # Kp - the first minimum
+            k = np.subtract(np.repeat(kl * Kp + Kp, W), k)
+            np.take(nbs, k, out=res[sl], mode="clip")  # (no minimum, NaN: replaced below)
+    out = np.empty(M, np.int32)
+    out[order] = np.take(res, slot)
+    fail = ~(np.take(least, slot) < _FLT_MAX)  # NaN, or nothing below FLT_MAX
+    if fail.any():
+        f = order[fail]
+        gf = gid[f]
+        qf = qv[0][:, None] if qsel is None else qv[qsel[f]].T
+        out[f] = _best_neighbours(grid, u[f], xg[:, gf], wg[:, gf], s[f], qf)
+    return out
 
 
 def _best_neighbours(grid: _Grid, u: np.ndarray, x: np.ndarray, w: np.ndarray, scale: np.ndarray,
@@ -227,20 +396,32 @@ def _group_major(a: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(B // n, n, S).transpose(1, 0, 2)).reshape(n, -1)
 
 
-def _snap(grid: _Grid, u: np.ndarray, search: np.ndarray, xg: np.ndarray, wg: np.ndarray, scale: np.ndarray,
-          qv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keys u i32[k, S] -> (grid index i32[k, S], off bool[k, S]: the key is off the grid). Off-grid groups
-    where ``search`` (bool[k, S]) get their best neighbour (values xg, weights wg [n, k*S] group-major,
-    scale f32[S] per sub-block, level values qv f32[nlev, k*S] or [nlev, 1]); other off-grid ones get -1."""
+def _snap(name: str, u: np.ndarray, search: np.ndarray, scale: np.ndarray, xg: np.ndarray, wg: np.ndarray,
+          qv: np.ndarray, qsel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keys u i32[..., k, S] -> (grid index i32[..., k, S], off bool[..., k, S]: the key is off the grid).
+
+    Off-grid groups where ``search`` (bool, broadcast to u) get their best neighbour: scale f32[..., S] per
+    sub-block, values and weights xg, wg f32[n, k*S] (_group_major; every leading index shares them), level
+    values qv f32[V, nlev] with qsel i[k*S] (None: table 0). Other off-grid groups keep -1.
+    """
+    grid = _grid(name)
     gi = np.take(grid.kmap, u)
     off = gi < 0
-    f = np.flatnonzero(off & search)
-    if f.size:  # in batches of about _CANDIDATES candidates, whose temporaries stay in the CPU cache
-        total = np.cumsum(grid.nb_count[u.reshape(-1)[f]])
-        for fb in np.split(f, np.searchsorted(total, np.arange(_CANDIDATES, total[-1], _CANDIDATES))):
-            gi.reshape(-1)[fb] = _best_neighbours(grid, u.reshape(-1)[fb], np.take(xg, fb, axis=1),
-                                                  np.take(wg, fb, axis=1), scale[fb % u.shape[1]],
-                                                  qv if qv.shape[1] == 1 else np.take(qv, fb, axis=1))
+    S, NG = u.shape[-1], u.shape[-1] * u.shape[-2]
+    mask = np.logical_and(off, search).reshape(-1, NG)
+    col = np.tile(np.arange(S), NG // S)                                                 # a group's sub-block
+    fs, gs, scs = [], [], []
+    for t, row in enumerate(mask):  # per leading index (try): its groups and their scale
+        g = np.flatnonzero(row)
+        fs.append(g + t * NG)
+        gs.append(g)
+        scs.append(np.take(scale.reshape(-1, S)[t], np.take(col, g)))
+    f, g, sc = np.concatenate(fs), np.concatenate(gs), np.concatenate(scs)
+    batch = _NB_BATCH.get(name, 1 << 20)
+    for b in range(0, f.size, batch):  # batches: bounded temporaries, reused memory
+        e = slice(b, b + batch)
+        gi.reshape(-1)[f[e]] = _neighbours(name, np.take(u, f[e]), g[e], sc[e], xg, wg, qv,
+                                           None if qsel is None else qsel[g[e]])
     return gi, off
 
 
@@ -308,12 +489,18 @@ def _signs(x: np.ndarray, w: np.ndarray, parity: bool) -> tuple[np.ndarray, np.n
     """
     B, S = x.shape
     neg = ~(x >= 0)
-    xval = np.where(neg, -x, x)
+    xval = np.abs(x)
+    np.copyto(xval, x, where=x == 0)  # -0.0 >= 0: C keeps it
     neg8 = neg.reshape(B // 8, 8, S)
     signs = np.packbits(neg8, axis=1, bitorder="little")[:, 0]
     if parity:
         odd = np.logical_xor.reduce(neg8, axis=1)                                         # [B/8, S]
-        imin = np.argmin(((w * x) * x).reshape(B // 8, 8, S), axis=1)
+        ax = ((w * x) * x).reshape(B // 8, 8, S)
+        low, imin = ax[:, 0].copy(), np.zeros((B // 8, S), np.int64)
+        for i in range(1, 8):  # C's first minimum (strict <)
+            lt = ax[:, i] < low
+            np.copyto(low, ax[:, i], where=lt)
+            imin[lt] = i
         flip = odd[:, None] & (np.arange(8)[:, None] == imin[:, None])                    # [B/8, 8, S]
         np.negative(xval, out=xval, where=flip.reshape(B, S))
         signs ^= np.where(odd, np.left_shift(1, imin), 0).astype(np.uint8)
@@ -399,15 +586,17 @@ class _GridType(_PieceType):
         """xval, w f32[B, S] -> (scale f32[S] (negative: the caller flips the signs), grid indices
         i32[B/n, S], act bool[S]: the sub-blocks C writes; the others get scale 0 and index 0).
 
-        The tries are independent up to the selection, which keeps per sub-block best and scale and per
-        group the grid index of the best try (| _OFF if that group was off the grid, for the re-snap).
+        The tries are independent up to the selection: the keys of every try are rounded first and their
+        off-grid groups searched in one ``_snap``; the selection then runs over per-sub-block sums and
+        keeps the winning try's index, whose grid indices and off-grid flags feed the re-snap.
         """
         grid = _grid(cls.grid)
         B, S = xval.shape
-        k = B // grid.n
+        n = grid.n
+        k = B // n
         wx = w * xval
-        xg, wg = _group_major(xval, grid.n), _group_major(np.sqrt(w), grid.n)             # C's waux = sqrt(w)
-        odd = (2 * np.arange(grid.nlev) + 1).astype(F)[:, None]                           # q of each level
+        xg, wg = _group_major(xval, n), _group_major(np.sqrt(w), n)                       # C's waux = sqrt(w)
+        odd = (2 * np.arange(grid.nlev) + 1).astype(F)[None]                              # [1, nlev]: q of each level
         mx = np.max(xval, axis=0)
         act = (mx != 0) if cls.eps is None else ~(mx < cls.eps)
         top = F(2 * grid.nlev - 1)
@@ -417,34 +606,33 @@ class _GridType(_PieceType):
             act &= den > 0
         else:
             den, scale0 = mx, mx / top
-        levels, q, sums = np.empty((B, S), np.int32), np.empty((B, S), F), np.empty((2, S), F)
-
-        def snap(idv, scale, search):
-            return _snap(grid, _round_keys(grid, xval, idv, levels), search, xg, wg, scale, odd)
+        levels, q = np.empty((B, S), np.int32), np.empty((B, S), F)
 
         def fit(gi):
             """C's sum (w*x)*q, sum (w*q)*q over the sub-block, q = 2l+1 of the grid points gi."""
             _grid_values(grid.odd, gi, q)
-            return dot0(wx, q, out=sums[0]), dot0(w, q, q, out=sums[1])
+            return dot0(wx, q, out=np.empty(S, F)), dot0(w, q, q, out=np.empty(S, F))
 
-        state = np.stack([np.zeros(S, F), scale0])                                        # best, scale
-        new = np.empty_like(state)
-        no_try = grid.kmap[0] | (_OFF if cls.resnap == "all_if_offgrid" else 0)          # C's L = 0 (memset)
-        win = np.full((k, S), no_try, np.int32)
+        steps = np.arange(-cls.nsteps, cls.nsteps + 1).astype(F)
+        nt = len(steps)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            for is_ in range(-cls.nsteps, cls.nsteps + 1):
-                idv = (top + F(is_) * F(cls.step)) / den
-                gi, off = snap(idv, F(1) / idv, act)
-                sumqx, sumq2 = fit(gi)
-                take = (sumq2 > 0) & (sumqx * sumqx > state[0] * sumq2)
-                np.divide(sumqx, sumq2, out=new[1])
-                np.multiply(new[1], sumqx, out=new[0])
-                bits = _select_bits(take)
-                state = _blend(bits, new, state)
-                np.bitwise_or(gi, _OFF, out=gi, where=off)
-                win = _blend(bits, gi.view(F), win.view(F)).view(np.int32)
-            scale = state[1].copy()
-            off, gi = (win & _OFF) != 0, win & (_OFF - 1)
+            idv = (top + steps[:, None] * F(cls.step)) / den                              # [nt, S]
+            keys = np.empty((nt, k, S), np.int32)
+            for t in range(nt):
+                keys[t] = _round_keys(grid, xval, idv[t], levels)
+            gis, offs = _snap(cls.grid, keys, act, F(1) / idv, xg, wg, odd)              # every try at once
+            best, scale, win = np.zeros(S, F), scale0.copy(), np.full(S, -1, np.intp)
+            for t in range(nt):
+                sumqx, sumq2 = fit(gis[t])
+                take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+                this = sumqx / sumq2
+                scale = np.where(take, this, scale)
+                best = np.where(take, this * sumqx, best)
+                win[take] = t
+            cols = np.arange(S)
+            tried = win >= 0
+            gi = np.where(tried, gis[win, :, cols].T, grid.kmap[0])                       # C's L = 0 (memset)
+            off = np.where(tried, offs[win, :, cols].T, cls.resnap == "all_if_offgrid")
             redo = act & (scale > 0)
             if cls.resnap == "offgrid":
                 redo = off & redo
@@ -452,7 +640,8 @@ class _GridType(_PieceType):
                 redo = off.any(0) & redo
             redo = np.broadcast_to(redo, (k, S))
             if redo.any():  # re-snap at id = 1/scale, neighbours at scale, then refit
-                gi = np.where(redo, snap(F(1) / scale, scale, redo)[0], gi)
+                g2 = _snap(cls.grid, _round_keys(grid, xval, F(1) / scale, levels), redo, scale, xg, wg, odd)[0]
+                gi = np.where(redo, g2, gi)
                 sumqx, sumq2 = fit(gi)
                 scale = np.where(redo.any(0) & (sumq2 > 0), sumqx / sumq2, scale)
         return np.where(act, scale, F(0)), np.where(act, gi, 0), act
@@ -466,6 +655,7 @@ class IQ2_XXS(_GridType):
     imatrix = "required"
     grid, sub, sigma_mul, parity = "iq2xxs", 32, 1, True
     eps, nsteps, step, resnap, qp_start = GROUP_MAX_EPS, 6, 0.1, "all", True
+    chunks = 2
 
     @classmethod
     def _bytes(cls, has, d, ls, gi, signs, act):
@@ -483,6 +673,7 @@ class IQ2_XS(_GridType):
     imatrix = "required"
     grid, sub, sigma_mul, parity = "iq2xs", 16, 1, True
     eps, nsteps, step, resnap = GROUP_MAX_EPS, 9, 0.1, "offgrid"
+    chunks = 2
 
     @classmethod
     def _bytes(cls, has, d, ls, gi, signs, act):
@@ -501,7 +692,7 @@ class IQ2_S(_GridType):
     imatrix = "optional"
     grid, sub, sigma_mul, plain, parity = "iq2s", 16, 2, "iq2s", False
     eps, nsteps, step, resnap = GROUP_MAX_EPS_IQ2_S, 9, 0.1, "offgrid"
-    chunks = 2  # few neighbours per group: bigger pieces amortize the per-try calls (~10%)
+    chunks = 2
 
     @classmethod
     def _bytes(cls, has, d, ls, gi, signs, act):
@@ -550,34 +741,111 @@ class IQ3_S(_GridType):
 _XX = np.array([[-0.875, 0.125, 1.125], [-1.125, -0.125, 0.875]], F)  # C's x_p, x_m: -1, 0, 1 +- delta 0.125
 
 
-def _scan(blocks, scale0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C's ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2; best = scale*sumqx; }`` with
-    best = -FLT_MAX, over blocks of candidates (sumqx, sumq2 f32[r, S]) in C order -> (scale f32[S], index
-    i32[S] of the last candidate taken, -1 if none).
+_SPLIT_COLS = 8192  # sub-blocks per step of the IQ1 split search
+_NEAR = F(1 - 2.0**-12)  # candidates scoring at least this fraction of the best score are replayed (_scan)
+_GAP = F(1 - 2.0**-19)  # ... and none may score in [_GAP, 1) times that threshold
+_MAX_TAKES = 6  # takes among the replayed candidates that the bound of _scan allows
 
-    Each candidate's scale and best are computed for a whole block at once; per candidate only the
-    comparison and a masked copy of the three per-sub-block states remain (after the first candidates
-    few are taken, so the copy's branches predict well).
+
+def _replay(c, s, qx, q2, S: int, scale0: np.ndarray):
+    """C's selection loop over the given candidates (candidate index c, sub-block s, sumqx, sumq2; sorted by
+    c), the j-th candidate of every sub-block in one step, from best = -FLT_MAX -> (scale, index of the last
+    candidate taken or -1, number of takes) per sub-block."""
+    best = np.full(S, -np.finfo(F).max, F)
+    scale, arg, takes = scale0.copy(), np.full(S, -1, np.int32), np.zeros(S, np.int32)
+    order = np.argsort(s.astype(np.uint16) if S <= 65536 else s, kind="stable")         # by sub-block, then c
+    c, s, qx, q2 = c[order], s[order], qx[order], q2[order]
+    cnt = np.bincount(s, minlength=S)
+    j = np.arange(len(s)) - np.repeat(np.cumsum(cnt) - cnt, cnt)                          # rank in the sub-block
+    by_j = np.argsort(j.astype(np.uint16) if cnt.max(initial=0) <= 65536 else j, kind="stable")
+    lo = 0
+    for hi in np.cumsum(np.bincount(j)).tolist():
+        sel = by_j[lo:hi]
+        lo = hi
+        ss, x, y = s[sel], qx[sel], q2[sel]
+        take = (y > 0) & (x * x > best[ss] * y)
+        if take.any():
+            ss, x, y = ss[take], x[take], y[take]
+            sc = x / y
+            scale[ss] = sc
+            best[ss] = sc * x
+            arg[ss] = c[sel][take]
+            takes[ss] += 1
+    return scale, arg, takes
+
+
+def _collect(blocks, S: int, thr: np.ndarray | None):
+    """One pass over candidate blocks (sumqx, sumq2 f32[r, S]) in C order -> the candidates whose score
+    (sumqx/sumq2)*sumqx is at least thr f32[S] (None: just below (G*_NEAR)*_GAP for the running largest score
+    G, a superset of the candidates at least that for the final G) as (index, sub-block, score, sumqx, sumq2),
+    and the largest score per sub-block (NaN ignored; -inf if none)."""
+    G = np.full(S, -np.inf, F)
+    found, c0, buf, hit = [], 0, None, None
+    lim = np.empty(S, F) if thr is None else thr
+    for qx, q2 in blocks:
+        r = len(qx)
+        if buf is None or len(buf) < r:
+            buf, hit = np.empty((r, S), F), np.empty((r, S), bool)
+        score = np.divide(qx, q2, out=buf[:r])
+        score *= qx
+        np.fmax(G, np.fmax.reduce(score, axis=0), out=G)
+        if thr is None:  # one ulp below _scan's first threshold (G*_NEAR)*_GAP, whatever G's range
+            np.nextafter(np.multiply(G, _NEAR, out=lim) * _GAP, -np.inf, out=lim)
+        idx = np.flatnonzero(np.greater_equal(score, lim, out=hit[:r]))
+        rows, cols = np.divmod(idx, S)
+        found.append((rows + c0, cols, score.reshape(-1)[idx], qx.reshape(-1)[idx], q2.reshape(-1)[idx]))
+        c0 += r
+    return tuple(np.concatenate(a) for a in zip(*found)), G
+
+
+def _scan(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2; best = scale*sumqx; }`` with
+    best = -FLT_MAX, over the candidates of blocks_of(cols) (blocks of sumqx, sumq2 f32[r, len(cols)] in C
+    order, cols None: all S sub-blocks) -> (scale f32[S], index i32[S] of the last candidate taken, -1 if none).
+
+    Pruned, exactly: a take sets best to the candidate's score r = (sumqx/sumq2)*sumqx, and C's test passes
+    only for r above best to within a few ulps. With G the largest r of the sub-block and T = _NEAR*G,
+    every candidate below T*_GAP fails once a candidate above T has been taken (takes lower best by a few
+    ulps each: up to _MAX_TAKES keep it above T*_GAP), and the first candidate above T passes whatever the
+    earlier ones did. So C's loop is replayed only over the candidates above T. Sub-blocks with a candidate
+    in [T*_GAP, T) or more takes try a lower T, then replay every candidate, as do those where ``exact``
+    (negative weights: r can be negative) or G is not finite.
     """
-    S = len(scale0)
-    state = np.stack([np.full(S, -np.finfo(F).max, F), scale0, np.full(S, -1, np.int32).view(F)])
-    prod = np.empty(S, F)
-    take = np.empty(S, bool)
-    c0 = 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for qx, q2 in blocks:
-            r = len(qx)
-            cand = np.empty((r, 3, S), F)                                                 # best, scale, index
-            np.divide(qx, q2, out=cand[:, 1])
-            np.multiply(cand[:, 1], qx, out=cand[:, 0])
-            cand[:, 2].view(np.int32)[...] = np.arange(c0, c0 + r, dtype=np.int32)[:, None]
-            sq = qx * qx
-            np.copyto(sq, -np.inf, where=~(q2 > 0))  # never taken: sumq2 > 0 fails (no weight)
-            for j in range(r):
-                np.greater(sq[j], np.multiply(state[0], q2[j], out=prod), out=take)
-                np.copyto(state, cand[j], where=take)
-            c0 += r
-    return state[1], state[2].view(np.int32)
+        return _scan_pruned(blocks_of, S, scale0, exact)
+
+
+def _scan_pruned(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    (c, s, r, qx, q2), G = _collect(blocks_of(None), S, None)
+    scale, arg = scale0.copy(), np.full(S, -1, np.int32)
+    todo = np.arange(S)
+    for attempt in range(3):
+        T = G * F(_NEAR ** (2 ** attempt)) if attempt < 2 else np.full(len(todo), -np.inf, F)
+        bad = ~(G < np.inf) | exact[todo] if attempt < 2 else np.zeros(len(todo), bool)
+        bad[s[(r >= T[s] * _GAP) & ~(r >= T[s])]] = True                                 # in the gap
+        near = r >= T[s]
+        sc, ar, takes = _replay(c[near], s[near], qx[near], q2[near], len(todo), scale0[todo])
+        if attempt < 2:
+            bad |= takes > _MAX_TAKES
+        ok = ~bad
+        scale[todo[ok]], arg[todo[ok]] = sc[ok], ar[ok]
+        if ok.all():
+            break
+        cols = np.flatnonzero(bad)
+        todo, G = todo[cols], G[cols]
+        thr = np.full(len(todo), -np.inf, F) if attempt == 1 else (G * F(_NEAR ** (2 ** (attempt + 1)))) * _GAP
+        (c, s, r, qx, q2), _ = _collect(blocks_of(todo), len(todo), thr)
+    return scale, arg
+
+
+def _prefix(a: np.ndarray) -> np.ndarray:
+    """C's ``s[0] = 0; s[j+1] = s[j] + a[j]`` over axis 0: f32[n, S] -> [n+1, S] (a loop of whole rows:
+    numpy's accumulate along axis 0 is many times slower)."""
+    out = np.empty((len(a) + 1,) + a.shape[1:], F)
+    out[0] = 0
+    for j in range(len(a)):
+        np.add(out[j], a[j], out=out[j + 1])
+    return out
 
 
 def _split_table(n: int, masks: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -594,7 +862,7 @@ class _OneBitType(_PieceType):
     sub: int
     eps: np.float32
     splits: tuple[np.ndarray, np.ndarray, np.ndarray]  # _split_table; mask bit g: group g uses -delta
-    chunks = 1
+    chunks = 4  # few off-grid groups per piece: bigger pieces share the neighbour search's tiles
 
     @classmethod
     def _quantize(cls, xs, qw):
@@ -624,8 +892,17 @@ class _OneBitType(_PieceType):
         k = B // 8
         mx = np.max(np.abs(x), axis=0)
         order = np.argsort(x, axis=0, kind="stable")  # C's qsort (glibc's is a stable merge sort)
-        scale, arg = _scan(cls._scores(np.take_along_axis(w * x, order, 0), np.take_along_axis(w, order, 0),
-                                       order), mx)
+        wxs, ws = np.take_along_axis(w * x, order, 0), np.take_along_axis(w, order, 0)
+        exact = (w < 0).any(axis=0)
+        scale, arg = np.empty(S, F), np.empty(S, np.int32)
+        for c0 in range(0, S, _SPLIT_COLS):  # the split search in steps of _SPLIT_COLS sub-blocks
+            c = slice(c0, c0 + _SPLIT_COLS)
+            parts = [np.ascontiguousarray(v[:, c]) for v in (wxs, ws, order)]
+
+            def blocks_of(cols, parts=parts):
+                return cls._scores(*(parts if cols is None else [v[:, cols] for v in parts]))
+
+            scale[c], arg[c] = _scan(blocks_of, parts[0].shape[1], mx[c], exact[c])
         found = ~(mx < cls.eps) & (arg >= 0)
         i1, i2, masks = (a[np.where(found, arg, 0)] for a in cls.splits)
         L = np.empty((B, S), np.int32)  # L[order[j]] = 0 for j < i1, 1 for j < i2, else 2
@@ -636,8 +913,8 @@ class _OneBitType(_PieceType):
         scale = np.abs(scale)
         mask = masks ^ np.where(flip, (1 << k) - 1, 0)
         minus = (mask >> np.arange(k)[:, None]) & 1                                       # [k, S]
-        gi, off = _snap(grid, _keys(grid, L), np.broadcast_to(found, (k, S)), _group_major(x, 8),
-                        _group_major(w, 8), scale, _XX[minus.reshape(-1)].T)
+        gi, off = _snap("iq1s", _keys(grid, L), found, scale, _group_major(x, 8), _group_major(w, 8), _XX,
+                        minus.reshape(-1))
         values = _XX[:, grid.levels].reshape(-1, 8)                                       # [2G, 8]
         q = _grid_values(values, gi + minus * len(grid.levels), np.empty((B, S), F))
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -661,21 +938,28 @@ class IQ1_S(_OneBitType):
         the sums of w, sumq2 = a*x0*x0 + b*x1*x1 + c*x2*x2 (x_p then x_m); one block per i1."""
         (p0, p1, p2), (m0, m1, m2) = _XX
         S = w.shape[1]
-        zero = np.zeros((1, S), F)
-        sx = np.add.accumulate(np.concatenate([zero, wx]), axis=0)                        # [33, S]
-        sw = np.add.accumulate(np.concatenate([zero, w]), axis=0)
+        sx, sw = _prefix(wx), _prefix(w)                                                   # [33, S]
         cx, cw = sx[-1] - sx, sw[-1] - sw
         cxp, cxm, cwp, cwm = cx * p2, cx * m2, (cw * p2) * p2, (cw * m2) * m2
+        axp, axm, awp, awm = sx * p0, sx * m0, (sw * p0) * p0, (sw * m0) * m0  # sx[0] = 0: sx[a] - sx[0] = sx[a]
+        qx, q2, t, u = np.empty((66, S), F), np.empty((66, S), F), np.empty((33, S), F), np.empty((33, S), F)
         for a in range(33):
-            ax, aw = sx[a] - sx[0], sw[a] - sw[0]
-            b, bw = sx[a:] - sx[a], sw[a:] - sw[a]
-            qx = np.empty((33 - a, 2, S), F)
-            q2 = np.empty_like(qx)
-            np.add(ax * p0 + b * p1, cxp[a:], out=qx[:, 0])
-            np.add(ax * m0 + b * m1, cxm[a:], out=qx[:, 1])
-            np.add((aw * p0) * p0 + (bw * p1) * p1, cwp[a:], out=q2[:, 0])
-            np.add((aw * m0) * m0 + (bw * m1) * m1, cwm[a:], out=q2[:, 1])
-            yield qx.reshape(-1, S), q2.reshape(-1, S)
+            r = 33 - a
+            tb = np.subtract(sx[a:], sx[a], out=t[:r])
+            tb *= p1  # b*x1; x_m[1] = -x_p[1], so b*m1 = -tb and (bw*m1)*m1 = (bw*p1)*p1 exactly
+            ub = np.subtract(sw[a:], sw[a], out=u[:r])
+            ub *= p1
+            ub *= p1
+            X, Q = qx[:2 * r].reshape(r, 2, S), q2[:2 * r].reshape(r, 2, S)
+            np.add(axp[a], tb, out=X[:, 0])
+            X[:, 0] += cxp[a:]
+            np.subtract(axm[a], tb, out=X[:, 1])
+            X[:, 1] += cxm[a:]
+            np.add(awp[a], ub, out=Q[:, 0])
+            Q[:, 0] += cwp[a:]
+            np.add(awm[a], ub, out=Q[:, 1])
+            Q[:, 1] += cwm[a:]
+            yield qx[:2 * r], q2[:2 * r]
 
     @classmethod
     def _bytes(cls, has, d, ls, gi, mask, x, w):
@@ -705,25 +989,27 @@ class IQ1_M(_OneBitType):
         split scores sumqx_h = T_h*x2 - (P_h[i1] + P_h[i2]), sumq2_h = W_h*x2*x2 + Q_h[i1]*c1 + Q_h[i2]*c2;
         the four candidates add the halves' x_p/x_m terms. One block per i1."""
         S = w.shape[1]
-        zero = np.zeros((1, S), F)
         halves = []  # per half: prefix sums of w*x, and per level set: T*x2, W*x2*x2, pw*c1, pw*c2
         for h in (0, 1):
             mine = (order >= 8) == h
-            px = np.add.accumulate(np.concatenate([zero, np.where(mine, wx, F(0))]), axis=0)   # [17, S]
-            pw = np.add.accumulate(np.concatenate([zero, np.where(mine, w, F(0))]), axis=0)
+            px, pw = _prefix(wx * mine), _prefix(w * mine)  # [17, S] (x*0 = -0 for negative x: adds nothing)
             halves.append((px, [(px[16] * v2, (pw[16] * v2) * v2, pw * (v0 * v0 - v1 * v1), pw * (v1 * v1 - v2 * v2))
                                 for v0, v1, v2 in _XX]))
+        QX, Q2 = np.empty((68, S), F), np.empty((68, S), F)
+        sx = np.empty((17, S), F)
+        part = np.empty((2, 2, 2, 17, S), F)  # [half, level set, sumqx/sumq2]
         for a in range(17):
-            parts = []  # parts[h][v]: (sumqx_h, sumq2_h) [17-a, S] with level set v
-            for px, consts in halves:
-                sx = px[a] + px[a:]
-                parts.append([(tx - sx, (t2 + c1[a]) + c2[a:]) for tx, t2, c1, c2 in consts])
-            qx = np.empty((17 - a, 4, S), F)
-            q2 = np.empty_like(qx)
+            r = 17 - a
+            for h, (px, consts) in enumerate(halves):
+                np.add(px[a], px[a:], out=sx[:r])
+                for v, (tx, t2, c1, c2) in enumerate(consts):
+                    np.subtract(tx, sx[:r], out=part[h, v, 0, :r])
+                    np.add(t2 + c1[a], c2[a:], out=part[h, v, 1, :r])
+            qx, q2 = QX[:4 * r].reshape(r, 4, S), Q2[:4 * r].reshape(r, 4, S)
             for kk, (v0, v1) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-                np.add(parts[0][v0][0], parts[1][v1][0], out=qx[:, kk])
-                np.add(parts[0][v0][1], parts[1][v1][1], out=q2[:, kk])
-            yield qx.reshape(-1, S), q2.reshape(-1, S)
+                np.add(part[0, v0, 0, :r], part[1, v1, 0, :r], out=qx[:, kk])
+                np.add(part[0, v0, 1, :r], part[1, v1, 1, :r], out=q2[:, kk])
+            yield QX[:4 * r], Q2[:4 * r]
 
     @classmethod
     def _bytes(cls, has, d, ls, gi, mask, x, w):

@@ -538,33 +538,67 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         # C refines each block until a pass changes nothing (at most 5 passes): later passes run only on
         # the blocks the previous pass changed (a pass without changes is a fixed point).
         shape = x.shape
-        x2, w2, wx2, L2 = (np.broadcast_to(a, shape).reshape(n, -1) for a in (x, w, wx, Lw))
-        sumlx, suml2 = sumlx.reshape(-1), suml2.reshape(-1)
-        L2 = L2.copy()
-        act = np.arange(L2.shape[1])
+        x2, w2, wx2 = (np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(n, -1) for a in (x, w, wx))
+        L2 = np.array(np.broadcast_to(Lw, shape), dtype=F32).reshape(n, -1)  # a writable copy
+        sumlx, suml2 = sumlx.reshape(-1).copy(), suml2.reshape(-1).copy()
+        act = None  # the first pass: every block
         for _ in range(5):
-            xa, wa, wxa, La, slxa, sl2a = x2[:, act], w2[:, act], wx2[:, act], L2[:, act], sumlx[act], suml2[act]
-            changed = np.zeros(act.size, bool)
-            for i in range(n):
-                li = La[i]
-                slx = slxa - wxa[i] * li
-                sl2 = sl2a - wa[i] * li * li
-                new_l = np.minimum(nmax_f, nearest_int_f(xa[i] * sl2 / slx))
-                slx_n = slx + wxa[i] * new_l
-                sl2_n = sl2 + wa[i] * new_l * new_l
-                acc = (slx > 0) & (sl2 > 0) & (new_l != li) & (slx_n * slx_n * sl2a > slxa * slxa * sl2_n)
-                La[i] = np.where(acc, (new_l.astype(np.int32) & 0xFF).astype(F32), li)
-                slxa = np.where(acc, slx_n, slxa)
-                sl2a = np.where(acc, sl2_n, sl2a)
-                changed |= acc
-            L2[:, act], sumlx[act], suml2[act] = La, slxa, sl2a
-            act = act[changed]
+            if act is None:
+                xa, wa, wxa, La, slxa, sl2a = x2, w2, wx2, L2, sumlx, suml2
+            else:
+                xa, wa, wxa, La, slxa, sl2a = x2[:, act], w2[:, act], wx2[:, act], L2[:, act], sumlx[act], suml2[act]
+            changed = _qp_pass(xa, wa, wxa, La, slxa, sl2a, nmax)
+            if act is None:
+                act = np.flatnonzero(changed)
+            else:
+                L2[:, act], sumlx[act], suml2[act] = La, slxa, sl2a
+                act = act[changed]
             if not act.size:
                 break
         Lw = L2.reshape(shape)
         sumlx, suml2 = sumlx.reshape(shape[1:]), suml2.reshape(shape[1:])
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), Lw).astype(np.uint8)
+
+
+def _qp_pass(x, w, wx, L, sumlx, suml2, nmax: int) -> np.ndarray:
+    """One refinement pass of make_qp_quants over blocks [n, B], updating L (the stored uint8 values, as
+    float32), sumlx and suml2 in place -> bool[B]: the block changed. C, per element in order:
+    ``slx = sumlx - w*x*L; sl2 = suml2 - w*L*L; if (slx > 0 && sl2 > 0) { l = MIN(nmax, nearest_int(x*sl2/slx));
+    if (l != L) { slx += w*x*l; sl2 += w*l*l; if (slx*slx*suml2 > sumlx*sumlx*sl2) take } }``.
+
+    Each step computes the proposal for every block; the remaining arithmetic runs only on the blocks
+    whose proposal differs from L (usually few).
+    """
+    n, B = x.shape
+    wxL = wx * L  # an element's own L changes only at its own step, so these are its values there
+    wLL = (w * L) * L
+    changed = np.zeros(B, bool)
+    slx, sl2, t = np.empty(B, F32), np.empty(B, F32), np.empty(B, F32)
+    ti = t.view(np.int32)
+    for i in range(n):
+        np.subtract(sumlx, wxL[i], out=slx)
+        np.subtract(suml2, wLL[i], out=sl2)
+        np.multiply(x[i], sl2, out=t)
+        t /= slx
+        t += _MAGIC  # nearest_int, C's bits also where |x*sl2/slx| >= 2^22
+        ti &= 0x007FFFFF
+        ti -= 0x00400000
+        np.minimum(ti, nmax, out=ti)
+        new = ti.astype(F32)
+        cand = np.flatnonzero((new != L[i]) & (np.minimum(slx, sl2) > 0))
+        if not cand.size:
+            continue
+        nl, a, b = new[cand], slx[cand], sl2[cand]
+        a += wx[i, cand] * nl
+        b += (w[i, cand] * nl) * nl
+        sx, s2 = sumlx[cand], suml2[cand]
+        ok = (a * a) * s2 > (sx * sx) * b
+        cand, nl = cand[ok], nl[ok]
+        L[i, cand] = (nl.astype(np.int32) & 0xFF).astype(F32)
+        sumlx[cand], suml2[cand] = a[ok], b[ok]
+        changed[cand] = True
+    return changed
 
 
 def best_index_int8(values: np.ndarray, x: np.ndarray) -> np.ndarray:
