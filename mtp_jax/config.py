@@ -174,7 +174,10 @@ class ModelConfig:
             raise ValueError(f"{path}: neither a GGUF file nor a YAML config ({type(e).__name__}: {why})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping of ModelConfig fields")
-        return cls.from_dict(d.get("model", d))
+        if isinstance(d.get("model"), dict):  # a model: mapping; a family: key may sit beside it or inside it
+            d = ({"family": d["family"]} if "family" in d else {}) | d["model"]
+        return cls.from_dict(d)
+
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # bundled YAML configs (package data)
 

@@ -85,7 +85,7 @@ def tensor_name(path: tuple) -> str:
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES,
                     placement: Placement = (), template: Any = None) -> Any:
-    """NamedSharding per leaf, same tree as the params. ``placement``: the first pattern that matches a tensor's
+    r"""NamedSharding per leaf, same tree as the params. ``placement``: the first pattern that matches a tensor's
     name (``tensor_name``, re.fullmatch) decides it: "replicated", or None for the logical-axis rules; e.g.
     ``[(r"mtp\..*", "replicated")]`` keeps the MTP head whole on every device. ``template``: the tree of
     ArrayInfo to follow (default params.abstract(cfg))."""

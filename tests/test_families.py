@@ -138,3 +138,15 @@ def test_model_without_head_decodes_plain(fam):
     ref = generate(no_head, cfg, [[1, 2, 3]], max_new_tokens=6, eos_ids=[])
     res = speculative.generate(no_head, cfg, [[1, 2, 3]], num_draft="auto", max_new_tokens=6, eos_ids=[])
     assert res.tokens == ref.tokens
+
+
+def test_yaml_names_its_family_beside_or_inside_model(fam, tmp_path):
+    import yaml
+
+    f, cfg, _ = fam
+    d = cfg.to_dict()
+    family = d.pop("family")
+    for i, doc in enumerate([{"family": family, "model": d}, {"model": {"family": family, **d}}]):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        assert load_config(str(path)) == cfg
