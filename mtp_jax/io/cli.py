@@ -107,13 +107,16 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     """A file of a registered family is validated as loading does, short of reading the weights; other archs
     only as GGUF."""
     from mtp_jax import families
-    from mtp_jax.io.gguf import check_tensors, config_from_gguf, open_gguf
+    from mtp_jax.io.gguf import check_tensors, config_from_gguf
+    from mtp_jax.io.split import open_model_files
 
-    r = open_gguf(path)
+    files = open_model_files(path)
+    r = files.whole()
     f = r.fields.get("general.architecture")
     arch = f.contents() if f is not None else None
     out: dict[str, Any] = {
-        "arch": arch, "bytes": path.stat().st_size, "tensors": len(r.tensors),
+        "arch": arch, "bytes": sum(p.stat().st_size for p in files.paths), "files": len(files.paths),
+        "tensors": len(r.tensors),
         "tensor_types": dict(collections.Counter(t.tensor_type.name for t in r.tensors).most_common()),
         "elements": sum(int(t.n_elements) for t in r.tensors),
     }

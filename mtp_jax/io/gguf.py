@@ -29,6 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree, validate
+from mtp_jax.io.split import open_model_files
 from mtp_jax.io.table import Slot, plan
 from mtp_jax.io.tokenizer import Tokenizer, TokenizerError
 from mtp_jax.io.validate import REQUIRED, GGUFError, dequantizable, open_reader, value
@@ -241,7 +242,7 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
 
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
               check_finite: bool = True) -> tuple[ModelConfig, P.Params]:
-    """A GGUF of a registered family -> (ModelConfig, Params of jax arrays in ``dtype``).
+    """A GGUF of a registered family (or the first file of a split one) -> (ModelConfig, Params of jax arrays in ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
     bfloat16 for quantized files. ``load_mtp=False`` skips the NextN block's tensors like llama.cpp's
@@ -252,25 +253,28 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     naming the file (and the key or tensor) for bad input.
     """
     path = Path(path)
-    reader = open_gguf(path)
+    files = open_model_files(path)
+    reader = files.whole()  # a split model's tensors from all its files
     dtype = dtype or _default_dtype(reader, path)
     cfg = config_from_gguf(reader, path, dtype)
     held = check_tensors(reader, cfg, path)
     template = held if load_mtp else dataclasses.replace(held, nextn=None)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: (i, t) for i, t in files.tensors}
     dt = np.dtype(dtype)
     bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt) for leaf in tree.leaf_paths(template)}
-    with open(path, "rb") as f:  # the mapping is left to the GC: a GGUFError's traceback may hold views of it
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mms = []
+    for p in files.paths:  # the mappings are left to the GC: a GGUFError's traceback may hold views of them
+        with open(p, "rb") as f:
+            mms.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     for slot in plan(cfg, template):
-        t = tensors[slot.name]
+        i, t = tensors[slot.name]
         dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
-        src = _source(mm, t)
+        src = _source(mms[i], t)
         if check_finite:
-            validate.check_finite(src, slot.name, path)
+            validate.check_finite(src, slot.name, files.paths[i])
         np.copyto(dst, slot.spec.from_gguf(src, dst.shape), casting="unsafe")
         del src
-        _release(mm, t)
+        _release(mms[i], t)
     return cfg, tree.build(template, [jax.device_put(bufs[leaf]) for leaf in tree.leaf_paths(template)])
 
 

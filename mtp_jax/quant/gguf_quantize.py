@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGUF_MAGIC, GGUF_VERSION, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType
@@ -36,6 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mtp_jax.families import ARCHS
 from mtp_jax.io.imatrix_gguf import check_model, read_imatrix, to_quant_weights
+from mtp_jax.io.split import ModelFiles, open_model_files, split_path
 from mtp_jax.io.validate import open_reader, regular_file
 from mtp_jax.quant import policy, registry, stream
 from mtp_jax.quant.base import QuantError
@@ -221,11 +221,6 @@ class _Output:
     align: int
 
 
-def split_path(prefix: str | os.PathLike, split_no: int, split_count: int) -> Path:
-    """llama_split_path: PREFIX-0000k-of-0000n.gguf for split_no k - 1."""
-    return Path(f"{os.fspath(prefix)}-{split_no + 1:05d}-of-{split_count:05d}.gguf")
-
-
 def keep_split_prefix(out_path: str | os.PathLike) -> str:
     """The prefix llama-quantize --keep-split names its outputs after: the output path less its last five
     characters when ".gguf" occurs in it (quantize.cpp's test, kept as it is)."""
@@ -324,70 +319,16 @@ def _check_outputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
                 raise QuantError(f"input and output files are the same: '{i}'")
 
 
-@dataclass
-class _Input:
-    """The model's file(s): the readers and paths in split order, every tensor with its split index."""
-
-    paths: list[Path]
-    readers: list[GGUFReader]
-    tensors: list[tuple[int, ReaderTensor]]
-
-
-def _split_key(reader: GGUFReader, key: str, path: Path, default: int | None = None) -> int | None:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise QuantError(f"{path}: key {key} = {v!r}, expected an integer")
-    return v
-
-
-def _open(path: Path) -> _Input:
-    """The input, validated (mtp_jax.io.validate; a glm4moe model also against its tensor table, as loading
-    does). A split model's other files are found and checked as llama_model_loader does: ``path`` must be
-    the first split (split.no 0) named PREFIX-00001-of-0000N.gguf, each other file PREFIX-0000k-of-0000N.gguf
-    with split.no k - 1, no tensor twice, split.tensors.count tensors in all."""
-    reader = open_reader(path, QuantError)
-    inp = _Input([path], [reader], [(0, t) for t in reader.tensors])
-    n_split = _split_key(reader, Keys.Split.LLM_KV_SPLIT_COUNT, path, 0)
-    if n_split > 1:
-        no = Keys.Split.LLM_KV_SPLIT_NO
-        idx = _split_key(reader, no, path, 0)
-        if idx != 0:
-            raise QuantError(f"illegal split file idx: {idx} (file: {path}), model must be loaded with the first split")
-        prefix = os.fspath(path)
-        if not prefix.endswith(tail := split_path("", 0, n_split).name) or len(prefix) == len(tail):
-            raise QuantError(f"invalid split file name: {path} (split 1 of {n_split} must be named "
-                             f"PREFIX{tail})")
-        prefix = prefix[:-len(tail)]
-        names = {t.name: path for t in reader.tensors}
-        for i in range(1, n_split):
-            p = split_path(prefix, i, n_split)
-            r = open_reader(p, QuantError)
-            got = _split_key(r, no, p)
-            if got is None:
-                raise QuantError(f"missing key {no} in GGUF split {p}")
-            if got != i:
-                raise QuantError(f"invalid split file idx: {got} (file: {p}), expected {i}")
-            for t in r.tensors:
-                if t.name in names:
-                    raise QuantError(f"{p}: invalid model: tensor '{t.name}' is duplicated (also in {names[t.name]})")
-                names[t.name] = p
-            inp.paths.append(p)
-            inp.readers.append(r)
-            inp.tensors += [(i, t) for t in r.tensors]
-        expected = _split_key(reader, Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, path)
-        if expected is None:
-            raise QuantError(f"{path}: key not found in model: {Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}")
-        if expected != len(inp.tensors):
-            raise QuantError(f"{path}: corrupted model: {expected} tensors expected but {len(inp.tensors)} found "
-                             f"in {n_split} split files")
+def _open(path: Path) -> ModelFiles:
+    """The input, validated (mtp_jax.io.validate; a model of a registered family also against its tensor table, as
+    loading does); a split model's other files found and checked as llama_model_loader does (io/split.py)."""
+    inp = open_model_files(path, QuantError)
+    reader = inp.readers[0]
     arch = reader.fields.get(Keys.General.ARCHITECTURE)
     if arch is not None and arch.contents() in ARCHS:  # a family we model: its tensor table is checked
         from mtp_jax.io.gguf import GGUFError, check_tensors, config_from_gguf
 
-        whole = SimpleNamespace(fields=reader.fields, tensors=[t for _, t in inp.tensors])  # every split's tensors
+        whole = inp.whole()  # every split's tensors
         try:
             check_tensors(whole, config_from_gguf(whole, path), path)
         except GGUFError as e:
