@@ -32,6 +32,9 @@ def add_io_parsers(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="orbax: parameter dtype to store (default: the source's)")
     c.add_argument("--no-mtp", action="store_true", help="drop the NextN (MTP) layer")
+    c.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
+                   help="GGUF: write a split model of at most N tensors per file, DST-0000k-of-0000n.gguf (DST less "
+                        ".gguf), as llama-gguf-split --split-max-tensors N writes it (default 0: one file)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random weights when SRC is a config")
     c.add_argument("--force", action="store_true", help="overwrite DST")
     c.add_argument("--no-check-finite", action="store_true",
@@ -58,6 +61,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{dst} exists (pass --force to overwrite)")
     if to == "gguf" and args.dtype:
         raise ValueError("--dtype applies to orbax output; GGUF takes --outtype")
+    if args.split_max_tensors and to != "gguf":
+        raise ValueError("--split-max-tensors applies to GGUF output")
     # GGUF output: read in float32 so the only rounding is to --outtype
     dtype = "float32" if to == "gguf" else args.dtype
     cfg, params, tok = load_model(args.src, dtype=dtype, load_mtp=not args.no_mtp, seed=args.seed,
@@ -65,7 +70,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.no_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     if to == "gguf":
-        write_gguf(dst, cfg, params, outtype=args.outtype, tokenizer=tok)
+        dst = write_gguf(dst, cfg, params, outtype=args.outtype, tokenizer=tok,
+                         split_max_tensors=args.split_max_tensors)
     else:
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()

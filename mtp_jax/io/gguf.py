@@ -305,14 +305,30 @@ def _encode(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(x, np.float32), qtype)  # BF16: round-to-nearest-even bytes
 
 
+def _split_keys_in_llama_order(w: gguf.GGUFWriter) -> None:
+    """gguf-py appends split.no, split.count, split.tensors.count to each shard's keys (write_header_to_file);
+    llama-gguf-split (tools/gguf-split/gguf-split.cpp) writes no, tensors.count, count. Reordered before the keys
+    are written (the header holds only their number), the shards are llama-gguf-split's bytes."""
+    S = Keys.Split
+    for i, kv in enumerate(w.kv_data):
+        if S.LLM_KV_SPLIT_COUNT in kv:
+            w.kv_data[i] = {k: v for k, v in kv.items() if k != S.LLM_KV_SPLIT_COUNT} | {
+                S.LLM_KV_SPLIT_COUNT: kv[S.LLM_KV_SPLIT_COUNT]}
+
+
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outtype: str = "f32",
-               tokenizer: Tokenizer | None = None) -> Path:
+               tokenizer: Tokenizer | None = None, split_max_tensors: int = 0) -> Path:
     """(ModelConfig, Params) -> a GGUF of the config's family that llama.cpp loads (NextN block included when params has one).
 
     ``outtype`` f32 / f16 / bf16 for the weight matrices (norms, biases, router stay F32). The tokenizer's
     vocabulary is padded to cfg.vocab_size; without one the file says ``tokenizer.ggml.model = none``. Written
     to a temporary file in the same directory and renamed on success: no partial file is ever left.
+    ``split_max_tensors`` > 0: a split model of at most that many tensors per file, ``PATH-0000k-of-0000n.gguf``
+    (PATH less ".gguf") with llama-gguf-split's split.* keys (gguf-py's writer, as convert_hf_to_gguf.py
+    --split-max-tensors); returns the first file.
     """
+    if split_max_tensors < 0:
+        raise GGUFError(f"split_max_tensors must be >= 0, got {split_max_tensors}")
     if outtype not in OUTTYPES:
         raise GGUFError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
     qtype, ftype = OUTTYPES[outtype]
@@ -330,11 +346,13 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
         raise GGUFError(f"{path}: GGUF holds at most 3 end-of-generation ids (eos, eot, eom), "
                         f"got {cfg.eos_token_ids}")
     slots = list(plan(cfg, template))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    stem = path.name[:-len(".gguf")] if path.name.endswith(".gguf") else path.name
+    tmp = path.with_name(f".{stem}.tmp-{os.getpid()}.gguf")  # shards get gguf-py's -0000k-of-0000n suffix
     from mtp_jax import families
 
     fam = families.of(cfg)
-    w = gguf.GGUFWriter(tmp, fam.arch)
+    w = gguf.GGUFWriter(tmp, fam.arch, split_max_tensors=split_max_tensors)
+    written: list[tuple[Path, Path]] = []
     try:
         fam.write_gguf_metadata(w, cfg, ftype)
         if tokenizer is not None:
@@ -350,15 +368,23 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
             bs, ts = GGML_QUANT_SIZES[types[-1]]
             w.add_tensor_info(s.name, shape, np.dtype(np.float32), math.prod(shape) // bs * ts, raw_dtype=types[-1])
         w.write_header_to_file()
+        _split_keys_in_llama_order(w)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for s, ty in zip(slots, types):
             x = host[s.leaf] if s.index is None else host[s.leaf][s.index]
             w.write_tensor_data(_encode(s.spec.to_gguf(x), ty))
+        shards = w.format_shard_names(tmp)
         w.close()
-        os.replace(tmp, path)
+        if len(shards) == 1:
+            written = [(tmp, path)]
+        else:
+            written = [(t, path.with_name(f"{stem}{t.name[len(tmp.stem):]}")) for t in shards]
+        for t, final in written:
+            os.replace(t, final)
     except BaseException:
         w.close()
-        tmp.unlink(missing_ok=True)
+        for t in (w.format_shard_names(tmp) if w.tensors else [tmp]):
+            t.unlink(missing_ok=True)
         raise
-    return path
+    return written[0][1]
