@@ -78,3 +78,21 @@ def test_two_processes_generate_what_one_process_does(tmp_path):
     assert len(rows(one)) == 2
     for out, _ in logs:
         assert rows(out.read_text()) == rows(one)
+
+
+def test_orbax_restores_straight_into_shards(tmp_path, reference):
+    from mtp_jax.io.orbax import load_orbax, save_orbax
+
+    save_orbax(tmp_path / "ckpt", CFG, PARAMS)
+    mesh = sharding.make_mesh(data=2, expert=2)
+    cfg, params, _ = load_orbax(tmp_path / "ckpt", mesh=mesh, placement=[(r"mtp\..*", "replicated")])
+    want = sharding.param_shardings(cfg, mesh)
+    assert params.moe_layers.ffn.gate.sharding == want.moe_layers.ffn.gate
+    assert not params.moe_layers.ffn.gate.sharding.is_fully_replicated
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params.nextn))
+    for a, b in zip(jax.tree.leaves(PARAMS), jax.tree.leaves(params)):
+        assert (jax.numpy.asarray(a) == b).all()
+    res = speculative.generate(params, cfg, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[])
+    assert res.tokens == reference
+    _, trunk_only, _ = load_orbax(tmp_path / "ckpt", mesh=mesh, load_mtp=False)
+    assert trunk_only.nextn is None

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,9 +62,11 @@ def save_orbax(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, toke
     return path
 
 
-def load_orbax(path: str | os.PathLike, dtype: str | None = None,
-               load_mtp: bool = True) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
-    """-> (cfg, params of jax arrays, tokenizer or None). ``dtype`` None keeps the saved dtype."""
+def load_orbax(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True, mesh: Any = None,
+               placement: Any = ()) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
+    """-> (cfg, params of jax arrays, tokenizer or None). ``dtype`` None keeps the saved dtype. ``mesh``: restore
+    each parameter straight into its shards on the mesh (sharding.param_shardings with ``placement``), so no
+    process holds a whole copy first."""
     path = Path(path)
     if not is_checkpoint(path):
         raise OrbaxError(f"{path}: not an mtp_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
@@ -71,16 +74,29 @@ def load_orbax(path: str | os.PathLike, dtype: str | None = None,
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     with ocp.StandardCheckpointer() as ckpt:
-        flat = ckpt.restore((path / PARAMS).absolute())
-    present = {k for k in tree.NEXTN_OPTIONAL if f"nextn.0.{k}" in flat}
-    template = tree.template(cfg, present, load_mtp)
-    leaves = []
-    for leaf in tree.leaf_paths(template):
-        k, want = tree.key(leaf), tree.get(template, leaf).shape
-        if k not in flat or tuple(flat[k].shape) != want:
-            raise OrbaxError(f"{path}: param {k} has shape {None if k not in flat else tuple(flat[k].shape)}, "
-                             f"the config needs {want}")
-        leaves.append(jax.device_put(np.asarray(flat[k], cfg.dtype)))
+        meta = dict(ckpt.metadata((path / PARAMS).absolute()).item_metadata)
+        present = {k for k in tree.NEXTN_OPTIONAL if f"nextn.0.{k}" in meta}
+        template = tree.template(cfg, present, load_mtp)
+        paths = tree.leaf_paths(template)
+        for leaf in paths:
+            k, want = tree.key(leaf), tree.get(template, leaf).shape
+            if k not in meta or tuple(meta[k].shape) != want:
+                raise OrbaxError(f"{path}: param {k} has shape {None if k not in meta else tuple(meta[k].shape)}, "
+                                 f"the config needs {want}")
+        if mesh is None:
+            flat = ckpt.restore((path / PARAMS).absolute())
+            leaves = [jax.device_put(np.asarray(flat[tree.key(leaf)], cfg.dtype)) for leaf in paths]
+        else:
+            from mtp_jax import sharding  # noqa: PLC0415
+
+            shardings = sharding.param_shardings(cfg, mesh, placement=placement, template=template)
+            target = {tree.key(leaf): jax.ShapeDtypeStruct(meta[tree.key(leaf)].shape, meta[tree.key(leaf)].dtype,
+                                                           sharding=tree.get(shardings, leaf)) for leaf in paths}
+            rest = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # a head left out is still read
+            target |= {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rest) for k, m in meta.items()
+                       if k not in target}
+            flat = ckpt.restore((path / PARAMS).absolute(), target)
+            leaves = [flat[tree.key(leaf)].astype(cfg.dtype) for leaf in paths]
     tok_path = path / TOKENIZER
     tok = Tokenizer.from_dict(json.loads(tok_path.read_text())) if tok_path.is_file() else None
     return cfg, tree.build(template, leaves), tok
