@@ -8,3 +8,19 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def peer():
+    """tests.io.llama_cpp_peer, once the built llama.cpp is there (skipped without it, a failure under CI)."""
+    from tests.io import llama_cpp_peer
+
+    why = llama_cpp_peer.missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return llama_cpp_peer

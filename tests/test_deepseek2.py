@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 from functools import lru_cache
 
 import gguf
@@ -29,9 +28,8 @@ from mtp_jax.io.gguf import read_gguf, write_gguf
 from mtp_jax.io.imatrix_gguf import read_imatrix, write_imatrix_gguf
 from mtp_jax.io.tokenizer import tiny_bpe
 from mtp_jax.llama_cpp import speculative_counts
-from tests.io import llama_cpp_peer
 from tests.io.conftest import printable_head
-from tests.io.test_peer import COMMON, PROMPT, _spec_steps
+from tests.io.test_peer import COMMON, PROMPT
 
 # q-LoRA off, plain RoPE, one expert group, unnormalized weights, tied embeddings: the other branches
 NO_LORA = dict(q_lora_rank=None, rope_scaling="none", rope_factor=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0,
@@ -141,16 +139,6 @@ def test_latent_cache_is_one_entry_per_token_and_decode_equals_full_forward():
 
 
 @pytest.fixture(scope="module")
-def peer():
-    why = llama_cpp_peer.missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    return llama_cpp_peer
-
-
-@pytest.fixture(scope="module")
 def tok():
     return tiny_bpe(tiny().vocab_size)
 
@@ -220,36 +208,9 @@ def test_greedy_generation_matches_llama_completion(peer, random_model, tok):
 @pytest.mark.parametrize("which", ["written", "converted-from-hf"])
 def test_mtp_speculative_matches_llama_speculative_simple(peer, drafting_model, converted_model, tok, tmp_path,
                                                           which):
-    """Greedy draft-mtp, K = 3: the same drafted tokens and accepted count at every step and the same text (step
-    alignment and llama's budget as tests/io/test_peer.py explains)."""
-    path, cfg, params = drafting_model if which == "written" else converted_model
-    K, n_predict = 3, 48
-    prompt = "The quick brown fox jumps over the lazy dog.\n"
-    ids = tok.encode(prompt)
-    res = speculative.generate(params, cfg, [ids], num_draft=K, max_new_tokens=n_predict + 2 * K + 2, trace=True)
-    first, rest = res.tokens[0][0], res.tokens[0][1:]
-    text = prompt + tok.decode([first])
-    assert peer.tokenize(path, text, tmp=tmp_path) == ids + [first]
-    p = peer.run_until(
-        "llama-speculative-simple", "-m", path, "-p", text, "-n", n_predict, "--spec-type", "draft-mtp",
-        "--spec-draft-n-max", K, "--spec-draft-p-min", 0, "-ctkd", "f32", "-ctvd", "f32", "-lv", 5, *COMMON,
-        ok=lambda p: "n_accept" in p.stderr and "#acc rate/pos" in p.stderr)
-    theirs, ours = _spec_steps(p.stderr), res.stats["trace"]
-    assert len(theirs) >= n_predict // (K + 1)
-    generated = 0
-    for i, (drafts, acc, n) in enumerate(theirs):
-        assert drafts == ours[i]["drafted"][:n], f"step {i}: drafts {drafts} vs ours {ours[i]['drafted']}"
-        assert acc == min(ours[i]["accepted"], n), f"step {i}"
-        generated += acc + 1
-        if ours[i]["accepted"] > n:  # llama's draft was cut by its budget: the schedules part here
-            assert generated >= n_predict
-            break
-    out = p.stdout.strip()
-    assert out.startswith(text.encode())
-    theirs_text = out[len(text.encode()):]
-    assert theirs_text == tok.decode_bytes(rest)[: len(theirs_text)] and len(theirs_text) >= n_predict
-    assert speculative_counts(p.stderr)[1] == sum(acc for _, acc, _ in theirs)
-    hist = np.bincount([acc for _, acc, _ in theirs], minlength=K + 1)
+    """Greedy draft-mtp, K = 3: the same drafted tokens and accepted count at every step and the same text
+    (llama_cpp_peer.draft_mtp_agrees), every count 0..3 taken."""
+    hist = peer.draft_mtp_agrees(*(drafting_model if which == "written" else converted_model), tok, tmp_path)
     assert (hist > 0).all(), f"acceptance counts {hist} do not exercise every path"
 
 

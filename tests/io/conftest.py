@@ -1,10 +1,9 @@
 """Session fixtures for the I/O tests: the tiny tokenizer, tiny random models and their GGUF / HF files (written
-once per session), and the llama.cpp peer (skipped when not built, a failure under CI)."""
+once per session); the llama.cpp `peer` fixture is in tests/conftest.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,19 +14,7 @@ from mtp_jax.io.gguf import write_gguf
 from mtp_jax.io.hf import write_hf
 from mtp_jax.io.tokenizer import tiny_bpe
 from tests.helpers import tiny_config, tiny_params
-from tests.io import llama_cpp_peer
 from tests.spec_fixtures import drafting_params
-
-
-@pytest.fixture(scope="session")
-def peer():
-    """tests.io.llama_cpp_peer, once the built llama.cpp is there."""
-    why = llama_cpp_peer.missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    return llama_cpp_peer
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import types
@@ -143,3 +144,61 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["logits"]:
         sys.exit("usage: python -m tests.io.llama_cpp_peer logits MODEL OUT.npy ID...")
     _logits_main(sys.argv[2], sys.argv[3], [int(x) for x in sys.argv[4:]])
+
+
+# llama.cpp matching our numerics: one thread (OpenMP spins on busy cores), f32 KV caches (target and draft),
+# no flash attention (its CPU kernel accumulates in f16), prompt text taken verbatim
+COMMON = ["-t", 1, "-tb", 1, "-fa", "off", "-ctk", "f32", "-ctv", "f32", "--no-escape", "-c", 512, "--temp", 0]
+
+
+def spec_steps(stderr: str) -> list[tuple[list[int], int, int]]:
+    """Per verify step of llama-speculative-simple -lv 5: (drafted ids, accepted, draft size)."""
+    steps, drafts = [], []
+    for line in stderr.splitlines():
+        if m := re.search(r"draft candidate +0, pos +(\d+): +(\d+)", line):
+            drafts.append(int(m.group(2)))
+        elif m := re.search(r"accepted (\d+)/(\d+) draft tokens", line):
+            n = int(m.group(2))
+            steps.append((drafts[:n], int(m.group(1)), n))
+            drafts = []
+    return steps
+
+
+def draft_mtp_agrees(path: Path, cfg, params, tok, tmp: Path, K: int = 3, n_predict: int = 48) -> np.ndarray:
+    """Greedy draft-mtp with K drafts, ours vs llama-speculative-simple: same text, same drafted tokens, same
+    accepted count at every step (asserted). Returns the histogram of llama's accepted counts [K + 1].
+
+    Step alignment: llama-speculative-simple evaluates the prompt but its last token, then drafts that token's
+    successor with the MTP head; we prefill the whole prompt and take the first token from the trunk. So llama
+    gets our prompt plus our first generated token t_N: both then draft from the pair (h_{N-1}, t_N).
+    Its budget: it stops once it has generated more than -n tokens and caps each draft at n - generated - 1
+    tokens (common_speculative_draft truncates); we run longer and compare its steps with ours, capped alike."""
+    from mtp_jax import speculative  # noqa: PLC0415
+    from mtp_jax.llama_cpp import speculative_counts  # noqa: PLC0415
+
+    prompt = "The quick brown fox jumps over the lazy dog.\n"
+    ids = tok.encode(prompt)
+    res = speculative.generate(params, cfg, [ids], num_draft=K, max_new_tokens=n_predict + 2 * K + 2, trace=True)
+    first, rest = res.tokens[0][0], res.tokens[0][1:]
+    text = prompt + tok.decode([first])
+    assert tokenize(path, text, tmp=tmp) == ids + [first]  # the shifted prompt tokenizes as intended
+    p = run_until(
+        "llama-speculative-simple", "-m", path, "-p", text, "-n", n_predict, "--spec-type", "draft-mtp",
+        "--spec-draft-n-max", K, "--spec-draft-p-min", 0, "-ctkd", "f32", "-ctvd", "f32", "-lv", 5, *COMMON,
+        ok=lambda p: "n_accept" in p.stderr and "#acc rate/pos" in p.stderr)
+    theirs, ours = spec_steps(p.stderr), res.stats["trace"]
+    assert len(theirs) >= n_predict // (K + 1)
+    generated = 0
+    for i, (drafts, acc, n) in enumerate(theirs):
+        assert drafts == ours[i]["drafted"][:n], f"step {i}: drafts {drafts} vs ours {ours[i]['drafted']}"
+        assert acc == min(ours[i]["accepted"], n), f"step {i}"
+        generated += acc + 1
+        if ours[i]["accepted"] > n:  # llama's draft was cut by its budget: the schedules part here
+            assert generated >= n_predict
+            break
+    out = p.stdout.strip()
+    assert out.startswith(text.encode())
+    theirs_text = out[len(text.encode()):]
+    assert theirs_text == tok.decode_bytes(rest)[: len(theirs_text)] and len(theirs_text) >= n_predict
+    assert speculative_counts(p.stderr)[1] == sum(acc for _, acc, _ in theirs)
+    return np.bincount([acc for _, acc, _ in theirs], minlength=K + 1)
