@@ -32,7 +32,7 @@ def _load_model(args):
     from mtp_jax.io.load import load_model
 
     return load_model(args.model or args.config or default_model(), seed=args.weights_seed,
-                      check_finite=not args.no_check_finite)
+                      check_finite=not args.no_check_finite, quantized="dequantize" if args.dequantize else "keep")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the embedded trained model")
     p.add_argument("--config", default=None, help="same as --model with a config (kept for scripts)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="convert a quantized GGUF's weights to floats when loading (default: keep Q8_0, Q4_K, "
+                        "IQ4_XS, ... weights in their GGUF block format on the device, dequantized next to each "
+                        "matmul; types the graph cannot dequantize are converted either way)")
     _add_check_finite(p)
 
 

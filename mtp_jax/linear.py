@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax import kernels
+from mtp_jax.qweight import QuantWeight, dequantize
 
 
 def compute_dtype(param_dtype) -> jnp.dtype:
@@ -68,6 +69,8 @@ def linear(
     heads: bool = False,  # w [(L,) E, K, N] per head, x [..., E, K]: row [..., e, :] uses w[e]
 ) -> jax.Array:
     """x @ W -> [..., N] in x's dtype."""
+    if isinstance(w, QuantWeight):
+        return _quant_linear(x, w, layer, experts, trans, heads)
     lead = x.shape[:-1]
     if heads:
         if experts is not None or trans or w.ndim != (layer is not None) + 3 or x.shape[-2] != w.shape[-3]:
@@ -95,3 +98,24 @@ def linear(
     else:
         eq = "...k,nk->...n" if trans else "...k,kn->...n"
     return jnp.einsum(eq, x, m.astype(x.dtype)).astype(x.dtype)
+
+
+def _quant_linear(x: jax.Array, w: QuantWeight, layer, experts, trans: bool, heads: bool) -> jax.Array:
+    """linear() of a weight in GGUF block format: the picked layer's (and experts') rows are dequantized next
+    to the dot, inside the compiled program; nothing full-precision outlives the call."""
+    n_lead = (layer is not None) + (experts is not None or heads)
+    if w.n_lead != n_lead or trans != w.table or (heads and experts is not None):
+        raise ValueError(f"linear: quantized weight of shape {w.shape} (lead dims {w.n_lead}, table {w.table}) "
+                         f"does not match layer={layer is not None}, experts={experts is not None}, "
+                         f"heads={heads}, trans={trans}")
+    xf = x.astype(jnp.float32)
+
+    def apply(rows: jax.Array, qtype: str) -> jax.Array:  # rows [(E,) N, row_bytes] of one layer
+        if experts is not None:
+            return jnp.einsum("...k,...nk->...n", xf, dequantize(rows[experts], qtype))  # the picked experts' rows
+        if heads:
+            return jnp.einsum("...ek,enk->...en", xf, dequantize(rows, qtype))
+        return jnp.einsum("...k,nk->...n", xf, dequantize(rows, qtype))
+
+    y = apply(w.groups[0], w.types[0]) if layer is None else w.layer(layer, apply)
+    return y.astype(x.dtype)

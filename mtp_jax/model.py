@@ -17,6 +17,7 @@ from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.params import Params
+from mtp_jax.qweight import is_quant
 
 
 def run_stack(
@@ -32,7 +33,7 @@ def run_stack(
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, Stats]:
     """lax.scan over the layer index; each layer's weights are read out of the stacks in place (``linear``),
     never sliced into per-layer copies. Stats come out stacked per layer ([L, ...])."""
-    n = jax.tree.leaves(layers)[0].shape[0]
+    n = jax.tree.leaves(layers, is_leaf=is_quant)[0].shape[0]  # a QuantWeight's shape is its logical one
 
     def body(carry, i):
         h, ks, vs = carry

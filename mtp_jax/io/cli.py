@@ -66,7 +66,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # GGUF output: read in float32 so the only rounding is to --outtype
     dtype = "float32" if to == "gguf" else args.dtype
     cfg, params, tok = load_model(args.src, dtype=dtype, load_mtp=not args.no_mtp, seed=args.seed,
-                                  check_finite=not args.no_check_finite)
+                                  check_finite=not args.no_check_finite, quantized="dequantize")
     if args.no_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
     if to == "gguf":

@@ -27,6 +27,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from mtp_jax import params as P
+from mtp_jax import qweight
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree, validate
 from mtp_jax.io.split import open_model_files
@@ -185,12 +186,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def _source(mm: mmap.mmap, t: Any) -> np.ndarray:
     """The tensor's data in GGUF numpy layout: a view of the mapping for F32/F16/BF16, dequantized otherwise."""
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    raw = _RAW_DTYPES.get(t.tensor_type)
-    if raw is not None:
-        return np.frombuffer(mm, raw, math.prod(shape), t.data_offset).reshape(shape)
-    data = np.frombuffer(mm, np.uint8, t.n_bytes, t.data_offset)
-    return gguf.quants.dequantize(data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type)), t.tensor_type)
+    raw = _raw(mm, t)
+    return raw if t.tensor_type in _RAW_DTYPES else gguf.quants.dequantize(raw, t.tensor_type)
 
 
 def _release(mm: mmap.mmap, t: Any) -> None:
@@ -241,7 +238,7 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
 
 
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
-              check_finite: bool = True) -> tuple[ModelConfig, P.Params]:
+              check_finite: bool = True, quantized: str = "dequantize") -> tuple[ModelConfig, P.Params]:
     """A GGUF of a registered family (or the first file of a split one) -> (ModelConfig, Params of jax arrays in ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
@@ -249,7 +246,9 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     TENSOR_SKIP (params.nextn is None; the config keeps num_nextn_predict_layers); so does a trunk-only file
     whose config announces NextN layers but which has none of their tensors (glm4-moe.cpp ``trunk_only``). Any
     type gguf-py dequantizes is accepted. The file is validated (mtp_jax.io.validate, config_from_gguf,
-    check_tensors) before anything is allocated; ``check_finite`` refuses NaN/Inf weights. Raises GGUFError
+    check_tensors) before anything is allocated; ``check_finite`` refuses NaN/Inf weights. ``quantized="keep"``
+    keeps the weights of the block types the graph dequantizes in their GGUF format (qweight.QuantWeight,
+    dequantized next to each matmul); "dequantize" converts every tensor to ``dtype`` here. Raises GGUFError
     naming the file (and the key or tensor) for bad input.
     """
     path = Path(path)
@@ -261,21 +260,66 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     template = held if load_mtp else dataclasses.replace(held, nextn=None)
     tensors = {t.name: (i, t) for i, t in files.tensors}
     dt = np.dtype(dtype)
-    bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt) for leaf in tree.leaf_paths(template)}
+    kept = _kept_quantized(cfg, template, tensors) if quantized == "keep" else {}
+    bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt)
+            for leaf in tree.leaf_paths(template) if leaf not in kept}
     mms = []
     for p in files.paths:  # the mappings are left to the GC: a GGUFError's traceback may hold views of them
         with open(p, "rb") as f:
             mms.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     for slot in plan(cfg, template):
         i, t = tensors[slot.name]
-        dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
-        src = _source(mms[i], t)
-        if check_finite:
-            validate.check_finite(src, slot.name, files.paths[i])
-        np.copyto(dst, slot.spec.from_gguf(src, dst.shape), casting="unsafe")
-        del src
+        if slot.leaf in kept:
+            raw = _raw(mms[i], t)
+            if check_finite:
+                validate.check_finite(_source(mms[i], t), slot.name, files.paths[i])
+            dst = kept[slot.leaf].slot(slot.index)
+            np.copyto(dst, raw.reshape(dst.shape))
+        else:
+            dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
+            src = _source(mms[i], t)
+            if check_finite:
+                validate.check_finite(src, slot.name, files.paths[i])
+            np.copyto(dst, slot.spec.from_gguf(src, dst.shape), casting="unsafe")
+            del src
         _release(mms[i], t)
-    return cfg, tree.build(template, [jax.device_put(bufs[leaf]) for leaf in tree.leaf_paths(template)])
+    leaves = []
+    for leaf in tree.leaf_paths(template):
+        if leaf in kept:
+            leaves.append(kept[leaf].build(tree.get(template, leaf).shape))
+        else:
+            leaves.append(jax.device_put(bufs[leaf]))
+    return cfg, tree.build(template, leaves)
+
+
+def _raw(mm: mmap.mmap, t: Any) -> np.ndarray:
+    """The tensor as stored: floats [*, out, in] for F32/F16/BF16, bytes [*, out, row_bytes] otherwise (a view)."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    raw = _RAW_DTYPES.get(t.tensor_type)
+    if raw is not None:
+        return np.frombuffer(mm, raw, math.prod(shape), t.data_offset).reshape(shape)
+    data = np.frombuffer(mm, np.uint8, t.n_bytes, t.data_offset)
+    return data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type))
+
+
+def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict) -> dict:
+    """leaf -> qweight.HostLayout for every weight matrix or table with a tensor of a block type the graph
+    dequantizes (qweight.DEQUANTIZERS); other leaves (and types only the host dequantizes) load as floats."""
+    by_leaf: dict = {}
+    for slot in plan(cfg, template):
+        by_leaf.setdefault(slot.leaf, []).append(slot)
+    kept = {}
+    for leaf, slots in by_leaf.items():
+        types = [tensors[s.name][1].tensor_type.name for s in slots]
+        spec = slots[0].spec
+        if (spec.n_in is None and not spec.table) or not any(t in qweight.DEQUANTIZERS for t in types):
+            continue
+        if not all(t in qweight.SUPPORTED for t in types):
+            continue
+        stacked = slots[0].index is not None
+        kept[leaf] = qweight.HostLayout(types, _gguf_shape(template, slots[0]), stacked, stacked + spec.batch,
+                                        spec.n_in)
+    return kept
 
 
 def _default_dtype(reader: gguf.GGUFReader, path: Any = "") -> str:

@@ -41,16 +41,18 @@ def source_kind(spec: str | os.PathLike) -> str:
 
 
 def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, load_mtp: bool = True,
-               seed: int = 0, check_finite: bool = True) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
+               seed: int = 0, check_finite: bool = True,
+               quantized: str = "keep") -> tuple[ModelConfig, P.Params, Tokenizer | None]:
     """(cfg, params, tokenizer or None) from a GGUF file, an HF directory, an orbax checkpoint, or a config
     (ModelConfig, YAML, HF config.json, or a bundled config name) with random weights drawn with ``seed``.
 
     ``dtype`` None keeps the source's float type (the config's for random weights); ``load_mtp=False`` leaves
     params.nextn None (the config still describes the NextN layer), as llama.cpp does without MTP.
-    ``check_finite`` refuses a GGUF with NaN/Inf weights (GGUFError naming the tensor)."""
+    ``check_finite`` refuses a GGUF with NaN/Inf weights (GGUFError naming the tensor). ``quantized``: "keep" a
+    GGUF's quantized weights in their block format (mtp_jax.qweight) or "dequantize" them to ``dtype`` at load."""
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
     if kind == "gguf":
-        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite)
+        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite, quantized=quantized)
         return cfg, params, read_tokenizer(spec)
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)

@@ -1,0 +1,343 @@
+"""Weights kept in their GGUF block format on the device, dequantized inside the compiled program.
+
+A ``QuantWeight`` is a pytree leaf-like node that stands where a float weight array would: it has the logical
+``shape`` of that array in our layout ([*lead, ins..., outs...], or a table [rows, D]), supports the free
+reshapes the layers apply (merging or splitting input dims among themselves and output dims among themselves)
+and indexing of a table's rows (``embed[tokens]``), and ``linear`` multiplies by it (mtp_jax/linear.py).
+
+Storage is the GGUF tensor as it sits in the file: ``[*lead, N, row_bytes]`` with rows = the outputs and
+ggml blocks along the inputs (a table: rows = its rows). A stack of layers whose tensors have different types
+(llama-quantize's Q4_K_M gives some layers' ``attn_v`` / ``ffn_down`` Q6_K and the others Q4_K) keeps one
+array per type (``groups``) and a static map layer -> (group, index); ``linear`` picks the group with
+``lax.switch`` on the scanned layer index. A group of a float type (F32/F16/BF16) holds the float matrix in
+GGUF layout.
+
+The dequantizers below are gguf-py's (gguf/quants.py ``dequantize_blocks``) written in jnp with the same
+operations in the same order, so a weight dequantized in the graph equals the host's dequantization bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+QK_K = 256
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+_U8 = jnp.uint8
+
+
+def _f16(b: jax.Array) -> jax.Array:
+    """u8 [n, 2] (little endian) -> f32 [n, 1]."""
+    u = b[:, 0].astype(jnp.uint16) | (b[:, 1].astype(jnp.uint16) << 8)
+    return jax.lax.bitcast_convert_type(u, jnp.float16).astype(jnp.float32)[:, None]
+
+
+def _u32(b: jax.Array) -> jax.Array:
+    """u8 [n, 4] -> u32 [n, 1]."""
+    u = b.astype(jnp.uint32)
+    return (u[:, 0] | (u[:, 1] << 8) | (u[:, 2] << 16) | (u[:, 3] << 24))[:, None]
+
+
+def _shifts(*s: int, shape: tuple[int, ...], dtype=np.uint8) -> jax.Array:
+    return jnp.asarray(np.array(s, dtype=dtype).reshape(shape))
+
+
+def _nibbles(qs: jax.Array, half: int) -> jax.Array:
+    """u8 [n, m*half] -> [n, m, 2, half]: low nibbles then high nibbles of each run of ``half`` bytes."""
+    n = qs.shape[0]
+    return (qs.reshape(n, -1, 1, half) >> _shifts(0, 4, shape=(1, 1, 2, 1))) & _U8(0x0F)
+
+
+def _q8_0(b):
+    d, x = _f16(b[:, :2]), jax.lax.bitcast_convert_type(b[:, 2:], jnp.int8).astype(jnp.float32)
+    return x * d
+
+
+def _q4_0(b):
+    n = b.shape[0]
+    d = _f16(b[:, :2])
+    qs = _nibbles(b[:, 2:], 16).reshape(n, -1).astype(jnp.int8) - jnp.int8(8)
+    return d * qs.astype(jnp.float32)
+
+
+def _q4_1(b):
+    n = b.shape[0]
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    qs = _nibbles(b[:, 4:], 16).reshape(n, -1).astype(jnp.float32)
+    return (d * qs) + m
+
+
+def _q5(b, off: int):
+    """Q5_0 / Q5_1 quants (u8 [n, 32]) from qh at b[off:off+4] and qs after it."""
+    n = b.shape[0]
+    qh = (_u32(b[:, off: off + 4]) >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & jnp.uint32(1)
+    ql = _nibbles(b[:, off + 4:], 16).reshape(n, -1)
+    return ql | (qh.astype(_U8) << _U8(4))
+
+
+def _q5_0(b):
+    d = _f16(b[:, :2])
+    return d * (_q5(b, 2).astype(jnp.int8) - jnp.int8(16)).astype(jnp.float32)
+
+
+def _q5_1(b):
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return (d * _q5(b, 4).astype(jnp.float32)) + m
+
+
+def _q2_k(b):
+    n = b.shape[0]
+    scales, qs = b[:, :16], b[:, 16:80]
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (scales & _U8(0xF)).astype(jnp.float32)).reshape(n, 16, 1)
+    ml = (dmin * (scales >> _U8(4)).astype(jnp.float32)).reshape(n, 16, 1)
+    q = (qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & _U8(3)
+    q = q.reshape(n, 16, 16).astype(jnp.float32)
+    return (dl * q - ml).reshape(n, -1)
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    hmask, qs, scales, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    ls = (scales[:, :8].reshape(n, 1, 8) >> _shifts(0, 4, shape=(1, 2, 1))).reshape(n, 16)
+    hs = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(0, 2, 4, 6, shape=(1, 4, 1))).reshape(n, 16)
+    sc = (ls & _U8(0x0F)) | ((hs & _U8(0x03)) << _U8(4))
+    sc = (sc.astype(jnp.int8) - jnp.int8(32)).astype(jnp.float32)
+    dl = (d * sc).reshape(n, 16, 1)
+    ql = (qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))).reshape(n, 16, 16) & _U8(3)
+    qh = (hmask.reshape(n, -1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))).reshape(n, 16, 16) & _U8(1)
+    qh = qh ^ _U8(1)
+    q = (ql.astype(jnp.int8) - (qh << _U8(2)).astype(jnp.int8)).astype(jnp.float32)
+    return (dl * q).reshape(n, QK_K)
+
+
+def _scale_min_k4(scales):
+    """Q4_K / Q5_K 6-bit scales and mins: u8 [n, 12] -> ([n, 8], [n, 8])."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, m_d = s[:, 0:1], s[:, 1:2], s[:, 2:3]
+    sc = jnp.concatenate([d & _U8(0x3F), (m_d & _U8(0x0F)) | ((d >> _U8(2)) & _U8(0x30))], axis=-1)
+    mn = jnp.concatenate([m & _U8(0x3F), (m_d >> _U8(4)) | ((m >> _U8(2)) & _U8(0x30))], axis=-1)
+    return sc.reshape(n, 8), mn.reshape(n, 8)
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, m = _scale_min_k4(b[:, 4:16])
+    d = (d * sc.astype(jnp.float32)).reshape(n, -1, 1)
+    dm = (dmin * m.astype(jnp.float32)).reshape(n, -1, 1)
+    qs = _nibbles(b[:, 16:], 32).reshape(n, -1, 32).astype(jnp.float32)
+    return (d * qs - dm).reshape(n, QK_K)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, m = _scale_min_k4(b[:, 4:16])
+    qh, qs = b[:, 16:48], b[:, 48:]
+    d = (d * sc.astype(jnp.float32)).reshape(n, -1, 1)
+    dm = (dmin * m.astype(jnp.float32)).reshape(n, -1, 1)
+    ql = _nibbles(qs, 32).reshape(n, -1, 32)
+    qh = ((qh.reshape(n, -1, 1, 32) >> _shifts(*range(8), shape=(1, 1, 8, 1))) & _U8(1)).reshape(n, -1, 32)
+    q = (ql | (qh << _U8(4))).astype(jnp.float32)
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
+    sc = jax.lax.bitcast_convert_type(scales, jnp.int8).astype(jnp.float32)
+    d = (d * sc).reshape(n, 16, 1)
+    ql = _nibbles(ql, 64).reshape(n, -1, 32)
+    qh = ((qh.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & _U8(3)).reshape(n, -1, 32)
+    q = (ql | (qh << _U8(4))).astype(jnp.int8) - jnp.int8(32)
+    return (d * q.reshape(n, 16, -1).astype(jnp.float32)).reshape(n, QK_K)
+
+
+_KVALUES = np.array((-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), np.float32)
+
+
+def _iq4_nl(b):
+    n = b.shape[0]
+    d = _f16(b[:, :2])
+    q = jnp.asarray(_KVALUES)[_nibbles(b[:, 2:], 16).reshape(n, -1)]
+    return d * q
+
+
+def _iq4_xs(b):
+    n = b.shape[0]
+    d = _f16(b[:, :2])
+    sh = b[:, 2].astype(jnp.uint16) | (b[:, 3].astype(jnp.uint16) << 8)
+    sl = (b[:, 4:8].reshape(n, -1, 1) >> _shifts(0, 4, shape=(1, 1, 2))).reshape(n, -1) & _U8(0x0F)
+    sh = (sh[:, None] >> jnp.arange(0, 16, 2, dtype=jnp.uint16)[None, :]).astype(_U8) & _U8(0x03)
+    sc = (sl | (sh << _U8(4))).astype(jnp.int8) - jnp.int8(32)
+    dl = (d * sc.astype(jnp.float32)).reshape(n, -1, 1)
+    q = jnp.asarray(_KVALUES)[_nibbles(b[:, 8:], 16).reshape(n, -1, 32)]
+    return (dl * q).reshape(n, -1)
+
+
+def _tq2_0(b):
+    n = b.shape[0]
+    qs, d = b[:, :64], _f16(b[:, 64:66])
+    q = ((qs.reshape(n, -1, 1, 32) >> _shifts(0, 2, 4, 6, shape=(1, 1, 4, 1))) & _U8(3)).reshape(n, -1)
+    return d * (q.astype(jnp.int8) - jnp.int8(1)).astype(jnp.float32)
+
+
+DEQUANTIZERS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q2_K": _q2_k, "Q3_K": _q3_k,
+    "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs, "TQ2_0": _tq2_0,
+}
+SUPPORTED = (*FLOAT_TYPES, *DEQUANTIZERS)
+
+
+def block(qtype: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a ggml type."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+
+
+def dequantize(data: jax.Array, qtype: str) -> jax.Array:
+    """GGUF rows u8 [..., row_bytes] (or a float array for F32/F16/BF16) -> f32 [..., K]."""
+    if qtype in FLOAT_TYPES:
+        return data.astype(jnp.float32)
+    bs, ts = block(qtype)
+    lead, rb = data.shape[:-1], data.shape[-1]
+    out = DEQUANTIZERS[qtype](data.reshape(-1, ts))
+    return out.reshape(*lead, rb // ts * bs)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class QuantWeight:
+    """One weight in GGUF layout (see the module docstring). ``groups[g]``: [n_g, *lead[1:], N, row_bytes]
+    when the leaf is a stack split by type (``layer_map`` gives each layer's (group, index)), else
+    [*lead, N, row_bytes] with one group. ``n_in``: input dims after the lead dims (None: a table)."""
+
+    groups: tuple[Any, ...]
+    types: tuple[str, ...]
+    shape: tuple[int, ...]
+    n_lead: int
+    n_in: int | None
+    layer_map: tuple[tuple[int, int], ...] | None = None
+
+    def tree_flatten(self):
+        return self.groups, (self.types, self.shape, self.n_lead, self.n_in, self.layer_map)
+
+    @classmethod
+    def tree_unflatten(cls, aux, groups):
+        return cls(tuple(groups), *aux)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(jnp.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(g.shape)) * jnp.dtype(g.dtype).itemsize for g in self.groups)
+
+    @property
+    def table(self) -> bool:
+        return self.n_in is None
+
+    @property
+    def k(self) -> int:
+        """Inputs per row of the matrix (the row length in values)."""
+        return self.shape[-1] if self.table else math.prod(self.shape[self.n_lead: self.n_lead + self.n_in])
+
+    def reshape(self, *shape) -> "QuantWeight":
+        """Merge or split input dims among themselves and output dims among themselves (free: the bytes are
+        [N, K] rows either way); lead dims stay."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        if -1 in shape:
+            known = math.prod(d for d in shape if d != -1)
+            shape = tuple(math.prod(self.shape) // known if d == -1 else d for d in shape)
+        lead = self.shape[: self.n_lead]
+        if self.table or shape[: self.n_lead] != lead or math.prod(shape) != math.prod(self.shape):
+            raise ValueError(f"QuantWeight: cannot reshape {self.shape} to {shape}")
+        rest, acc = shape[self.n_lead:], 1
+        for j, d in enumerate(rest):
+            if acc == self.k:
+                return QuantWeight(self.groups, self.types, shape, self.n_lead, j, self.layer_map)
+            acc *= d
+        if acc == self.k:
+            return QuantWeight(self.groups, self.types, shape, self.n_lead, len(rest), self.layer_map)
+        raise ValueError(f"QuantWeight: reshape {self.shape} to {shape} mixes input and output dims")
+
+    def __getitem__(self, rows: jax.Array) -> jax.Array:
+        """A table's rows (an embedding lookup), dequantized: rows [...] -> f32 [..., D]."""
+        if not self.table or len(self.groups) != 1:
+            raise TypeError("QuantWeight: only a table's rows can be indexed")
+        return dequantize(self.groups[0][rows], self.types[0])
+
+    def dequantized(self) -> jax.Array:
+        """The whole weight as f32 in its logical shape (tests and host-side use; the layers never call it)."""
+        if self.layer_map is None:
+            mats = [dequantize(self.groups[0], self.types[0])]
+        else:
+            mats = [dequantize(self.groups[g][i], self.types[g]) for g, i in self.layer_map]
+        m = jnp.stack(mats) if self.layer_map is not None else mats[0]  # [*lead, N, K]
+        if self.table:
+            return m
+        lead = self.shape[: self.n_lead]
+        ins, outs = self.shape[self.n_lead: self.n_lead + self.n_in], self.shape[self.n_lead + self.n_in:]
+        m = jnp.swapaxes(m, -1, -2)  # [*lead, K, N]
+        return m.reshape(*lead, *ins, *outs)
+
+    def layer(self, li: jax.Array | int, fn: Callable[[jax.Array, str], jax.Array]) -> jax.Array:
+        """fn(rows of layer li in GGUF layout [*lead[1:], N, row_bytes], type) for a stacked weight: one
+        direct call, or a lax.switch over the type groups when the stack mixes types."""
+        if self.layer_map is None:
+            return fn(self.groups[0][li], self.types[0])
+        group = jnp.asarray(np.array([g for g, _ in self.layer_map], np.int32))[li]
+        index = jnp.asarray(np.array([i for _, i in self.layer_map], np.int32))[li]
+        branches = [lambda j, g=g: fn(self.groups[g][j], self.types[g]) for g in range(len(self.groups))]
+        return jax.lax.switch(group, branches, index)
+
+
+def is_quant(x: Any) -> bool:
+    return isinstance(x, QuantWeight)
+
+
+class HostLayout:
+    """Host buffers a QuantWeight is loaded into: one per type group, filled tensor by tensor (``slot``) and then
+    put on the device (``build``). ``types``: the ggml type of each tensor in stack order (one for an unstacked
+    leaf); ``gguf_shape``: one tensor's numpy shape [*batch, out, in] (a table [rows, D]); ``n_lead`` and
+    ``n_in`` as QuantWeight has them."""
+
+    def __init__(self, types: list[str], gguf_shape: tuple[int, ...], stacked: bool, n_lead: int,
+                 n_in: int | None):
+        self.stacked, self.types, self.n_lead, self.n_in = stacked, tuple(dict.fromkeys(types)), n_lead, n_in
+        self.where = []  # tensor -> (group, index in group)
+        counts = dict.fromkeys(self.types, 0)
+        for t in types:
+            self.where.append((self.types.index(t), counts[t]))
+            counts[t] += 1
+        self.bufs = []
+        for t in self.types:
+            if t in FLOAT_TYPES:
+                shape, dt = gguf_shape, np.dtype(FLOAT_TYPES[t])
+            else:
+                bs, ts = block(t)
+                shape, dt = (*gguf_shape[:-1], gguf_shape[-1] // bs * ts), np.dtype(np.uint8)
+            self.bufs.append(np.empty(((counts[t],) if stacked else ()) + shape, dt))
+
+    def slot(self, index: int | None) -> np.ndarray:
+        """The buffer one tensor's bytes (or floats) go into."""
+        g, j = self.where[index or 0]
+        return self.bufs[g][j] if self.stacked else self.bufs[g]
+
+    def build(self, shape: tuple[int, ...], put=jax.device_put) -> QuantWeight:
+        """The device QuantWeight of logical ``shape`` (the float leaf's)."""
+        layer_map = tuple(self.where) if len(self.types) > 1 else None
+        return QuantWeight(tuple(put(b) for b in self.bufs), self.types, tuple(shape), self.n_lead, self.n_in,
+                           layer_map)
