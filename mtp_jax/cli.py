@@ -224,6 +224,109 @@ def cmd_imatrix(args) -> int:
     return 0
 
 
+def cmd_perplexity(args) -> int:
+    import math
+
+    import numpy as np
+
+    from mtp_jax import perplexity as PP
+    from mtp_jax.io.load import load_model
+    from mtp_jax.io.validate import regular_file
+    from mtp_jax.model import check_tokens
+
+    kld, base_path = args.kl_divergence, args.kl_divergence_base
+    if kld and not base_path:
+        raise ValueError("--kl-divergence compares with a base model's logits: give --kl-divergence-base FILE")
+    if not (kld or args.file):
+        raise ValueError("give the text to score with -f/--file")
+    if args.ctx_size is not None and args.ctx_size < 3:
+        raise ValueError(f"-c/--ctx-size {args.ctx_size}: a chunk needs at least 3 tokens")
+    if args.batch_size < 1 or args.chunks == 0:
+        raise ValueError("-b/--batch-size must be >= 1 and --chunks >= 1 (or negative: all)")
+    text = None
+    if args.file:  # checked before the model loads, as are the base file and the output directory
+        raw = regular_file(args.file, ValueError).read_bytes()
+        raw = raw[:-1] if raw.endswith(b"\n") else raw  # llama.cpp's -f drops one trailing newline
+        if not raw:
+            raise ValueError(f"{args.file}: empty text file")
+        text = raw.decode("utf-8", errors="replace")
+    if kld:
+        regular_file(base_path, ValueError)
+    elif base_path and not Path(base_path).absolute().parent.is_dir():
+        raise ValueError(f"output directory {Path(base_path).absolute().parent} does not exist")
+
+    # the trunk only; quantized GGUF weights stay in their blocks, the rest (and so the activations) float32
+    model = args.model or default_model()
+    cfg, params, tok = load_model(model, dtype="float32", load_mtp=False, check_finite=not args.no_check_finite)
+    if text is not None and tok is None:
+        raise ValueError(f"{model} has no tokenizer: perplexity needs one to tokenize {args.file}")
+    if tok is not None and tok.add_eos:
+        raise ValueError(f"{model}: its vocab adds EOS to every text, which llama-perplexity refuses")
+    tokens = None if text is None else check_tokens(tok.encode(text, add_special=True), cfg, f"{args.file} tokens")
+    max_chunks = args.chunks if args.chunks > 0 else None
+    if kld:
+        base = PP.read_logits_file(base_path, cfg.vocab_size)
+        if args.ctx_size not in (None, base.n_ctx):
+            raise PP.LogitsFileError(f"{base_path}: computed with a context of {base.n_ctx}, not -c {args.ctx_size} "
+                                     f"(leave out -c)")
+        chunks = base.tokens[:max_chunks]
+        if tokens is not None and not np.array_equal(tokens[:base.tokens.size], base.tokens.ravel()):
+            raise PP.LogitsFileError(f"{base_path}: its tokens are not those of {args.file}")
+    else:
+        base = None
+        chunks = PP.make_chunks(tokens, args.ctx_size or 512, max_chunks)
+    n_chunk, n_ctx = chunks.shape
+    if args.batch_size >= n_ctx and args.batch_size % n_ctx:
+        raise ValueError(f"-b/--batch-size {args.batch_size} must be below -c {n_ctx} or a multiple of it "
+                         f"(as llama-perplexity)")
+    n_seq = min(max(1, args.batch_size // n_ctx), n_chunk)
+    if n_ctx > cfg.max_position_embeddings:
+        print(f"mtp-jax perplexity: warning: the model was trained on only {cfg.max_position_embeddings} context "
+              f"tokens ({n_ctx} specified)", file=sys.stderr)
+    bos = tok.bos_id if tok is not None and tok.add_bos else None
+    out = open(base_path, "wb") if base_path and not kld else None
+    if out is not None:
+        PP.write_header(out, cfg.vocab_size, chunks)
+    print(f"mtp-jax perplexity: {'KL divergence' if kld else 'perplexity'} over {n_chunk} chunks, n_ctx={n_ctx}, "
+          f"batch_size={args.batch_size}, n_seq={n_seq}", file=sys.stderr, flush=True)
+    nll, terms = [], []
+    t0 = time.perf_counter()
+    try:
+        for i, score in enumerate(PP.evaluate(cfg, params, chunks, n_seq, bos, save=out is not None, base=base)):
+            if i == 0:
+                dt = time.perf_counter() - t0
+                print(f"mtp-jax perplexity: {dt:.2f} seconds per pass (compilation included) - ETA "
+                      f"{dt * (math.ceil(n_chunk / n_seq) - 1) / 60:.2f} minutes", file=sys.stderr, flush=True)
+                if kld:
+                    print(PP.KLD_TABLE_HEAD)
+            if out is not None:
+                out.write(score.rows.tobytes())
+            nll.append(score.nll)
+            if kld:
+                terms.append(score.kld)
+                so_far = {k: np.concatenate([t[k] for t in terms]) for k in terms[0]}
+                print(PP.kld_chunk_line(i + 1, PP.kld_statistics(so_far)), flush=True)
+            else:
+                print(f"[{i + 1}]{math.exp(np.concatenate(nll).mean()):.4f},", end="", flush=True)
+    finally:
+        if out is not None:
+            out.close()
+    print()
+    dt = time.perf_counter() - t0
+    n_tok = n_chunk * n_ctx
+    print(f"mtp-jax perplexity: {n_chunk} chunks x {n_ctx} tokens in {dt:.1f} s ({n_tok / dt:.0f} tok/s)"
+          f"{f'; logits saved to {base_path}' if out is not None else ''}", file=sys.stderr)
+    if not kld:
+        ppl, err = PP.ppl_estimate(np.concatenate(nll))
+        print(f"Final estimate: PPL = {ppl:.4f} +/- {err:.5f}")
+    elif so_far["nll"].size < 100:
+        print("mtp-jax perplexity: fewer than 100 scored tokens: no statistics (as llama-perplexity)",
+              file=sys.stderr)
+    else:
+        print("\n".join(PP.kld_report(so_far)))
+    return 0
+
+
 def cmd_params(args) -> int:
     from mtp_jax import params as P
     from mtp_jax.config import load_config
@@ -342,6 +445,48 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_check_finite(im)
     im.set_defaults(func=cmd_imatrix)
+
+    pp = sub.add_parser("perplexity", help="perplexity and KL divergence over a text, as llama-perplexity",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Perplexity of a model over a text, computed as llama-perplexity computes "
+                                    "it:\nthe whole text is tokenized once (BOS as the model's vocab says), cut into "
+                                    "chunks of -c tokens\n(the first token of each chunk replaced by BOS when the "
+                                    "vocab adds one), and each chunk scored on\nits second half only. Prints the "
+                                    "running PPL after each chunk ([1]x,[2]y,...) and\n'Final estimate: PPL = x +/- "
+                                    "y' (the uncertainty as llama-perplexity's).\n\n"
+                                    "KL divergence from a base model (e.g. of a quantized file from its F16 original): "
+                                    "run\nthe base with --kl-divergence-base FILE to save its log-probs, then the "
+                                    "other model with\n--kl-divergence-base FILE --kl-divergence (the tokens and -c "
+                                    "come from FILE). FILE has\nllama-perplexity's format: either tool reads the "
+                                    "other's.\n\nThe model runs its trunk only (no MTP head); quantized GGUF weights "
+                                    "stay in their block\nformat, everything else is float32.",
+                        epilog="example:\n  mtp-jax perplexity -m model-f16.gguf -f wiki.test.raw "
+                               "--kl-divergence-base base.bin\n  mtp-jax perplexity -m model-Q4_K_M.gguf "
+                               "--kl-divergence-base base.bin --kl-divergence")
+    pp.add_argument("--model", "-m", default=None,
+                    help="a GGUF file, an HF safetensors directory, an mtp_jax orbax checkpoint, or a config "
+                         "(random weights); default: the embedded model")
+    pp.add_argument("-f", "--file", default=None,
+                    help="the text to score (one trailing newline dropped, as llama.cpp's -f); with "
+                         "--kl-divergence optional, and then it must tokenize to the base file's tokens")
+    pp.add_argument("-c", "--ctx-size", type=int, default=None,
+                    help="tokens per chunk (default 512; with --kl-divergence, the base file's)")
+    pp.add_argument("-b", "--batch-size", type=int, default=2048,
+                    help="tokens per forward, as llama.cpp's -b: max(1, B / c) chunks run together; below -c, one "
+                         "chunk per forward (llama.cpp splits it through its KV cache: the same logits); must be "
+                         "below -c or a multiple of it (default 2048)")
+    pp.add_argument("--chunks", type=int, default=-1,
+                    help="score at most this many chunks, the first ones (default -1 = all; with --kl-divergence, "
+                         "of the base file's)")
+    pp.add_argument("--kl-divergence-base", metavar="FILE", default=None,
+                    help="without --kl-divergence: save the model's log-probs (llama-perplexity's logits file, "
+                         "2 bytes per vocab entry per scored token); with it: the base to compare with")
+    pp.add_argument("--kl-divergence", action="store_true",
+                    help="compare with --kl-divergence-base: per chunk the running PPL, ln(PPL ratio), mean KLD, "
+                         "RMS of Δp (change of the probability of the right token) and the share of tokens "
+                         "whose top choice is the base's, then llama-perplexity's summary statistics")
+    _add_check_finite(pp)
+    pp.set_defaults(func=cmd_perplexity)
 
     pl = sub.add_parser("plan", help="per-device memory of a config on a device mesh (compiled, not allocated)",
                         description="Lower and compile the speculative loop for a config on N fake CPU devices "

@@ -7,7 +7,7 @@ import pytest
 
 from mtp_jax import cli
 
-SUBCOMMANDS = ["generate", "params", "imatrix", "quantize", "convert", "info"]
+SUBCOMMANDS = ["generate", "params", "imatrix", "perplexity", "quantize", "convert", "info"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
