@@ -30,6 +30,7 @@ import numpy as np
 from mtp_jax import drafter, sharding
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import init_trunk_cache
+from mtp_jax.kvquant import KVTypes
 from mtp_jax.model import forward
 
 WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may give up on drafting
@@ -53,10 +54,14 @@ def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int):
     return jax.lax.fori_loop(0, n, body, cache).lengths
 
 
-def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3) -> float:
+def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3,
+               types: KVTypes = KVTypes()) -> float:
     """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
     size = ctx + T + 8
-    cache = drafter.of(cfg).init_cache(B, size) if head else init_trunk_cache(cfg, B, size)
+    if head:
+        cache = drafter.of(cfg).init_cache(B, size, types.k_draft, types.v_draft)
+    else:
+        cache = init_trunk_cache(cfg, B, size, types.k, types.v)
     cache = sharding.place_rows(cache.with_lengths(jnp.full((B,), ctx)), sharding.mesh_of(params))
     jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))  # compile
     best = float("inf")
@@ -70,22 +75,25 @@ def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n
 _COSTS: dict = {}
 
 
-def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 64) -> np.ndarray:
+def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 64,
+                  cache_types: KVTypes = KVTypes()) -> np.ndarray:
     """[2, k_max + 2] float32 in units of one plain decode step: row 0 = verify cost v[T], row 1 = head cost
     h[T], T = 1..k_max+1; [1, 0] = the speculative step's own cost beyond its pieces (sampling, acceptance,
-    bookkeeping: measured as a K=1 speculative run against a plain run, both compiled loops); [0, 0] unused."""
+    bookkeeping: measured as a K=1 speculative run against a plain run, both compiled loops); [0, 0] unused.
+    Every piece runs on caches of ``cache_types``."""
     from mtp_jax import generate as plain  # noqa: PLC0415  (speculative imports this module)
     from mtp_jax import speculative  # noqa: PLC0415
 
-    key = (cfg, batch, k_max, jax.default_backend())
+    key = (cfg, batch, k_max, jax.default_backend(), cache_types)
     if key not in _COSTS:
-        t1 = time_piece(params, cfg, batch, 1, False, ctx)
-        v = [1.0, 1.0] + [time_piece(params, cfg, batch, T, False, ctx) / t1 for T in range(2, k_max + 2)]
-        h = [0.0] + [time_piece(params, cfg, batch, T, True, ctx) / t1 for T in range(1, k_max + 2)]
+        piece = partial(time_piece, params, cfg, batch, ctx=ctx, types=cache_types)
+        t1 = piece(1, False)
+        v = [1.0, 1.0] + [piece(T, False) / t1 for T in range(2, k_max + 2)]
+        h = [0.0] + [piece(T, True) / t1 for T in range(1, k_max + 2)]
         prompts, n = [[1] * 8] * batch, 32
-        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, max_new_tokens=n, eos_ids=[]), 2)
-        spec = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=1, max_new_tokens=n,
-                                                          eos_ids=[]), 2)
+        common = dict(max_new_tokens=n, eos_ids=[], cache_types=cache_types)
+        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, **common), 2)
+        spec = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=1, **common), 2)
         step = spec.seconds / spec.stats["trunk_forwards"] / (base.seconds / n)
         h[0] = max(0.0, step - v[2] - h[2])
         _COSTS[key] = np.array([v, h], np.float32)

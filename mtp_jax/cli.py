@@ -66,6 +66,19 @@ def _num_draft(text: str) -> int | str:
     return k
 
 
+KV_CACHE_FLAGS = {"k": "--cache-type-k", "v": "--cache-type-v", "k_draft": "--cache-type-k-draft",
+                  "v_draft": "--cache-type-v-draft"}  # kvquant.KVTypes field -> generate's flag
+
+
+def _cache_types(args):
+    """kvquant.KVTypes from the --cache-type-* flags; ValueError naming the flag for an unknown type."""
+    from mtp_jax import kvquant
+
+    for field, flag in KV_CACHE_FLAGS.items():
+        kvquant.check_type(getattr(args, f"cache_type_{field}"), flag)
+    return kvquant.KVTypes(**{field: getattr(args, f"cache_type_{field}") for field in KV_CACHE_FLAGS})
+
+
 def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
     """ValueError unless the longest prompt, the budget and the K+1 slots a speculative step writes ahead fit the
     model's positions (cfg.max_position_embeddings)."""
@@ -135,6 +148,7 @@ def cmd_generate(args) -> int:
     from mtp_jax import speculative
     from mtp_jax.sampling import Sampling
 
+    cache_types = _cache_types(args)
     _start_devices(args)
     cfg, params, tok = _load_model(args)
     params = _place(args, cfg, params)
@@ -151,7 +165,7 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
         k = 0
     check_positions(cfg, prompts, args.max_new_tokens, args.draft_max if k == "auto" else k)
-    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, cache_types=cache_types)
     mode = f"MTP speculative, K={k}" if k else "plain"
     what = f"up to {args.max_new_tokens} tokens x {len(prompts)} rows"
     if k == "auto":
@@ -403,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the best is reported")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")
+    kv = g.add_argument_group("KV cache types", "f32, f16, bf16, q8_0, q4_0 (ggml's blocks), turbo2, turbo3, turbo4 "
+                                                "(TurboQuant, mtp_jax/kvquant.py); default: the compute dtype (f32 "
+                                                "on CPU). q8_0 / q4_0 need head dims that are multiples of 32")
+    kv.add_argument("--cache-type-k", "-ctk", default=None, metavar="TYPE", help="the trunk's K cache")
+    kv.add_argument("--cache-type-v", "-ctv", default=None, metavar="TYPE",
+                    help="the trunk's V cache (MLA models cache one latent: unset or equal to -ctk)")
+    kv.add_argument("--cache-type-k-draft", "-ctkd", default=None, metavar="TYPE", help="the MTP head's K cache")
+    kv.add_argument("--cache-type-v-draft", "-ctvd", default=None, metavar="TYPE", help="the MTP head's V cache")
     d = g.add_argument_group("devices", "a mesh of devices (and processes): rows on data, experts on expert, "
                                         "heads and FFN on model")
     d.add_argument("--devices", type=int, default=None,

@@ -11,7 +11,7 @@ The loop only talks to this interface, so the three known ways of drafting fit w
 
 Protocol (B rows, P pending pairs, D hidden, V vocab); all methods are pure and traceable:
 
-``init_cache(batch, size)`` -> state;
+``init_cache(batch, size, k_type=None, v_type=None)`` -> state (cache types as kvquant.KVTypes' k_draft / v_draft);
 ``prefill(params, state, h, tokens, n_valid, trunk)`` -> state: the prompt's pairs (h_{j-1}, t_j);
 ``catch_up(params, state, pend_h [B,P,D], pend_tok [B,P], n_pend [B], trunk)`` -> (g [B,1,D], logits [B,1,V],
 state): the pairs accepted last step, the last one giving draft 1;
@@ -50,8 +50,8 @@ class RecursiveHead:
 
         return families.of(self.cfg).head_forward
 
-    def init_cache(self, batch: int, size: int) -> KVCache:
-        return init_nextn_cache(self.cfg, batch, size)
+    def init_cache(self, batch: int, size: int, k_type: str | None = None, v_type: str | None = None) -> KVCache:
+        return init_nextn_cache(self.cfg, batch, size, k_type, v_type)
 
     def prefill(self, params, state: KVCache, h, tokens, n_valid, trunk=None) -> KVCache:
         return self._head()(params, shift_hidden(h), tokens, state, self.cfg, n_valid=n_valid, logits="none")[2]

@@ -19,6 +19,7 @@ import numpy as np
 from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, init_trunk_cache
+from mtp_jax.kvquant import KVTypes
 from mtp_jax.model import forward, pad_prompts
 from mtp_jax.params import Params, pytree_dataclass
 from mtp_jax.sampling import Sampling, sample
@@ -124,14 +125,15 @@ def generate(
     seed: int = 0,
     cache_size: int | None = None,
     return_cache: bool = False,
+    cache_types: KVTypes = KVTypes(),
 ) -> GenerateResult:
-    """Plain decoding of a batch of prompts (lists of token ids)."""
+    """Plain decoding of a batch of prompts (lists of token ids); the cache's K and V types from ``cache_types``."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens, lens = pad_prompts(prompts, cfg)
     size = plan_cache(lens, max_new_tokens, cache_size)
     mesh = sharding.mesh_of(params)  # sharded params: rows and caches go on the same mesh (rows on data)
-    cache = sharding.place_rows(init_trunk_cache(cfg, len(lens), size), mesh)
+    cache = sharding.place_rows(init_trunk_cache(cfg, len(lens), size, cache_types.k, cache_types.v), mesh)
     stops = stop_array(cfg, eos_ids, stop)
     rows = sharding.place_rows((jnp.asarray(tokens), jnp.asarray(lens), jnp.full((len(lens),), max_new_tokens,
                                                                                 jnp.int32)), mesh)

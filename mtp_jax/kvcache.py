@@ -6,18 +6,41 @@ valid slots of row b. The T new entries of row b are written at slots ``lengths[
 (RoPE position = slot index), and attention reads slots ``< lengths[b]`` plus the new block causally.
 Rollback after a rejected draft is therefore just ``lengths = ...``: stale slots past the length are never
 read and are overwritten by the next write. The NextN layer keeps a cache of its own with the same scheme.
+
+A stack's type (``kvquant.TYPES``, K and V separately) is f32 / f16 / bf16 (a plain array) or a block type
+(a ``QuantStack``: each entry quantized along its last axis when written, dequantized right before attention),
+so writes stay per token and rollback stays free whatever the type.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from mtp_jax import kvquant
 from mtp_jax.config import ModelConfig
 from mtp_jax.linear import compute_dtype
 from mtp_jax.params import pytree_dataclass
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["q", "d"], meta_fields=["kind", "dim"])
+@dataclass(frozen=True)
+class QuantStack:
+    """A layer stack [L, B, S, K, H] in a block type, entries quantized along H (kvquant.quantize): both arrays are
+    [L, B, S, K, .] so that sharding.CACHE_AXES and indexing by layer and slot apply to them as to a plain stack."""
+
+    q: Any  # [L, B, S, K, blocks * q bytes] int8 (q8_0) / uint8
+    d: Any  # [L, B, S, K, blocks] float16: ggml's block scale (q8_0, q4_0) or the group norm (turbo)
+    kind: str
+    dim: int  # H (turbo stores it zero-padded to a multiple of 128)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.d.shape[:4], self.dim)
 
 
 @pytree_dataclass
@@ -35,39 +58,79 @@ class KVCache:
         return KVCache(self.k, self.v, lengths.astype(jnp.int32))
 
 
-def _stack(n: int, batch: int, size: int, dims: tuple[int, int] | None, cfg: ModelConfig) -> jax.Array | None:
+Stack = Any  # jax.Array [L, B, S, K, H] or QuantStack
+
+
+def _stack(n: int, batch: int, size: int, dims: tuple[int, int] | None, kind: str | None,
+           cfg: ModelConfig) -> Stack | None:
     if n == 0 or dims is None:
         return None
-    return jnp.zeros((n, batch, size, *dims), compute_dtype(cfg.dtype))
+    heads, dim = dims
+    if kind in kvquant.BLOCKS:
+        values, qbytes = kvquant.BLOCKS[kind]
+        blocks = kvquant.stored_dim(kind, dim) // values
+        lead = (n, batch, size, heads)
+        return QuantStack(jnp.zeros((*lead, blocks * qbytes), kvquant.q_dtype(kind)),
+                          jnp.zeros((*lead, blocks), jnp.float16), kind, dim)
+    dtype = compute_dtype(cfg.dtype) if kind is None else kvquant.FLOATS[kind]
+    return jnp.zeros((n, batch, size, heads, dim), dtype)
 
 
-def _cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig) -> KVCache:
+def _cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig, k_type: str | None,
+           v_type: str | None) -> KVCache:
+    kvquant.check_type(k_type, "K cache type")
+    kvquant.check_type(v_type, "V cache type")
     k_dims, v_dims = cfg.cache_dims()
+    if v_dims is None and v_type not in (None, k_type):
+        raise ValueError(f"{cfg.name} caches one latent entry per token, read as K and V (MLA): the V cache type "
+                         f"({v_type}) must be unset or equal the K cache type ({k_type})")
     return KVCache(
-        k=tuple(_stack(n, batch, size, k_dims, cfg) for n in stacks),
-        v=tuple(_stack(n, batch, size, v_dims, cfg) for n in stacks),
+        k=tuple(_stack(n, batch, size, k_dims, k_type, cfg) for n in stacks),
+        v=tuple(_stack(n, batch, size, v_dims, v_type, cfg) for n in stacks),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
 
 
-def init_trunk_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
-    """Two stacks, dense lead layers then MoE layers, all rows empty; entries as ``cfg.cache_dims()`` says."""
-    return _cache((cfg.num_dense_layers, cfg.num_moe_layers), batch, size, cfg)
+def init_trunk_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None = None,
+                     v_type: str | None = None) -> KVCache:
+    """Two stacks, dense lead layers then MoE layers, all rows empty; entries as ``cfg.cache_dims()`` says, of
+    the given types (kvquant.TYPES; None = the compute dtype)."""
+    return _cache((cfg.num_dense_layers, cfg.num_moe_layers), batch, size, cfg, k_type, v_type)
 
 
-def init_nextn_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
+def init_nextn_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None = None,
+                     v_type: str | None = None) -> KVCache:
     """One stack holding the num_nextn_predict_layers MTP blocks."""
     if not cfg.has_mtp:
         raise ValueError("the model has no NextN layer (num_nextn_predict_layers == 0)")
-    return _cache((cfg.num_nextn_predict_layers,), batch, size, cfg)
+    return _cache((cfg.num_nextn_predict_layers,), batch, size, cfg, k_type, v_type)
 
 
-def write_block(stack: jax.Array, layer: jax.Array | int, new: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Scatter new[B, T, K, H] into stack[layer, b, lengths[b] + t] (in place when the stack is donated).
+def write_block(stack: Stack, layer: jax.Array | int, new: jax.Array, lengths: jax.Array) -> Stack:
+    """Scatter new[B, T, K, H] into stack[layer, b, lengths[b] + t] (in place when the stack is donated),
+    quantized first for a QuantStack.
 
     Entries that would land past the end of the cache are dropped; callers check capacity beforehand.
     """
     B, T = new.shape[:2]
     rows = jnp.arange(B)[:, None]  # [B, 1]
     slots = lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    if isinstance(stack, QuantStack):
+        pad = kvquant.stored_dim(stack.kind, stack.dim) - stack.dim
+        q, d = kvquant.quantize(stack.kind, jnp.pad(new, [(0, 0)] * 3 + [(0, pad)]))
+        return QuantStack(stack.q.at[layer, rows, slots].set(q, mode="drop"),
+                          stack.d.at[layer, rows, slots].set(d, mode="drop"), stack.kind, stack.dim)
     return stack.at[layer, rows, slots].set(new.astype(stack.dtype), mode="drop")
+
+
+def read_layer(stack: Stack, layer: jax.Array | int, dtype) -> jax.Array:
+    """stack[layer] as [B, S, K, H'] in dtype: a QuantStack dequantized (turbo: rotated, H' = H padded to 128s,
+    see ``rotated``)."""
+    if isinstance(stack, QuantStack):
+        return kvquant.dequantize(stack.kind, stack.q[layer], stack.d[layer]).astype(dtype)
+    return stack[layer].astype(dtype)
+
+
+def rotated(stack: Stack) -> bool:
+    """Whether read_layer gives entries in TurboQuant's rotated domain (queries rotate, outputs rotate back)."""
+    return isinstance(stack, QuantStack) and stack.kind in kvquant.TURBO

@@ -23,14 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import kernels
+from mtp_jax import kernels, kvquant
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import write_block
+from mtp_jax.kvcache import read_layer, rotated, write_block
 from mtp_jax.linear import linear
 from mtp_jax.params import Attention, Layer, MlaAttention, Mlp, Moe
 
 Stats = dict[str, dict[str, jax.Array]]
-KV = tuple[jax.Array, jax.Array, jax.Array | int]  # K stack, V stack [L, B, S, K, H], this layer's index
+KV = tuple  # K stack, V stack [L, B, S, K, H] (arrays or kvcache.QuantStack), this layer's index
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
 
@@ -116,7 +116,9 @@ def attention(
 
     With a cache, the T new entries of row b are written first at slots lengths[b] + t (kvcache.write_block),
     then query t attends to slots < lengths[b] + t + 1: the cache is written, then read, so XLA updates it in
-    place (reading the old stack beside a write to it made XLA copy the whole stack every layer)."""
+    place (reading the old stack beside a write to it made XLA copy the whole stack every layer). A quantized
+    stack is read dequantized; against a TurboQuant K the queries are rotated, from a TurboQuant V the output
+    is rotated back (kvquant)."""
     B, T, _ = x.shape
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     G = N // K
@@ -138,7 +140,9 @@ def attention(
             ks, vs, ci = kv
             ks, vs = write_block(ks, ci, k, lengths), write_block(vs, ci, v, lengths)
             kv = (ks, vs, ci)
-            k, v = ks[ci], vs[ci]  # [B, S, K, H]
+            k, v = read_layer(ks, ci, q.dtype), read_layer(vs, ci, q.dtype)  # [B, S, K, H] (turbo: rotated, padded)
+            if rotated(ks):
+                q = kvquant.rotate(q)
             S = k.shape[1]
             visible = jnp.arange(S)[None, None, :] < (lengths[:, None] + jnp.arange(T)[None, :] + 1)[:, :, None]
         else:
@@ -147,6 +151,8 @@ def attention(
         scores = jnp.where(visible[:, None, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+        if kv is not None and rotated(kv[1]):
+            out = kvquant.unrotate(out, H)
     out = out.reshape(B, T, N * H)
     y = linear(out, p.wo.reshape(*p.wo.shape[:-3], N * H, -1), li)
     stats: Stats = {}
@@ -183,7 +189,8 @@ def mla_attention(
     RoPE (interleaved pairs, YaRN) on q_pe and k_pe; a token's cache entry is concat(c, k_pe), one per token
     (cfg.cache_dims()); query = concat(q_nope @ wk_b[h], q_pe); scores over the entries scaled by cfg.attn_scale;
     the attended latent goes through wv_b[h], then wo. The new entries are written before attending, as in
-    ``attention``, so XLA updates the cache in place."""
+    ``attention``, so XLA updates the cache in place. A TurboQuant latent is attended to rotated: the queries
+    rotate, and the attended latent rotates back before its first C values are kept."""
     B, T, _ = x.shape
     N, C = cfg.num_attention_heads, cfg.kv_lora_rank
     Hn, R, Hv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -215,7 +222,9 @@ def mla_attention(
             ks, vs, ci = kv
             ks = write_block(ks, ci, entry, lengths)
             kv = (ks, vs, ci)
-            lat = ks[ci][:, :, 0]  # [B, S, C + R]
+            lat = read_layer(ks, ci, query.dtype)[:, :, 0]  # [B, S, C + R] (turbo: rotated, padded)
+            if rotated(ks):
+                query = kvquant.rotate(query)
             S = lat.shape[1]
             visible = jnp.arange(S)[None, None, :] < (lengths[:, None] + jnp.arange(T)[None, :] + 1)[:, :, None]
         else:
@@ -225,7 +234,10 @@ def mla_attention(
                             preferred_element_type=jnp.float32) * cfg.attn_scale
         scores = jnp.where(visible[:, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
-        o_lat = jnp.einsum("bnts,bsc->btnc", probs, lat[..., :C].astype(query.dtype))  # [B, T, N, C]
+        if kv is not None and rotated(kv[0]):
+            o_lat = kvquant.unrotate(jnp.einsum("bnts,bsc->btnc", probs, lat), C)  # [B, T, N, C]
+        else:
+            o_lat = jnp.einsum("bnts,bsc->btnc", probs, lat[..., :C].astype(query.dtype))  # [B, T, N, C]
     o = linear(o_lat, p.wv_b, li, heads=True).reshape(B, T, N * Hv)
     y = linear(o, p.wo.reshape(*p.wo.shape[:-3], N * Hv, -1), li)
     if collect_stats:

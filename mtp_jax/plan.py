@@ -100,19 +100,18 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh) -> tuple[Any, int, int]:
 
 
 def abstract_cache(cache: KVCache, mesh: Mesh) -> tuple[KVCache, int]:
-    """A cache's leaves as sharded ShapeDtypeStructs: [L, B, S, heads, dims] with rows on data, heads on model."""
+    """A cache's leaves as sharded ShapeDtypeStructs: [L, B, S, heads, dims] with rows on data, heads on model
+    (a quantized stack's blocks and scales alike)."""
     per = [0]
 
-    def stack(x):
-        if x is None:
-            return None
+    def leaf(x):
         spec = sharding.spec_for(x.shape, sharding.CACHE_AXES, mesh)
         per[0] += _shard_bytes(x.shape, x.dtype, spec, mesh)
         return _abstract(x.shape, x.dtype, mesh, spec)
 
     lengths = _abstract(cache.lengths.shape, cache.lengths.dtype, mesh,
                         sharding.spec_for(cache.lengths.shape, ("batch",), mesh))
-    return KVCache(tuple(map(stack, cache.k)), tuple(map(stack, cache.v)), lengths), per[0]
+    return KVCache(jax.tree.map(leaf, cache.k), jax.tree.map(leaf, cache.v), lengths), per[0]
 
 
 def make_plan(cfg: ModelConfig, mesh_sizes: dict[str, int], batch: int = 1, ctx: int = 4096, prompt: int = 512,

@@ -33,6 +33,7 @@ from mtp_jax import autodraft, drafter, sharding
 from mtp_jax import generate as plain
 from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache, init_trunk_cache
+from mtp_jax.kvquant import KVTypes
 from mtp_jax.linear import compute_dtype
 from mtp_jax.model import forward, pad_prompts, take_last
 from mtp_jax.params import Params, pytree_dataclass
@@ -286,7 +287,7 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_
     st = jax.lax.while_loop(lambda s: running(s) & ~s.plain, partial(_spec_step, params, stops, max_new, costs, c), st)
     if c.auto:  # drafting stopped paying: the rest as plain decode steps (a second loop, not a cond in the first)
         st = jax.lax.while_loop(running, partial(_plain_step, params, stops, max_new, c), st)
-    return st.out, st.n_out, st.trunk, st.step, st.hist, st.pos_acc, st.reached, st.plain_steps, st.trace
+    return st.out, st.n_out, st.trunk, st.draft, st.step, st.hist, st.pos_acc, st.reached, st.plain_steps, st.trace
 
 
 AUTO_MAX_DRAFT = 4  # the most an auto step drafts (its verify is compiled for each length 1..5)
@@ -310,6 +311,7 @@ def generate(
     p_min: float | None = None,
     max_draft: int = AUTO_MAX_DRAFT,
     costs: np.ndarray | None = None,
+    cache_types: KVTypes = KVTypes(),
 ) -> plain.GenerateResult:
     """MTP speculative decoding of a batch of prompts. ``num_draft=0`` is plain decoding.
 
@@ -322,6 +324,8 @@ def generate(
     A row's first token comes from the prefill; the trace's emitted ids are the rest of its output.
     ``stats`` of the result: accept_hist (0..K), per-position acceptance rate, mean tokens per step,
     trunk forwards (prefill + verify steps), plain_steps (auto mode after it stopped drafting).
+    ``cache_types``: the trunk's (k, v) and the drafter's (k_draft, v_draft) KV cache types. ``return_cache``:
+    the trunk cache in ``stats["cache"]``, the drafter's state in ``stats["draft_cache"]``.
     """
     auto = num_draft == "auto"
     if not auto and (not isinstance(num_draft, (int, np.integer)) or num_draft < 0):
@@ -330,7 +334,8 @@ def generate(
         num_draft = 0  # auto on a model without a head: plain decoding
     if num_draft == 0:
         return plain.generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                              eos_ids=eos_ids, stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache)
+                              eos_ids=eos_ids, stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache,
+                              cache_types=cache_types)
     if params.nextn is None or not cfg.has_mtp:
         raise ValueError("speculative decoding needs a model with a NextN layer (num_nextn_predict_layers > 0)")
     if max_new_tokens < 1:
@@ -346,11 +351,12 @@ def generate(
     size = plain.plan_cache(lens, max_new_tokens, cache_size, extra=K + 1)
     B = len(lens)
     if auto and costs is None:
-        costs = autodraft.measure_costs(params, cfg, B, K)
+        costs = autodraft.measure_costs(params, cfg, B, K, cache_types=cache_types)
     costs = jnp.asarray(np.ones((2, K + 2), np.float32) if costs is None else costs, jnp.float32)
     if auto and not bool(autodraft.can_pay(costs, K)):  # no acceptance could pay: the plain loop itself
         res = plain.generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-                             stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache)
+                             stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache,
+                             cache_types=cache_types)
         longest = max(map(len, res.tokens))
         res.stats |= {"num_draft": "auto", "accept_hist": [0] * (K + 1), "accept_rate_per_pos": [0.0] * K,
                       "accept_rate_given_reached": [0.0] * K, "mean_accepted": 0.0, "mean_tokens_per_step": 1.0,
@@ -360,9 +366,10 @@ def generate(
     mesh = sharding.mesh_of(params)  # sharded params: rows and caches go on the same mesh (rows on data)
     toks, n_valid, budget, trunk, draft = sharding.place_rows(
         (jnp.asarray(tokens), jnp.asarray(lens), jnp.full((B,), max_new_tokens, jnp.int32),
-         init_trunk_cache(cfg, B, size), drafter.of(cfg).init_cache(B, size)), mesh)
+         init_trunk_cache(cfg, B, size, cache_types.k, cache_types.v),
+         drafter.of(cfg).init_cache(B, size, cache_types.k_draft, cache_types.v_draft)), mesh)
     t0 = time.perf_counter()
-    out, n_out, trunk, steps, hist, pos_acc, reached, plain_steps, tr = sharding.run_synced(
+    out, n_out, trunk, draft, steps, hist, pos_acc, reached, plain_steps, tr = sharding.run_synced(
         _spec_loop, params, toks, n_valid, trunk, draft, jax.random.key(seed), budget,
         jnp.asarray(plain.stop_array(cfg, eos_ids, stop)), costs, c=c)
     out, n_out, hist, pos_acc, reached, tr = sharding.to_host((out, n_out, hist, pos_acc, reached, tr))
@@ -386,7 +393,7 @@ def generate(
         if not isinstance(trace, bool):
             _write_ndjson(trace, lines)
     if return_cache:
-        res.stats["cache"] = trunk
+        res.stats["cache"], res.stats["draft_cache"] = trunk, draft
     return res
 
 

@@ -24,3 +24,19 @@ def peer():
             pytest.fail(why)
         pytest.skip(why)
     return llama_cpp_peer
+
+
+@pytest.fixture(scope="session")
+def ggml():
+    """The libggml oracle module (tests/quant/ggml_oracle.py); skips locally when unbuilt, fails in CI (where .ci/run
+    builds it)."""
+    from tests.quant import ggml_oracle
+
+    if not ggml_oracle.ggml_lib_path().exists():
+        msg = (f"libggml-base.so not found at {ggml_oracle.ggml_lib_path()} "
+               f"(run ../shared/tools/build-llama-cpp.sh --lib-only)")
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    ggml_oracle.load_ggml()
+    return ggml_oracle
