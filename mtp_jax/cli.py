@@ -70,13 +70,26 @@ KV_CACHE_FLAGS = {"k": "--cache-type-k", "v": "--cache-type-v", "k_draft": "--ca
                   "v_draft": "--cache-type-v-draft"}  # kvquant.KVTypes field -> generate's flag
 
 
-def _cache_types(args):
-    """kvquant.KVTypes from the --cache-type-* flags; ValueError naming the flag for an unknown type."""
+def _cache_types(args, fields=tuple(KV_CACHE_FLAGS)):
+    """kvquant.KVTypes from the --cache-type-* flags a command has (``fields``); ValueError naming the flag for an
+    unknown type (checked here rather than by argparse choices: one line, and no jax import for the parser)."""
     from mtp_jax import kvquant
 
-    for field, flag in KV_CACHE_FLAGS.items():
-        kvquant.check_type(getattr(args, f"cache_type_{field}"), flag)
-    return kvquant.KVTypes(**{field: getattr(args, f"cache_type_{field}") for field in KV_CACHE_FLAGS})
+    for field in fields:
+        kvquant.check_type(getattr(args, f"cache_type_{field}"), KV_CACHE_FLAGS[field])
+    return kvquant.KVTypes(**{field: getattr(args, f"cache_type_{field}") for field in fields})
+
+
+def _add_cache_type_args(p: argparse.ArgumentParser, draft: bool = True) -> None:
+    kv = p.add_argument_group("KV cache types", "f32, f16, bf16, q8_0, q4_0 (ggml's blocks), turbo2, turbo3, turbo4 "
+                                                "(TurboQuant, mtp_jax/kvquant.py); default: the compute dtype (f32 "
+                                                "on CPU). q8_0 / q4_0 need head dims that are multiples of 32")
+    kv.add_argument("--cache-type-k", "-ctk", default=None, metavar="TYPE", help="the trunk's K cache")
+    kv.add_argument("--cache-type-v", "-ctv", default=None, metavar="TYPE",
+                    help="the trunk's V cache (MLA models cache one latent: unset or equal to -ctk)")
+    if draft:
+        kv.add_argument("--cache-type-k-draft", "-ctkd", default=None, metavar="TYPE", help="the MTP head's K cache")
+        kv.add_argument("--cache-type-v-draft", "-ctvd", default=None, metavar="TYPE", help="the MTP head's V cache")
 
 
 def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
@@ -249,6 +262,7 @@ def cmd_perplexity(args) -> int:
     from mtp_jax.model import check_tokens
 
     kld, base_path = args.kl_divergence, args.kl_divergence_base
+    cache_types = _cache_types(args, ("k", "v"))
     if kld and not base_path:
         raise ValueError("--kl-divergence compares with a base model's logits: give --kl-divergence-base FILE")
     if not (kld or args.file):
@@ -306,7 +320,8 @@ def cmd_perplexity(args) -> int:
     nll, terms = [], []
     t0 = time.perf_counter()
     try:
-        for i, score in enumerate(PP.evaluate(cfg, params, chunks, n_seq, bos, save=out is not None, base=base)):
+        for i, score in enumerate(PP.evaluate(cfg, params, chunks, n_seq, bos, save=out is not None, base=base,
+                                              cache_types=cache_types)):
             if i == 0:
                 dt = time.perf_counter() - t0
                 print(f"mtp-jax perplexity: {dt:.2f} seconds per pass (compilation included) - ETA "
@@ -417,14 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the best is reported")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")
-    kv = g.add_argument_group("KV cache types", "f32, f16, bf16, q8_0, q4_0 (ggml's blocks), turbo2, turbo3, turbo4 "
-                                                "(TurboQuant, mtp_jax/kvquant.py); default: the compute dtype (f32 "
-                                                "on CPU). q8_0 / q4_0 need head dims that are multiples of 32")
-    kv.add_argument("--cache-type-k", "-ctk", default=None, metavar="TYPE", help="the trunk's K cache")
-    kv.add_argument("--cache-type-v", "-ctv", default=None, metavar="TYPE",
-                    help="the trunk's V cache (MLA models cache one latent: unset or equal to -ctk)")
-    kv.add_argument("--cache-type-k-draft", "-ctkd", default=None, metavar="TYPE", help="the MTP head's K cache")
-    kv.add_argument("--cache-type-v-draft", "-ctvd", default=None, metavar="TYPE", help="the MTP head's V cache")
+    _add_cache_type_args(g)
     d = g.add_argument_group("devices", "a mesh of devices (and processes): rows on data, experts on expert, "
                                         "heads and FFN on model")
     d.add_argument("--devices", type=int, default=None,
@@ -507,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare with --kl-divergence-base: per chunk the running PPL, ln(PPL ratio), mean KLD, "
                          "RMS of Δp (change of the probability of the right token) and the share of tokens "
                          "whose top choice is the base's, then llama-perplexity's summary statistics")
+    _add_cache_type_args(pp, draft=False)
     _add_check_finite(pp)
     pp.set_defaults(func=cmd_perplexity)
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ModelConfig
+from mtp_jax.kvcache import init_trunk_cache
+from mtp_jax.kvquant import KVTypes
 from mtp_jax.model import forward, output_weight, project_logits
 from mtp_jax.params import Params
 
@@ -91,15 +93,20 @@ def kld_terms(logits: jax.Array, targets: jax.Array, scale: jax.Array, min_lp: j
             "same_top": jnp.argmax(logits, -1) == jnp.argmax(base, -1)}
 
 
-@partial(jax.jit, static_argnames=("cfg", "save"))
+@partial(jax.jit, static_argnames=("cfg", "save", "cache_types"))
 def score_chunks(params: Params, chunks: jax.Array, cfg: ModelConfig, save: bool = False,
-                 base: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> dict[str, jax.Array]:
+                 base: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                 cache_types: KVTypes = KVTypes()) -> dict[str, jax.Array]:
     """One batch of chunks [B, T] (BOS already in) -> {"nll": [B, R]} with R = n_scored(T); ``save`` adds the
     compressed log-probs {"scale", "min_lp": [B, R], "q": [B, R, V]}; ``base`` = (scale, min_lp, q) of the base
-    model adds kld_terms. Only the R scored positions go through the output matrix."""
-    T = chunks.shape[1]
+    model adds kld_terms. Only the R scored positions go through the output matrix. With a K or V cache type
+    the chunk is written into a cache of that type and attended to from it, as llama.cpp's -ctk / -ctv do."""
+    B, T = chunks.shape
     first = T // 2
-    h, _, _, _ = forward(params, chunks, None, cfg, logits="none")  # [B, T, D]
+    cache = None
+    if cache_types.k is not None or cache_types.v is not None:
+        cache = init_trunk_cache(cfg, B, T, cache_types.k, cache_types.v)
+    h, _, _, _ = forward(params, chunks, cache, cfg, logits="none")  # [B, T, D]
     logits = project_logits(output_weight(params), h[:, first: T - 1])  # [B, R, V] float32
     targets = chunks[:, first + 1:]  # [B, R]
     lp = jax.nn.log_softmax(logits, axis=-1)
@@ -124,10 +131,12 @@ class ChunkScore:
 
 
 def evaluate(cfg: ModelConfig, params: Params, chunks: np.ndarray, n_seq: int = 1, bos_id: int | None = None,
-             save: bool = False, base: LogitsFile | None = None) -> Iterator[ChunkScore]:
+             save: bool = False, base: LogitsFile | None = None,
+             cache_types: KVTypes = KVTypes()) -> Iterator[ChunkScore]:
     """Score chunks [n_chunk, n_ctx] (make_chunks), ``n_seq`` per trunk forward (the last batch padded, so one
     compiled shape), yielding each chunk's ChunkScore in order. ``bos_id`` replaces each chunk's first token;
-    ``save`` yields the logits-file rows; ``base`` (a logits file over the same chunks) yields kld_terms."""
+    ``save`` yields the logits-file rows; ``base`` (a logits file over the same chunks) yields kld_terms;
+    ``cache_types`` (its k and v) the trunk's KV cache types."""
     n_chunk, n_ctx = chunks.shape
     V = cfg.vocab_size
     R = n_scored(n_ctx)
@@ -143,7 +152,7 @@ def evaluate(cfg: ModelConfig, params: Params, chunks: np.ndarray, n_seq: int = 
             rows[:n] = [base.rows(i + s) for s in range(n)]
             head = rows[..., :4].copy().view("<f4")  # [n_seq, R, 2]
             base_in = (head[..., 0], head[..., 1], rows[..., 4: 4 + V])
-        out = jax.device_get(score_chunks(params, jnp.asarray(batch), cfg, save, base_in))
+        out = jax.device_get(score_chunks(params, jnp.asarray(batch), cfg, save, base_in, cache_types))
         for s in range(n):
             rows_out = None
             if save:

@@ -41,6 +41,20 @@ def _llama_compress(logits: np.ndarray) -> tuple[np.float32, np.float32, np.ndar
     return scale, f(f(mn - mx) - lse), q
 
 
+def test_kv_cache_types_score_through_the_cache(tiny):
+    """-ctk/-ctv: the chunk is written into a cache of that type and read back (an f32 cache scores as no cache;
+    a q4_0 one differs, by less than its quantization could move a probability)."""
+    from mtp_jax.kvquant import KVTypes
+
+    cfg, params = tiny
+    chunks = _chunks(cfg, n_chunk=2, n_ctx=32)
+    plain = np.concatenate([s.nll for s in PP.evaluate(cfg, params, chunks, n_seq=2)])
+    f32 = np.concatenate([s.nll for s in PP.evaluate(cfg, params, chunks, n_seq=2, cache_types=KVTypes("f32", "f32"))])
+    q4 = np.concatenate([s.nll for s in PP.evaluate(cfg, params, chunks, n_seq=2, cache_types=KVTypes("q4_0", "q4_0"))])
+    np.testing.assert_allclose(f32, plain, atol=1e-4)
+    assert 1e-4 < np.abs(q4 - plain).max() < 0.5
+
+
 def test_make_chunks_keeps_whole_chunks_and_refuses_a_short_text():
     c = PP.make_chunks(np.arange(50), 16)
     assert c.shape == (3, 16) and c[1, 0] == 16 and c.dtype == np.int32
