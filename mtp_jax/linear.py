@@ -11,6 +11,11 @@ On CPU it runs the native kernel (mtp_jax/kernels/cpu_linear.cc): it reads f32/f
 speed straight out of the stack (no per-step copy of a layer's or an expert's weights) on all cores, and a
 row's result does not depend on how many rows are in the call. Elsewhere, or without the kernel, it is an
 XLA einsum on ``w[layer]`` / ``w[experts]``. The CPU path computes in float32 (``compute_dtype``).
+
+``w`` may also be a ``QuantWeight`` (GGUF blocks, mtp_jax/qweight.py): on CPU the kernel reads the blocks in
+place and dequantizes each value exactly as gguf-py does next to its FMA (the result equals, bit for bit, the f32
+kernel's on the dequantized [N, K] matrix); elsewhere XLA dequantizes the picked rows before an einsum. Quantized
+weights are inference-only: differentiating through the kernel raises.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from mtp_jax import kernels
-from mtp_jax.qweight import QuantWeight, dequantize
+from mtp_jax.qweight import FLOAT_TYPES, QuantWeight, dequantize
 
 
 def compute_dtype(param_dtype) -> jnp.dtype:
@@ -31,12 +37,18 @@ def compute_dtype(param_dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if kernels.use_cpu_kernels() else jnp.dtype(param_dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _kernel(x2: jax.Array, w4: jax.Array, layer: jax.Array, eids: jax.Array, trans: bool) -> jax.Array:
+def _ffi(x2: jax.Array, w4: jax.Array, layer: jax.Array, eids: jax.Array, trans: bool, qtype: int) -> jax.Array:
+    """The kernel: w4 [L, E, K, N] ([L, E, N, K] when trans) floats, or (qtype: a ggml type id) u8 GGUF rows
+    [L, E, N, row_bytes] (trans)."""
     M = x2.shape[0]
     N = w4.shape[2] if trans else w4.shape[3]
     call = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
-    return call(x2.astype(jnp.float32), w4, layer, eids, trans=trans)
+    return call(x2.astype(jnp.float32), w4, layer, eids, trans=trans, qtype=np.int32(qtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel(x2: jax.Array, w4: jax.Array, layer: jax.Array, eids: jax.Array, trans: bool) -> jax.Array:
+    return _ffi(x2, w4, layer, eids, trans, 0)
 
 
 def _kernel_fwd(x2, w4, layer, eids, trans):
@@ -58,6 +70,24 @@ def _kernel_bwd(trans, res, g):  # training (scripts/train_tiny.py) differentiat
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _qkernel(x2: jax.Array, w4: jax.Array, layer: jax.Array, eids: jax.Array, qtype: int) -> jax.Array:
+    """The kernel on one type group of a QuantWeight (trans: GGUF rows, or a float group's [N, K] rows)."""
+    return _ffi(x2, w4, layer, eids, True, qtype)
+
+
+def _qkernel_fwd(x2, w4, layer, eids, qtype):
+    return _qkernel(x2, w4, layer, eids, qtype), None
+
+
+def _qkernel_bwd(qtype, res, g):
+    raise TypeError("linear: weights kept quantized (QuantWeight) are inference-only and cannot be differentiated; "
+                    "load the model with its weights dequantized (--dequantize, quantized='dequantize') to train")
+
+
+_qkernel.defvjp(_qkernel_fwd, _qkernel_bwd)
 
 
 def linear(
@@ -101,13 +131,20 @@ def linear(
 
 
 def _quant_linear(x: jax.Array, w: QuantWeight, layer, experts, trans: bool, heads: bool) -> jax.Array:
-    """linear() of a weight in GGUF block format: the picked layer's (and experts') rows are dequantized next
-    to the dot, inside the compiled program; nothing full-precision outlives the call."""
+    """linear() of a weight in GGUF block format. On CPU the kernel reads the picked layer's (and rows') experts
+    in place out of each type group's whole array (a stack that mixes types: a lax.switch over the groups, each
+    branch passing its group and the layer's index in it); elsewhere the picked rows are dequantized next to
+    the dot, inside the compiled program. Nothing full-precision outlives the call."""
     n_lead = (layer is not None) + (experts is not None or heads)
     if w.n_lead != n_lead or trans != w.table or (heads and experts is not None):
         raise ValueError(f"linear: quantized weight of shape {w.shape} (lead dims {w.n_lead}, table {w.table}) "
                          f"does not match layer={layer is not None}, experts={experts is not None}, "
                          f"heads={heads}, trans={trans}")
+    if x.shape[-1] != w.k or (heads and x.shape[-2] != w.shape[w.n_lead - 1]):
+        raise ValueError(f"linear: x of shape {x.shape} does not match the quantized weight of shape {w.shape} "
+                         f"(heads={heads})")
+    if kernels.use_cpu_kernels():
+        return _quant_kernel(x, w, layer, experts, heads)
     xf = x.astype(jnp.float32)
 
     def apply(rows: jax.Array, qtype: str) -> jax.Array:  # rows [(E,) N, row_bytes] of one layer
@@ -119,3 +156,28 @@ def _quant_linear(x: jax.Array, w: QuantWeight, layer, experts, trans: bool, hea
 
     y = apply(w.groups[0], w.types[0]) if layer is None else w.layer(layer, apply)
     return y.astype(x.dtype)
+
+
+def _quant_kernel(x: jax.Array, w: QuantWeight, layer, experts, heads: bool) -> jax.Array:
+    """_quant_linear on CPU: the kernel (trans: GGUF rows are [N, K]) on each group's whole array."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if heads:  # head e of each row uses matrix e: the kernel's expert ids
+        eids = jnp.broadcast_to(jnp.arange(x.shape[-2], dtype=jnp.int32), lead).reshape(-1)
+    elif experts is not None:
+        eids = experts.reshape(-1).astype(jnp.int32)
+    else:
+        eids = jnp.zeros((x2.shape[0],), jnp.int32)
+
+    def group(g: int, li: jax.Array) -> jax.Array:  # group g's rows [(n_g,) (E,) N, row_bytes]: the kernel's 4-D
+        a, t = w.groups[g], w.types[g]
+        w4 = a.reshape(a.shape[0] if layer is not None else 1, -1, *a.shape[-2:])  # unit axes: a free bitcast
+        return _qkernel(x2, w4, li, eids, 0 if t in FLOAT_TYPES else GGMLQuantizationType[t].value)
+
+    if layer is None or w.layer_map is None:
+        y = group(0, jnp.asarray(0 if layer is None else layer, jnp.int32))
+    else:
+        which = jnp.asarray(np.array([g for g, _ in w.layer_map], np.int32))[layer]
+        index = jnp.asarray(np.array([i for _, i in w.layer_map], np.int32))[layer]
+        y = jax.lax.switch(which, [partial(group, g) for g in range(len(w.groups))], index)
+    return y.reshape(*lead, -1).astype(x.dtype)

@@ -1,5 +1,8 @@
 // mtp_jax CPU kernel: y[M, N] (f32) = x[M, K] (f32) @ W, W an f32 / f16 / bf16 matrix read IN PLACE out of a
 // stack w[L, E, K, N] (or [L, E, N, K] with trans=1) at layer `layer` and, per row m, expert `eids[m]`.
+// W may also be GGUF-quantized (attribute `qtype` = the ggml type id: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
+// Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, TQ2_0): w is then u8 [L, E, N, row_bytes], one GGUF row (ggml blocks along
+// the K inputs) per output column, always trans=1. qtype 0 (or a float type's id) keeps the float meaning.
 //
 // Why: XLA:CPU runs f16/bf16 dots at ~0.6 GB/s (it converts operands and calls Eigen), and a dynamic slice or
 // gather of a layer's or an expert's weights is materialized as a copy before every dot. Decoding is
@@ -8,7 +11,12 @@
 //
 // Numerics: every output is a sequential f32 FMA chain over k (trans=0) or a fixed 16-lane split of k
 // reduced in a fixed order (trans=1), so a row's result does not depend on M or on the other rows: a
-// verify of K+1 tokens gives bit-identical logits to K+1 single-token decodes.
+// verify of K+1 tokens gives bit-identical logits to K+1 single-token decodes. A quantized weight is
+// dequantized value by value to exactly the f32 gguf-py's dequantize (and mtp_jax.qweight) gives: the same
+// f32 operations in the same order, never fused (built with -ffp-contract=off; the products of an f16 scale
+// and small integers are exact in f32 anyway), e.g. Q4_K (d*sc)*q - dmin*m; then it goes through the same
+// trans=1 FMA chains as an f32 weight, so the result equals the f32 kernel's on the dequantized matrix bit for
+// bit. Every row of w is read once per 4 rows of x (values decoded in registers, 4 columns at a time).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -18,12 +26,15 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+// MTP_JAX_SCALAR (tests only): build the portable scalar code even where AVX-512 is available.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && \
+    !defined(MTP_JAX_SCALAR)
 #include <immintrin.h>
 #define MTP_AVX512 1
 #endif
@@ -63,6 +74,392 @@ inline float load1(const void* w, int64_t i) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+// ---- GGUF block types: each value dequantized as gguf-py's dequantize_blocks computes it -------------------
+// A type is a struct: QK values in BYTES bytes per block; deq(): a block's values (scalar code); with AVX-512,
+// prep() reads a block's scales and chunk(j) gives values 16j..16j+15 of the block in one vector.
+enum QType {
+  kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13,
+  kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kTQ2_0 = 35
+};
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef MTP_AVX512
+  return _cvtsh_ss(h);  // exact, as half_to_float
+#else
+  return half_to_float(h);
+#endif
+}
+
+inline uint32_t u32_at(const uint8_t* p) {
+  return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
+}
+
+constexpr float kIQ4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// Q4_K / Q5_K: 6-bit scales and mins of the 8 sub-blocks, packed in 12 bytes
+inline void scale_min_k4(const uint8_t* s, int* sc, int* m) {
+  for (int i = 0; i < 4; ++i) {
+    sc[i] = s[i] & 63;
+    m[i] = s[4 + i] & 63;
+    sc[4 + i] = (s[8 + i] & 15) | ((s[i] >> 2) & 0x30);
+    m[4 + i] = (s[8 + i] >> 4) | ((s[4 + i] >> 2) & 0x30);
+  }
+}
+
+// Q2_K, Q3_K, TQ2_0: value 16j + i of a 256-block is 2 bits of byte 32h + 16(j&1) + i, h = j/8, shift 2((j&7)/2)
+inline int q2_byte(int j) { return 32 * (j >> 3) + 16 * (j & 1); }
+inline int q2_shift(int j) { return 2 * ((j & 7) >> 1); }
+// Q3_K's 6-bit scale of sub-block j
+inline int q3_scale(const uint8_t* s, int j) {
+  const int lo = (j < 8 ? s[j] : s[j - 8] >> 4) & 15, hi = (s[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+// IQ4_XS's 6-bit scale of sub-block i
+inline int iq4xs_scale(const uint8_t* b, int i) {
+  const int sh = b[2] | (b[3] << 8);
+  return (((b[4 + i / 2] >> (4 * (i & 1))) & 15) | (((sh >> (2 * i)) & 3) << 4)) - 32;
+}
+
+#ifdef MTP_AVX512
+inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
+inline __m512 bc(float f) { return _mm512_set1_ps(f); }
+// The quants of 16 values are put together in the 16 bytes of an xmm register (cheap 128-bit integer ops), then
+// widened to 16 int32 lanes once and converted.
+inline __m128i ld16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m128i set8(int v) { return _mm_set1_epi8(char(v)); }
+// (byte >> s) & m in each byte (m must not reach the bits a 16-bit shift brings in from the next byte)
+inline __m128i field8(__m128i v, int s, int m) {
+  return _mm_and_si128(_mm_srl_epi16(v, _mm_cvtsi32_si128(s)), set8(m));
+}
+inline __m512 widen_u(__m128i v) { return cvt(_mm512_cvtepu8_epi32(v)); }
+inline __m512 widen_s(__m128i v) { return cvt(_mm512_cvtepi8_epi32(v)); }
+inline __m128i nib8(const uint8_t* p, int high) { return field8(ld16(p), 4 * high, 15); }  // low (0) or high nibbles
+inline __m512 iq4(__m128i idx) { return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx), _mm512_loadu_ps(kIQ4Values)); }
+#endif
+
+struct BQ8_0 {
+  static constexpr int kId = kQ8_0, QK = 32, BYTES = 34;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b);
+    for (int i = 0; i < 32; ++i) y[i] = float(int8_t(b[2 + i])) * d;
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b))}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * j));
+    return _mm512_mul_ps(cvt(_mm512_cvtepi8_epi32(q)), s.d);
+  }
+#endif
+};
+
+struct BQ4_0 {
+  static constexpr int kId = kQ4_0, QK = 32, BYTES = 18;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b);
+    for (int i = 0; i < 16; ++i) {
+      y[i] = d * float((b[2 + i] & 15) - 8);
+      y[16 + i] = d * float((b[2 + i] >> 4) - 8);
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b))}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    return _mm512_mul_ps(s.d, widen_s(_mm_sub_epi8(nib8(b + 2, j), set8(8))));
+  }
+#endif
+};
+
+struct BQ4_1 {
+  static constexpr int kId = kQ4_1, QK = 32, BYTES = 20;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    for (int i = 0; i < 16; ++i) {
+      y[i] = d * float(b[4 + i] & 15) + m;
+      y[16 + i] = d * float(b[4 + i] >> 4) + m;
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d, m; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b)), bc(f16_at(b + 2))}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    return _mm512_add_ps(_mm512_mul_ps(s.d, widen_u(nib8(b + 4, j))), s.m);
+  }
+#endif
+};
+
+struct BQ5_0 {
+  static constexpr int kId = kQ5_0, QK = 32, BYTES = 22;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b);
+    const uint32_t qh = u32_at(b + 2);
+    for (int i = 0; i < 16; ++i) {
+      y[i] = d * float(int((b[6 + i] & 15) | (((qh >> i) & 1) << 4)) - 16);
+      y[16 + i] = d * float(int((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d; uint32_t qh; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b)), u32_at(b + 2)}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const __m128i lo = nib8(b + 6, j), q = _mm_mask_add_epi8(lo, __mmask16(s.qh >> (16 * j)), lo, set8(16));
+    return _mm512_mul_ps(s.d, widen_s(_mm_sub_epi8(q, set8(16))));
+  }
+#endif
+};
+
+struct BQ5_1 {
+  static constexpr int kId = kQ5_1, QK = 32, BYTES = 24;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    const uint32_t qh = u32_at(b + 4);
+    for (int i = 0; i < 16; ++i) {
+      y[i] = d * float((b[8 + i] & 15) | (((qh >> i) & 1) << 4)) + m;
+      y[16 + i] = d * float((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) + m;
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d, m; uint32_t qh; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b)), bc(f16_at(b + 2)), u32_at(b + 4)}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const __m128i lo = nib8(b + 8, j), q = _mm_mask_add_epi8(lo, __mmask16(s.qh >> (16 * j)), lo, set8(16));
+    return _mm512_add_ps(_mm512_mul_ps(s.d, widen_u(q)), s.m);
+  }
+#endif
+};
+
+struct BQ2_K {  // scales[16] qs[64] d dmin
+  static constexpr int kId = kQ2_K, QK = 256, BYTES = 84;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+    for (int j = 0; j < 16; ++j) {
+      const float dl = d * float(b[j] & 15), ml = dmin * float(b[j] >> 4);
+      for (int i = 0; i < 16; ++i) y[16 * j + i] = dl * float((b[16 + q2_byte(j) + i] >> q2_shift(j)) & 3) - ml;
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { float dl[16], ml[16]; };
+  static St prep(const uint8_t* b) {
+    St s;
+    _mm512_storeu_ps(s.dl, _mm512_mul_ps(bc(f16_at(b + 80)), widen_u(nib8(b, 0))));
+    _mm512_storeu_ps(s.ml, _mm512_mul_ps(bc(f16_at(b + 82)), widen_u(nib8(b, 1))));
+    return s;
+  }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const __m128i q = field8(ld16(b + 16 + q2_byte(j)), q2_shift(j), 3);
+    return _mm512_sub_ps(_mm512_mul_ps(bc(s.dl[j]), widen_u(q)), bc(s.ml[j]));
+  }
+#endif
+};
+
+struct BQ3_K {  // hmask[32] qs[64] scales[12] d
+  static constexpr int kId = kQ3_K, QK = 256, BYTES = 110;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b + 108);
+    for (int j = 0; j < 16; ++j) {
+      const float dl = d * float(q3_scale(b + 96, j));
+      for (int i = 0; i < 16; ++i) {
+        const int ql = (b[32 + q2_byte(j) + i] >> q2_shift(j)) & 3, qh = (b[16 * (j & 1) + i] >> (j >> 1)) & 1;
+        y[16 * j + i] = dl * float(ql - ((qh ^ 1) << 2));
+      }
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { float dl[16]; };
+  static St prep(const uint8_t* b) {  // the 16 scales of q3_scale() at once (llama.cpp's unpacking)
+    uint32_t a[4];
+    std::memcpy(a, b + 96, 12);
+    const uint32_t t = a[2];
+    a[2] = ((a[0] >> 4) & 0x0f0f0f0f) | (((t >> 4) & 0x03030303) << 4);
+    a[3] = ((a[1] >> 4) & 0x0f0f0f0f) | (((t >> 6) & 0x03030303) << 4);
+    a[0] = (a[0] & 0x0f0f0f0f) | ((t & 0x03030303) << 4);
+    a[1] = (a[1] & 0x0f0f0f0f) | (((t >> 2) & 0x03030303) << 4);
+    St s;
+    const __m128i sc = _mm_sub_epi8(ld16(reinterpret_cast<uint8_t*>(a)), set8(32));
+    _mm512_storeu_ps(s.dl, _mm512_mul_ps(bc(f16_at(b + 108)), widen_s(sc)));
+    return s;
+  }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const __m128i ql = field8(ld16(b + 32 + q2_byte(j)), q2_shift(j), 3);
+    const __mmask16 h0 = _mm_testn_epi8_mask(ld16(b + 16 * (j & 1)), set8(1 << (j >> 1)));  // hmask bit clear: -4
+    return _mm512_mul_ps(bc(s.dl[j]), widen_s(_mm_mask_sub_epi8(ql, h0, ql, set8(4))));
+  }
+#endif
+};
+
+struct BQ4_K {  // d dmin scales[12] qs[128]
+  static constexpr int kId = kQ4_K, QK = 256, BYTES = 144;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b), dmin = f16_at(b + 2);
+    int sc[8], m[8];
+    scale_min_k4(b + 4, sc, m);
+    for (int i = 0; i < 8; ++i) {
+      const float d1 = d * float(sc[i]), m1 = dmin * float(m[i]);
+      for (int t = 0; t < 32; ++t) y[32 * i + t] = d1 * float((b[16 + 32 * (i >> 1) + t] >> (4 * (i & 1))) & 15) - m1;
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { float v[16]; };  // d * sc[i] (i < 8), then dmin * m[i]
+  static St prep(const uint8_t* b) {  // scale_min_k4() of all 8 sub-blocks at once (llama.cpp's unpacking)
+    uint32_t u[4];
+    std::memcpy(u, b + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t m03 = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = m03;
+    u[0] &= 0x3f3f3f3f;
+    St s;
+    const __m512 dd = _mm512_mask_blend_ps(0xff00, bc(f16_at(b)), bc(f16_at(b + 2)));
+    _mm512_storeu_ps(s.v, _mm512_mul_ps(dd, widen_u(ld16(reinterpret_cast<uint8_t*>(u)))));
+    return s;
+  }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const int i = j >> 1;
+    const __m128i q = nib8(b + 16 + 32 * (i >> 1) + 16 * (j & 1), i & 1);
+    return _mm512_sub_ps(_mm512_mul_ps(bc(s.v[i]), widen_u(q)), bc(s.v[8 + i]));
+  }
+#endif
+};
+
+struct BQ5_K {  // d dmin scales[12] qh[32] qs[128]
+  static constexpr int kId = kQ5_K, QK = 256, BYTES = 176;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b), dmin = f16_at(b + 2);
+    int sc[8], m[8];
+    scale_min_k4(b + 4, sc, m);
+    for (int i = 0; i < 8; ++i) {
+      const float d1 = d * float(sc[i]), m1 = dmin * float(m[i]);
+      for (int t = 0; t < 32; ++t) {
+        const int q = ((b[48 + 32 * (i >> 1) + t] >> (4 * (i & 1))) & 15) | (((b[16 + t] >> i) & 1) << 4);
+        y[32 * i + t] = d1 * float(q) - m1;
+      }
+    }
+  }
+#ifdef MTP_AVX512
+  using St = BQ4_K::St;
+  static St prep(const uint8_t* b) { return BQ4_K::prep(b); }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const int i = j >> 1;
+    const __m128i lo = nib8(b + 48 + 32 * (i >> 1) + 16 * (j & 1), i & 1);
+    const __mmask16 h = _mm_test_epi8_mask(ld16(b + 16 + 16 * (j & 1)), set8(1 << i));  // qh bit i: +16
+    const __m128i q = _mm_mask_add_epi8(lo, h, lo, set8(16));
+    return _mm512_sub_ps(_mm512_mul_ps(bc(s.v[i]), widen_u(q)), bc(s.v[8 + i]));
+  }
+#endif
+};
+
+struct BQ6_K {  // ql[128] qh[64] scales[16] (int8) d
+  static constexpr int kId = kQ6_K, QK = 256, BYTES = 210;
+  // value 16j + i: low 4 bits from ql[64(j/8) + 16(j&3) + i] >> 4((j&7)/4), high 2 from qh[32(j/8) + 16(j&1) + i]
+  // >> 2((j&7)/2)
+  static int lo_byte(int j) { return 64 * (j >> 3) + 16 * (j & 3); }
+  static int lo_shift(int j) { return 4 * ((j & 7) >> 2); }
+  static int hi_byte(int j) { return 128 + 32 * (j >> 3) + 16 * (j & 1); }
+  static int hi_shift(int j) { return 2 * ((j & 7) >> 1); }
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b + 208);
+    for (int j = 0; j < 16; ++j) {
+      const float dl = d * float(int8_t(b[192 + j]));
+      for (int i = 0; i < 16; ++i) {
+        const int q = ((b[lo_byte(j) + i] >> lo_shift(j)) & 15) | (((b[hi_byte(j) + i] >> hi_shift(j)) & 3) << 4);
+        y[16 * j + i] = dl * float(q - 32);
+      }
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { float dl[16]; };
+  static St prep(const uint8_t* b) {
+    St s;
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    _mm512_storeu_ps(s.dl, _mm512_mul_ps(bc(f16_at(b + 208)), cvt(sc)));
+    return s;
+  }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    const __m128i lo = field8(ld16(b + lo_byte(j)), lo_shift(j), 15);
+    const __m128i hi = _mm_slli_epi16(field8(ld16(b + hi_byte(j)), hi_shift(j), 3), 4);
+    return _mm512_mul_ps(bc(s.dl[j]), widen_s(_mm_sub_epi8(_mm_or_si128(lo, hi), set8(32))));
+  }
+#endif
+};
+
+struct BIQ4_NL {
+  static constexpr int kId = kIQ4_NL, QK = 32, BYTES = 18;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b);
+    for (int i = 0; i < 16; ++i) {
+      y[i] = d * kIQ4Values[b[2 + i] & 15];
+      y[16 + i] = d * kIQ4Values[b[2 + i] >> 4];
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b))}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) { return _mm512_mul_ps(s.d, iq4(nib8(b + 2, j))); }
+#endif
+};
+
+struct BIQ4_XS {  // d scales_h (u16) scales_l[4] qs[128]
+  static constexpr int kId = kIQ4_XS, QK = 256, BYTES = 136;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b);
+    for (int i = 0; i < 8; ++i) {
+      const float dl = d * float(iq4xs_scale(b, i));
+      for (int t = 0; t < 16; ++t) {
+        y[32 * i + t] = dl * kIQ4Values[b[8 + 16 * i + t] & 15];
+        y[32 * i + 16 + t] = dl * kIQ4Values[b[8 + 16 * i + t] >> 4];
+      }
+    }
+  }
+#ifdef MTP_AVX512
+  struct St { float d[8]; };
+  static St prep(const uint8_t* b) {
+    St s;
+    const float d = f16_at(b);
+    for (int i = 0; i < 8; ++i) s.d[i] = d * float(iq4xs_scale(b, i));
+    return s;
+  }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    return _mm512_mul_ps(bc(s.d[j >> 1]), iq4(nib8(b + 8 + 16 * (j >> 1), j & 1)));
+  }
+#endif
+};
+
+struct BTQ2_0 {  // qs[64] d
+  static constexpr int kId = kTQ2_0, QK = 256, BYTES = 66;
+  static void deq(const uint8_t* b, float* y) {
+    const float d = f16_at(b + 64);
+    for (int j = 0; j < 16; ++j)
+      for (int i = 0; i < 16; ++i) y[16 * j + i] = d * float(((b[q2_byte(j) + i] >> q2_shift(j)) & 3) - 1);
+  }
+#ifdef MTP_AVX512
+  struct St { __m512 d; };
+  static St prep(const uint8_t* b) { return {bc(f16_at(b + 64))}; }
+  static __m512 chunk(const St& s, const uint8_t* b, int j) {
+    return _mm512_mul_ps(s.d, widen_s(_mm_sub_epi8(field8(ld16(b + q2_byte(j)), q2_shift(j), 3), set8(1))));
+  }
+#endif
+};
+
+struct QInfo { int id, qk, bytes; };
+constexpr QInfo kQTypes[] = {
+    {BQ4_0::kId, BQ4_0::QK, BQ4_0::BYTES}, {BQ4_1::kId, BQ4_1::QK, BQ4_1::BYTES},
+    {BQ5_0::kId, BQ5_0::QK, BQ5_0::BYTES}, {BQ5_1::kId, BQ5_1::QK, BQ5_1::BYTES},
+    {BQ8_0::kId, BQ8_0::QK, BQ8_0::BYTES}, {BQ2_K::kId, BQ2_K::QK, BQ2_K::BYTES},
+    {BQ3_K::kId, BQ3_K::QK, BQ3_K::BYTES}, {BQ4_K::kId, BQ4_K::QK, BQ4_K::BYTES},
+    {BQ5_K::kId, BQ5_K::QK, BQ5_K::BYTES}, {BQ6_K::kId, BQ6_K::QK, BQ6_K::BYTES},
+    {BIQ4_NL::kId, BIQ4_NL::QK, BIQ4_NL::BYTES}, {BIQ4_XS::kId, BIQ4_XS::QK, BIQ4_XS::BYTES},
+    {BTQ2_0::kId, BTQ2_0::QK, BTQ2_0::BYTES},
+};
+
+inline const QInfo* qinfo(int id) {
+  for (const QInfo& q : kQTypes)
+    if (q.id == id) return &q;
+  return nullptr;
 }
 
 #ifdef MTP_AVX512
@@ -182,11 +579,81 @@ void run_cols_nk(const float* const* xr, int64_t nr, const void* w, int64_t K, i
 #endif
 }
 
+// ---- trans=1 with a quantized W: rows of w are GGUF rows of rb bytes (K / T::QK blocks) ----------------------
+#ifdef MTP_AVX512
+// As cols_nk: NN columns x MB rows, lanes over k; each 16 values are dequantized in registers (once per MB rows)
+// and go into the same FMA chains, in the same order, as cols_nk's loads of the dequantized f32 matrix.
+template <class T, int MB, int NN>
+void cols_q(const float* const* xr, const uint8_t* w, int64_t K, int64_t rb, int64_t n, float* const* yr) {
+  __m512 acc[MB][NN];
+  for (int r = 0; r < MB; ++r)
+    for (int c = 0; c < NN; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t nb = K / T::QK;
+  for (int64_t ib = 0; ib < nb; ++ib) {
+    const uint8_t* blk[NN];
+    typename T::St st[NN];
+    for (int c = 0; c < NN; ++c) {
+      blk[c] = w + (n + c) * rb + ib * T::BYTES;
+      st[c] = T::prep(blk[c]);
+      // the same block NN rows on (the next columns): rows of a few KiB are too short for the hardware
+      // prefetcher to pick up each in time (measured: 1.5-2x the GB/s of a stack larger than the caches)
+      for (int o = 0; o < T::BYTES; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(blk[c] + NN * rb + o), _MM_HINT_T0);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < T::QK / 16; ++j) {
+      __m512 wv[NN];
+      for (int c = 0; c < NN; ++c) wv[c] = T::chunk(st[c], blk[c], j);
+      for (int r = 0; r < MB; ++r) {
+        const __m512 xv = _mm512_loadu_ps(xr[r] + ib * T::QK + 16 * j);
+        for (int c = 0; c < NN; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < MB; ++r)
+    for (int c = 0; c < NN; ++c) yr[r][n + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+#endif
+
+// Items of columns [n0, n1) for nr rows. With AVX-512, 4 columns x 4 rows at a time, dequantizing in registers
+// once per 4 rows: measured faster at every M (1..64) than dequantizing 4 columns once into an f32 scratch and
+// running cols_nk on it (whose bits it would equal).
+template <class T>
+void run_cols_q(const float* const* xr, int64_t nr, const uint8_t* w, int64_t K, int64_t rb, int64_t n0,
+                int64_t n1, float* const* yr) {
+#ifdef MTP_AVX512
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) cols_q<T, 4, 4>(xr + r, w, K, rb, n, yr + r);
+    if (nr - r == 3) cols_q<T, 3, 4>(xr + r, w, K, rb, n, yr + r);
+    if (nr - r == 2) cols_q<T, 2, 4>(xr + r, w, K, rb, n, yr + r);
+    if (nr - r == 1) cols_q<T, 1, 4>(xr + r, w, K, rb, n, yr + r);
+  }
+  for (; n < n1; ++n)
+    for (int64_t r = 0; r < nr; ++r) cols_q<T, 1, 1>(xr + r, w, K, rb, n, yr + r);
+#else
+  thread_local std::vector<float> row;
+  row.resize(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t ib = 0; ib < K / T::QK; ++ib) T::deq(w + n * rb + ib * T::BYTES, row.data() + ib * T::QK);
+    for (int64_t r = 0; r < nr; ++r) {  // as run_cols_nk's scalar loop
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += xr[r][k] * row[k];
+      yr[r][n] = s;
+    }
+  }
+#endif
+}
+
 // One call's work: rows grouped by expert; items = (group, column block), split over threads.
+constexpr int kQuant = 3;  // Job::wt of a quantized W (Job::qt: its ggml type)
+
 struct Job {
-  int wt = 0;
+  int wt = 0, qt = 0;
   bool trans = false;
-  int64_t K = 0, N = 0, cols_per_item = 0, items_per_group = 0, n_items = 0, n_chunks = 0;
+  int64_t K = 0, N = 0, rb = 0, cols_per_item = 0, items_per_group = 0, n_items = 0, n_chunks = 0;
   std::vector<const void*> group_w;  // expert matrix of each group
   std::vector<int64_t> group_start;  // offsets into rows (size groups + 1)
   std::vector<const float*> xr;      // row pointers of x, grouped by expert
@@ -205,12 +672,39 @@ struct Job {
     }
   }
 
+  template <class T>
+  void qitem(int64_t i) {  // always trans=1
+    const int64_t g = i / items_per_group, blk = i % items_per_group;
+    const int64_t r0 = group_start[g], nr = group_start[g + 1] - r0;
+    const int64_t n0 = blk * kColsPerItem, n1 = std::min(N, n0 + kColsPerItem);
+    run_cols_q<T>(xr.data() + r0, nr, static_cast<const uint8_t*>(group_w[g]), K, rb, n0, n1, yr.data() + r0);
+  }
+
+  void qitem(int64_t i) {
+    switch (qt) {
+      case kQ4_0: return qitem<BQ4_0>(i);
+      case kQ4_1: return qitem<BQ4_1>(i);
+      case kQ5_0: return qitem<BQ5_0>(i);
+      case kQ5_1: return qitem<BQ5_1>(i);
+      case kQ8_0: return qitem<BQ8_0>(i);
+      case kQ2_K: return qitem<BQ2_K>(i);
+      case kQ3_K: return qitem<BQ3_K>(i);
+      case kQ4_K: return qitem<BQ4_K>(i);
+      case kQ5_K: return qitem<BQ5_K>(i);
+      case kQ6_K: return qitem<BQ6_K>(i);
+      case kIQ4_NL: return qitem<BIQ4_NL>(i);
+      case kIQ4_XS: return qitem<BIQ4_XS>(i);
+      case kTQ2_0: return qitem<BTQ2_0>(i);
+    }
+  }
+
   void chunk(int64_t c) {
     const int64_t i0 = c * n_items / n_chunks, i1 = (c + 1) * n_items / n_chunks;
     for (int64_t i = i0; i < i1; ++i) {
       if (wt == kF32) item<kF32>(i);
       else if (wt == kF16) item<kF16>(i);
-      else item<kBF16>(i);
+      else if (wt == kBF16) item<kBF16>(i);
+      else qitem(i);
     }
   }
 
@@ -328,25 +822,42 @@ class Pool {
 
 ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> eids, ffi::ResultBuffer<ffi::F32> y,
-                      bool trans) {
+                      bool trans, int32_t qtype) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 4) return ffi::Error::InvalidArgument("mtp_linear: x must be 2-D, w 4-D");
   const int64_t M = xd[0], K = xd[1], L = wd[0], E = wd[1];
   const int64_t N = trans ? wd[2] : wd[3];
-  if ((trans ? wd[3] : wd[2]) != K) return ffi::Error::InvalidArgument("mtp_linear: inner dimensions differ");
   if (eids.element_count() != static_cast<size_t>(M))
     return ffi::Error::InvalidArgument("mtp_linear: one expert id per row");
-  int wt;
+  int wt, float_id;
   switch (w.element_type()) {
-    case ffi::DataType::F32: wt = kF32; break;
-    case ffi::DataType::F16: wt = kF16; break;
-    case ffi::DataType::BF16: wt = kBF16; break;
-    default: return ffi::Error::InvalidArgument("mtp_linear: weights must be f32, f16 or bf16");
+    case ffi::DataType::F32: wt = kF32, float_id = 0; break;
+    case ffi::DataType::F16: wt = kF16, float_id = 1; break;
+    case ffi::DataType::BF16: wt = kBF16, float_id = 30; break;
+    case ffi::DataType::U8: wt = kQuant, float_id = -1; break;
+    default: return ffi::Error::InvalidArgument("mtp_linear: weights must be f32, f16, bf16 or u8 (quantized)");
+  }
+  int64_t row_bytes = 0, mat_bytes;  // bytes of one GGUF row (quantized), of one expert matrix
+  if (wt == kQuant) {
+    const QInfo* q = qinfo(qtype);
+    if (!q)
+      return ffi::Error::InvalidArgument("mtp_linear: u8 weights need qtype = a supported ggml type id, not " +
+                                         std::to_string(qtype));
+    if (!trans) return ffi::Error::InvalidArgument("mtp_linear: quantized weights are [L, E, N, row_bytes] (trans=1)");
+    row_bytes = wd[3];
+    if (row_bytes % q->bytes || row_bytes / q->bytes * q->qk != K)
+      return ffi::Error::InvalidArgument("mtp_linear: row of " + std::to_string(row_bytes) + " bytes of ggml type " +
+                                         std::to_string(qtype) + " does not hold K = " + std::to_string(K) + " values");
+    mat_bytes = N * row_bytes;
+  } else {
+    if (qtype != 0 && qtype != float_id)
+      return ffi::Error::InvalidArgument("mtp_linear: qtype " + std::to_string(qtype) + " needs u8 weights");
+    if ((trans ? wd[3] : wd[2]) != K) return ffi::Error::InvalidArgument("mtp_linear: inner dimensions differ");
+    mat_bytes = K * N * (wt == kF32 ? 4 : 2);
   }
   if (M == 0 || N == 0) return ffi::Error::Success();
-  const size_t esize = wt == kF32 ? 4 : 2;
   const int64_t li = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // XLA's dynamic-index clamping
-  const char* wl = static_cast<const char*>(w.untyped_data()) + li * E * K * N * esize;
+  const char* wl = static_cast<const char*>(w.untyped_data()) + li * E * mat_bytes;
 
   // rows grouped by expert (a stable counting sort): each distinct expert's matrix is read once
   std::vector<int64_t> count(E + 1, 0);
@@ -358,13 +869,15 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   for (int64_t e = 0; e < E; ++e) groups += count[e + 1] > count[e];
   // enough weight bytes per thread (32 KiB) to pay for handing it work
   Pool& pool = Pool::get();
-  const int64_t bytes = groups * K * N * static_cast<int64_t>(esize);
+  const int64_t bytes = groups * mat_bytes;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.threads(), bytes >> 15));
   const int64_t split = (N + threads - 1) / threads;
   const int64_t per_item = trans ? kColsPerItem : std::min(N, std::max(kMinTileCols, (split + 15) / 16 * 16));
   const int64_t items_per_group = (N + per_item - 1) / per_item;
   auto fill = [&](Job& job) {
     job.wt = wt;
+    job.qt = qtype;
+    job.rb = row_bytes;
     job.trans = trans;
     job.K = K;
     job.N = N;
@@ -383,7 +896,7 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
     job.group_start.assign(1, 0);
     for (int64_t e = 0; e < E; ++e)
       if (count[e + 1] > count[e]) {
-        job.group_w.push_back(wl + e * K * N * esize);
+        job.group_w.push_back(wl + e * mat_bytes);
         job.group_start.push_back(count[e + 1]);
       }
   };
@@ -401,4 +914,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpLinear, LinearImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("trans"));
+                                  .Attr<bool>("trans")
+                                  .Attr<int32_t>("qtype"));
