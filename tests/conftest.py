@@ -40,3 +40,16 @@ def ggml():
         pytest.skip(msg)
     ggml_oracle.load_ggml()
     return ggml_oracle
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps memory for each executable it JITs; one
+    process running the whole suite compiles thousands and reached vm.max_map_count (65530), after which XLA
+    aborts the process (measured: 8374 mappings after tests/test_qlinear.py + test_qweight.py, 669 after
+    jax.clear_caches())."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
