@@ -36,7 +36,10 @@ def ours(*args) -> str:
 
 def llama(peer, *args, kld: bool = False) -> str:
     """llama-perplexity's stdout + stderr (its running values go to stdout, its final estimate to stderr)."""
-    done = (lambda p: b"Same top p" in p.stdout) if kld else (lambda p: "Final estimate" in p.stderr)
+    # the KLD statistics' last lines (the per-chunk table's header also says "Same top p"): llama.cpp's
+    # asynchronous logger sometimes loses the tail of its output, and run_until runs it again then
+    done = (lambda p: b"Same top p:" in p.stdout or "Same top p:" in p.stderr) if kld else (
+        lambda p: "Final estimate" in p.stderr)
     p = peer.run_until("llama-perplexity", *args, *LLAMA, ok=done)
     return p.stdout.decode() + p.stderr
 
