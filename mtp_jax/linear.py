@@ -154,7 +154,7 @@ def _quant_linear(x: jax.Array, w: QuantWeight, layer, experts, trans: bool, hea
             return jnp.einsum("...ek,enk->...en", xf, dequantize(rows, qtype))
         return jnp.einsum("...k,nk->...n", xf, dequantize(rows, qtype))
 
-    y = apply(w.groups[0], w.types[0]) if layer is None else w.layer(layer, apply)
+    y = apply(w.groups[0], w.types[0]) if layer is None else w.layer(layer, lambda a, j, t: apply(a[j], t))
     return y.astype(x.dtype)
 
 
@@ -169,15 +169,12 @@ def _quant_kernel(x: jax.Array, w: QuantWeight, layer, experts, heads: bool) -> 
     else:
         eids = jnp.zeros((x2.shape[0],), jnp.int32)
 
-    def group(g: int, li: jax.Array) -> jax.Array:  # group g's rows [(n_g,) (E,) N, row_bytes]: the kernel's 4-D
-        a, t = w.groups[g], w.types[g]
-        w4 = a.reshape(a.shape[0] if layer is not None else 1, -1, *a.shape[-2:])  # unit axes: a free bitcast
+    def group(a: jax.Array, li: jax.Array, t: str) -> jax.Array:  # a type group [(n_g,) (E,) N, row_bytes]
+        w4 = a.reshape(a.shape[0] if layer is not None else 1, -1, *a.shape[-2:])  # the kernel's 4-D: a free bitcast
         return _qkernel(x2, w4, li, eids, 0 if t in FLOAT_TYPES else GGMLQuantizationType[t].value)
 
-    if layer is None or w.layer_map is None:
-        y = group(0, jnp.asarray(0 if layer is None else layer, jnp.int32))
+    if layer is None:
+        y = group(w.groups[0], jnp.asarray(0, jnp.int32), w.types[0])
     else:
-        which = jnp.asarray(np.array([g for g, _ in w.layer_map], np.int32))[layer]
-        index = jnp.asarray(np.array([i for _, i in w.layer_map], np.int32))[layer]
-        y = jax.lax.switch(which, [partial(group, g) for g in range(len(w.groups))], index)
+        y = w.layer(layer, group)  # each group read in place at the layer's index in it
     return y.reshape(*lead, -1).astype(x.dtype)

@@ -293,14 +293,16 @@ class QuantWeight:
         m = jnp.swapaxes(m, -1, -2)  # [*lead, K, N]
         return m.reshape(*lead, *ins, *outs)
 
-    def layer(self, li: jax.Array | int, fn: Callable[[jax.Array, str], jax.Array]) -> jax.Array:
-        """fn(rows of layer li in GGUF layout [*lead[1:], N, row_bytes], type) for a stacked weight: one
-        direct call, or a lax.switch over the type groups when the stack mixes types."""
+    def layer(self, li: jax.Array | int, fn: Callable[[jax.Array, jax.Array, str], jax.Array]) -> jax.Array:
+        """fn(group, index, type) for layer li of a stacked weight: the whole array of the layer's type group
+        (GGUF layout [n_g, *lead[1:], N, row_bytes]) and the layer's index in it, so a caller may read it in
+        place. One direct call, or a lax.switch over the groups when the stack mixes types."""
+        li = jnp.asarray(li, jnp.int32)
         if self.layer_map is None:
-            return fn(self.groups[0][li], self.types[0])
+            return fn(self.groups[0], li, self.types[0])
         group = jnp.asarray(np.array([g for g, _ in self.layer_map], np.int32))[li]
         index = jnp.asarray(np.array([i for _, i in self.layer_map], np.int32))[li]
-        branches = [lambda j, g=g: fn(self.groups[g][j], self.types[g]) for g in range(len(self.groups))]
+        branches = [lambda j, g=g: fn(self.groups[g], j, self.types[g]) for g in range(len(self.groups))]
         return jax.lax.switch(group, branches, index)
 
 
