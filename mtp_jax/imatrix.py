@@ -29,6 +29,7 @@ from mtp_jax import drafter
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree
 from mtp_jax.io.imatrix_gguf import ImatrixData
+from mtp_jax.io import table
 from mtp_jax.io.table import plan
 from mtp_jax.model import forward
 from mtp_jax.params import Params
@@ -98,7 +99,7 @@ def stats_to_entries(stats, params: Params, cfg: ModelConfig, process_output: bo
             e = (out[name][0] + e[0], out[name][1] + e[1])
         out[name] = e
 
-    for stack in ("dense_layers", "moe_layers"):
+    for stack, _, _ in table.stacks(cfg):
         for key, st in stats.get(stack, {}).items():
             for j in range(np.asarray(st["sum2"]).shape[0]):
                 add(names.get((stack, key, j)), _entry(st["sum2"][j], st["count"][j]))

@@ -93,6 +93,14 @@ def _cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig, k_t
 
 def init_trunk_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None = None,
                      v_type: str | None = None) -> KVCache:
+    """The trunk cache of cfg's family (``decoder_cache`` unless the family has its own), ``size`` slots per row."""
+    from mtp_jax import families
+
+    return (families.of(cfg).init_cache or decoder_cache)(cfg, batch, size, k_type, v_type)
+
+
+def decoder_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None = None,
+                  v_type: str | None = None) -> KVCache:
     """Two stacks, dense lead layers then MoE layers, all rows empty; entries as ``cfg.cache_dims()`` says, of
     the given types (kvquant.TYPES; None = the compute dtype)."""
     return _cache((cfg.num_dense_layers, cfg.num_moe_layers), batch, size, cfg, k_type, v_type)

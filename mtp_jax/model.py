@@ -68,7 +68,16 @@ def take_last(x: jax.Array, n_valid: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def forward(
+def forward(params: Params, tokens: jax.Array, cache: KVCache | None, cfg: ModelConfig,
+            n_valid: jax.Array | None = None, logits: str = "all", collect_stats: bool = False):
+    """The trunk forward of cfg's family (``decoder_forward`` for GLM-4.5 and DeepSeek-V3); signature and results
+    as decoder_forward's. ``hidden`` is what the family's heads take as h (llama.cpp ``t_h_nextn``)."""
+    from mtp_jax import families
+
+    return families.of(cfg).forward(params, tokens, cache, cfg, n_valid, logits, collect_stats)
+
+
+def decoder_forward(
     params: Params,
     tokens: jax.Array,  # [B, T] int32, right-padded rows
     cache: KVCache | None,

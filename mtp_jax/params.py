@@ -253,10 +253,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     p = jax.eval_shape(lambda k: init(k, cfg), jax.ShapeDtypeStruct((2,), jnp.uint32))
     trunk = dataclasses.replace(p, nextn=None)
     total = _count(trunk)
-    routed = 0
-    if p.moe_layers is not None:
-        m = p.moe_layers.ffn
-        routed = _count([m.gate, m.up, m.down])
+    from mtp_jax.io.table import stacks
+
+    moe = [getattr(p, attr).ffn for attr, _, is_moe in stacks(cfg) if is_moe and getattr(p, attr) is not None]
+    routed = _count([[m.gate, m.up, m.down] for m in moe])
     inactive_frac = 1 - cfg.num_experts_per_tok / max(cfg.n_routed_experts, 1)
     active = total - _count(p.embed) - round(routed * inactive_frac)
     if cfg.tie_word_embeddings:

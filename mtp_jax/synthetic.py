@@ -26,6 +26,7 @@ import numpy as np
 
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
+from mtp_jax.io.table import stacks
 
 
 def _head(E: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
@@ -78,6 +79,6 @@ def constructed_params(cfg: ModelConfig, accept: float, seed: int = 0, alpha: fl
     nextn = tuple(dataclasses.replace(n, layer=_quiet(n.layer, branch_scale), eh_proj=jnp.asarray(eh, dt),
                                       shared_head_head=jnp.asarray(_head(E, pi_head, alpha), dt))
                   for n in p.nextn)
-    p = dataclasses.replace(p, embed=jnp.asarray(E, dt), lm_head=jnp.asarray(_head(E, pi, alpha), dt),
-                            dense_layers=stack(p.dense_layers), moe_layers=stack(p.moe_layers), nextn=nextn)
+    p = dataclasses.replace(p, embed=jnp.asarray(E, dt), lm_head=jnp.asarray(_head(E, pi, alpha), dt), nextn=nextn,
+                            **{attr: stack(getattr(p, attr)) for attr, _, _ in stacks(cfg)})
     return p, pi, pi_head

@@ -11,7 +11,10 @@ generic tests in tests/test_families.py run over every registered family):
 * ``abstract``: the parameter tree with shapes, logical axes and initializers (``params.ArrayInfo`` leaves);
 * ``forward`` (trunk) and ``head_forward`` (one NextN / MTP block), and ``drafter``: how the speculative loop
   drives the heads (``mtp_jax.drafter``);
-* ``tiny``: the name of a bundled tiny config the generic tests instantiate.
+* ``tiny``: the name of a bundled tiny config the generic tests instantiate;
+* optionally ``stacks`` (the trunk's layer stacks: Params attribute, GGUF block ids, MoE; default: dense lead
+  layers then MoE layers, io.table.decoder_stacks) and ``init_cache`` (the trunk's KV cache; default
+  kvcache.decoder_cache), for a family whose layers do not fit two stacks (per-layer head counts, windows).
 
 Shared and family-agnostic: layers, ``linear``, the KV cache, sampling, the loop, imatrix, I/O, quantizer, CLI.
 """
@@ -44,6 +47,8 @@ class Family:
     head_forward: Callable[..., Any]  # mtp.nextn_forward's signature
     drafter: Callable[[Any], Any]  # (cfg) -> the Drafter the loop and imatrix drive
     tiny: str  # a bundled config name for tests
+    stacks: Callable[[Any], list] | None = None  # (cfg) -> [(attr, block ids, moe)] (None: io.table.decoder_stacks)
+    init_cache: Callable[..., Any] | None = None  # kvcache.init_trunk_cache's signature (None: decoder_cache)
 
     def __repr__(self) -> str:
         return f"Family({self.arch!r})"

@@ -215,7 +215,6 @@ def config_from_gguf(meta: Metadata, dtype: str = "float32") -> DeepseekV3Config
     L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
     get = meta.get
     common = meta.common(dtype)
-    n_head = common["num_attention_heads"]
     if common["num_key_value_heads"] != 1:
         raise meta.error(f"key {A.HEAD_COUNT_KV.format(arch=ARCH)} = {common['num_key_value_heads']}; MLA "
                          f"(attn_k_b / attn_v_b) needs 1")
@@ -336,6 +335,6 @@ FAMILY = families.register(families.Family(
     arch=ARCH, hf_model_types=("deepseek_v3",), hf_architecture="DeepseekV3ForCausalLM", config=DeepseekV3Config,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, config_from_gguf=config_from_gguf,
     write_gguf_metadata=write_gguf_metadata, top_specs=glm4moe.top_specs, layer_specs=layer_specs,
-    nextn_specs=glm4moe.nextn_specs, abstract=abstract, forward=model.forward, head_forward=mtp.nextn_forward,
+    nextn_specs=glm4moe.nextn_specs, abstract=abstract, forward=model.decoder_forward, head_forward=mtp.nextn_forward,
     drafter=drafter.RecursiveHead, tiny="deepseek2-tiny",
 ))

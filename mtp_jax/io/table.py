@@ -120,9 +120,17 @@ class Slot:
         return self.spec.hf if self.block is None else f"{HF_BLOCK.format(bid=self.block)}.{self.spec.hf}"
 
 
-def stacks(cfg: Any) -> list[tuple[str, int, bool]]:
-    """The trunk's layer stacks in block order: (Params attribute, layers, MoE)."""
-    return [("dense_layers", cfg.num_dense_layers, False), ("moe_layers", cfg.num_moe_layers, True)]
+def decoder_stacks(cfg: Any) -> list[tuple[str, tuple[int, ...], bool]]:
+    """GLM-4.5 / DeepSeek-V3: the dense lead layers, then the MoE layers."""
+    nd, n = cfg.num_dense_layers, cfg.num_hidden_layers
+    return [("dense_layers", tuple(range(nd)), False), ("moe_layers", tuple(range(nd, n)), True)]
+
+
+def stacks(cfg: Any) -> list[tuple[str, tuple[int, ...], bool]]:
+    """The trunk's layer stacks: (Params attribute, the GGUF / HF block id of each stacked layer, MoE)."""
+    from mtp_jax import families
+
+    return (families.of(cfg).stacks or decoder_stacks)(cfg)
 
 
 def plan(cfg: Any, template: Any) -> Iterator[Slot]:
@@ -134,15 +142,12 @@ def plan(cfg: Any, template: Any) -> Iterator[Slot]:
     fam = families.of(cfg)
     top = [s for s in fam.top_specs(cfg) if _get(template, s.path) is not None]
     yield from (Slot(s.name(), s, s.path, None) for s in top[:1])
-    bid = 0
-    for attr, n, moe in stacks(cfg):
-        if getattr(template, attr) is None:
-            continue
-        for j in range(n):
-            for s in fam.layer_specs(cfg, moe):
-                if _get(getattr(template, attr), s.path) is not None:
-                    yield Slot(s.name(bid), s, (attr, *s.path), j, bid)
-            bid += 1
+    blocks = sorted((bid, attr, j, moe) for attr, bids, moe in stacks(cfg) if getattr(template, attr) is not None
+                    for j, bid in enumerate(bids))
+    for bid, attr, j, moe in blocks:
+        for s in fam.layer_specs(cfg, moe):
+            if _get(getattr(template, attr), s.path) is not None:
+                yield Slot(s.name(bid), s, (attr, *s.path), j, bid)
     for n, nn in enumerate(template.nextn or ()):
         b = cfg.num_hidden_layers + n
         for s in fam.layer_specs(cfg, True):
