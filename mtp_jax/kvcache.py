@@ -76,8 +76,9 @@ def _stack(n: int, batch: int, size: int, dims: tuple[int, int] | None, kind: st
     return jnp.zeros((n, batch, size, heads, dim), dtype)
 
 
-def _cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig, k_type: str | None,
-           v_type: str | None) -> KVCache:
+def stacked_cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig, k_type: str | None = None,
+                  v_type: str | None = None) -> KVCache:
+    """One K and one V stack per entry of ``stacks`` (its layer count; 0 gives None), entries as cache_dims says."""
     kvquant.check_type(k_type, "K cache type")
     kvquant.check_type(v_type, "V cache type")
     k_dims, v_dims = cfg.cache_dims()
@@ -103,7 +104,7 @@ def decoder_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None = 
                   v_type: str | None = None) -> KVCache:
     """Two stacks, dense lead layers then MoE layers, all rows empty; entries as ``cfg.cache_dims()`` says, of
     the given types (kvquant.TYPES; None = the compute dtype)."""
-    return _cache((cfg.num_dense_layers, cfg.num_moe_layers), batch, size, cfg, k_type, v_type)
+    return stacked_cache((cfg.num_dense_layers, cfg.num_moe_layers), batch, size, cfg, k_type, v_type)
 
 
 def init_nextn_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None = None,
@@ -111,7 +112,7 @@ def init_nextn_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None
     """One stack holding the num_nextn_predict_layers MTP blocks."""
     if not cfg.has_mtp:
         raise ValueError("the model has no NextN layer (num_nextn_predict_layers == 0)")
-    return _cache((cfg.num_nextn_predict_layers,), batch, size, cfg, k_type, v_type)
+    return stacked_cache((cfg.num_nextn_predict_layers,), batch, size, cfg, k_type, v_type)
 
 
 def write_block(stack: Stack, layer: jax.Array | int, new: jax.Array, lengths: jax.Array) -> Stack:

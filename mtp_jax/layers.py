@@ -111,8 +111,13 @@ def attention(
     lengths: jax.Array | None = None,  # [B] valid slots of the cache
     collect_stats: bool = False,
     li: jax.Array | int | None = None,
+    rope_dims: int | None = None,  # rotated dims per head (default cfg.rotary_dim)
+    theta: float | None = None,  # RoPE base (default cfg.rope_theta)
+    window: int | None = None,  # sliding window: query p sees keys p - window < j <= p (None: all)
 ) -> tuple[jax.Array, KV | None, Stats]:
-    """GQA attention with optional bias and qk-norm -> (out [B, T, D], updated kv, stats).
+    """GQA attention with optional bias, qk-norm, sliding window and head-wise output gate (Step-3.5:
+    o_h *= sigmoid(x W_g)_h before the output projection) -> (out [B, T, D], updated kv, stats). Head counts come
+    from the weights' shapes, so layers of one model may differ in them.
 
     With a cache, the T new entries of row b are written first at slots lengths[b] + t (kvcache.write_block),
     then query t attends to slots < lengths[b] + t + 1: the cache is written, then read, so XLA updates it in
@@ -120,8 +125,10 @@ def attention(
     stack is read dequantized; against a TurboQuant K the queries are rotated, from a TurboQuant V the output
     is rotated back (kvquant)."""
     B, T, _ = x.shape
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    (N, H), K = p.wq.shape[-2:], p.wk.shape[-2]
     G = N // K
+    rope_dims = cfg.rotary_dim if rope_dims is None else rope_dims
+    theta = cfg.rope_theta if theta is None else theta
     flat = lambda w: w.reshape(*w.shape[:-2], -1)  # noqa: E731  [.., D, n, H] -> [.., D, n*H] (free)
     with jax.named_scope("qkv"):
         q = linear(x, flat(p.wq), li).reshape(B, T, N, H)
@@ -131,8 +138,8 @@ def attention(
             q, k, v = q + at(p.bq, li), k + at(p.bk, li), v + at(p.bv, li)
         if p.q_norm is not None:
             q, k = rms_norm(q, at(p.q_norm, li), cfg.rms_norm_eps), rms_norm(k, at(p.k_norm, li), cfg.rms_norm_eps)
-        q = rope(q, positions, cfg.rotary_dim, cfg.rope_theta)
-        k = rope(k, positions, cfg.rotary_dim, cfg.rope_theta)
+        q = rope(q, positions, rope_dims, theta)
+        k = rope(k, positions, rope_dims, theta)
     with jax.named_scope("scores"):
         q = q.reshape(B, T, K, G, H)
         scale = H**-0.5
@@ -143,22 +150,30 @@ def attention(
             k, v = read_layer(ks, ci, q.dtype), read_layer(vs, ci, q.dtype)  # [B, S, K, H] (turbo: rotated, padded)
             if rotated(ks):
                 q = kvquant.rotate(q)
-            S = k.shape[1]
-            visible = jnp.arange(S)[None, None, :] < (lengths[:, None] + jnp.arange(T)[None, :] + 1)[:, :, None]
+            key_pos = jnp.arange(k.shape[1])[None, None, :]  # [1, 1, S] (slot = position)
+            query_pos = (lengths[:, None] + jnp.arange(T)[None, :])[:, :, None]  # [B, T, 1]
         else:
-            visible = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None]  # [1, T(query), T(key)] causal
+            key_pos, query_pos = jnp.arange(T)[None, None, :], jnp.arange(T)[None, :, None]
+        visible = key_pos <= query_pos  # [B|1, T(query), S|T(key)] causal
+        if window is not None:
+            visible &= key_pos > query_pos - window
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(visible[:, None, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
         if kv is not None and rotated(kv[1]):
             out = kvquant.unrotate(out, H)
+    out = out.reshape(B, T, N, H)
+    if p.wg is not None:  # head-wise gate (llama.cpp step35.cpp: attn_gate, sigmoid, broadcast over head_dim)
+        out = out * jax.nn.sigmoid(linear(x, p.wg, li)).astype(out.dtype)[..., None]
     out = out.reshape(B, T, N * H)
     y = linear(out, p.wo.reshape(*p.wo.shape[:-3], N * H, -1), li)
     stats: Stats = {}
     if collect_stats:
         s_in = sum_squares(x, mask)
         stats = {"attn.wq": s_in, "attn.wk": s_in, "attn.wv": s_in, "attn.wo": sum_squares(out, mask)}
+        if p.wg is not None:
+            stats["attn.wg"] = s_in
     return y, kv, stats
 
 
@@ -246,10 +261,20 @@ def mla_attention(
     return y, kv, stats
 
 
+def swiglu(g: jax.Array, u: jax.Array, limit: jax.Array | float | None = None) -> jax.Array:
+    """silu(g) * u, or with a clamp limit L > 0: min(silu(g), L) * clip(u, -L, L) (HF Step3p7MLP, llama.cpp
+    llama-graph.cpp build_ffn / build_moe_ffn with swiglu_clamp_*; L <= 1e-6 means no clamp, as there)."""
+    a = jax.nn.silu(g)
+    if limit is None:
+        return a * u
+    lim = jnp.where(limit > 1e-6, limit, jnp.inf).astype(a.dtype)
+    return jnp.minimum(a, lim) * jnp.clip(u, -lim, lim)
+
+
 def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, prefix: str = "ffn.",
-        li: jax.Array | int | None = None) -> tuple[jax.Array, Stats]:
-    """SwiGLU: down(silu(x @ gate) * (x @ up)). x [B, T, D]."""
-    h = jax.nn.silu(linear(x, p.gate, li)) * linear(x, p.up, li)
+        li: jax.Array | int | None = None, limit: jax.Array | float | None = None) -> tuple[jax.Array, Stats]:
+    """SwiGLU: down(silu(x @ gate) * (x @ up)), clamped when ``limit`` is given (``swiglu``). x [B, T, D]."""
+    h = swiglu(linear(x, p.gate, li), linear(x, p.up, li), limit)
     y = linear(h, p.down, li)
     stats: Stats = {}
     if collect_stats:
@@ -287,18 +312,18 @@ def route(x: jax.Array, p: Moe, cfg: ModelConfig, li: jax.Array | int | None = N
     return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
-def _experts_by_row(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
+def _experts_by_row(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tuple[jax.Array, jax.Array]:
     """Each (token, expert) pair is a row of ``linear`` with its expert id: the CPU kernel reads each distinct
     expert once per call, in place; XLA gathers the picked experts' weights (worth it for few tokens only).
     x [N, D] -> (out [N, k, D], h [N, k, F])."""
     N, k = idx.shape
     rows = jnp.repeat(x, k, axis=0)  # [N*k, D] row n*k + j pairs token n with its j-th expert
     e = idx.reshape(-1)
-    h = jax.nn.silu(linear(rows, p.gate, li, e)) * linear(rows, p.up, li, e)  # [N*k, F]
+    h = swiglu(linear(rows, p.gate, li, e), linear(rows, p.up, li, e), limit)  # [N*k, F]
     return linear(h, p.down, li, e).reshape(N, k, -1), h.reshape(N, k, -1)
 
 
-def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array, jax.Array]:
+def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tuple[jax.Array, jax.Array]:
     """XLA: sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
     N, k = idx.shape
     gate, up, down = at(p.gate, li), at(p.up, li), at(p.down, li)  # [E, ...] of this layer
@@ -306,15 +331,16 @@ def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li) -> tuple[jax.Array
     order = jnp.argsort(flat, stable=True)
     xs = x[order // k]  # [N*k, D]
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)  # [N*k, F]
+    h = swiglu(jax.lax.ragged_dot(xs, gate, sizes), jax.lax.ragged_dot(xs, up, sizes), limit)  # [N*k, F]
     y = jax.lax.ragged_dot(h, down, sizes)  # [N*k, D]
     inv = jnp.argsort(order)
     return y[inv].reshape(N, k, -1), h[inv].reshape(N, k, -1)
 
 
 def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: bool = False,
-        li: jax.Array | int | None = None) -> tuple[jax.Array, Stats]:
-    """Routed experts (weighted sum) + shared expert. x [B, T, D]."""
+        li: jax.Array | int | None = None, limit=None, shared_limit=None) -> tuple[jax.Array, Stats]:
+    """Routed experts (weighted sum) + shared expert, their SwiGLUs clamped by ``limit`` / ``shared_limit`` when
+    given. x [B, T, D]."""
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
     idx, w = route(xf, p, cfg, li)
@@ -323,11 +349,11 @@ def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: 
     n_pairs = B * T * cfg.num_experts_per_tok
     few = kernels.use_cpu_kernels() or 2 * n_pairs <= cfg.n_routed_experts
     experts = _experts_by_row if few else _experts_ragged
-    out, h = experts(xf, idx, p, li)
+    out, h = experts(xf, idx, p, li, limit)
     y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
     stats: Stats = {}
     if p.shared is not None:
-        y_sh, stats = mlp(x, p.shared, mask, collect_stats, prefix="ffn.shared.", li=li)
+        y_sh, stats = mlp(x, p.shared, mask, collect_stats, prefix="ffn.shared.", li=li, limit=shared_limit)
         y = y + y_sh
     if collect_stats:
         m = mask.reshape(B * T).astype(jnp.float32)

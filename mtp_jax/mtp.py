@@ -44,8 +44,11 @@ def nextn_forward(
     n_valid: jax.Array | None = None,
     logits: str = "all",
     collect_stats: bool = False,
+    block=None,  # the family's decoder block, decoder_block's signature with the layer unstacked (li None)
+    chain_prenorm: bool = False,  # hand the next step the block's output before shared_head_norm (Step-3.5)
 ) -> tuple[jax.Array, jax.Array | None, KVCache | None, Stats]:
-    """-> (h_nextn [B, T, D] normed hidden fed to the next draft step, logits, cache, stats)."""
+    """-> (h_nextn [B, T, D] hidden fed to the next draft step: normed (GLM, DeepSeek) or the pre-norm block
+    output with ``chain_prenorm``; logits; cache; stats)."""
     if params.nextn is None:
         raise ValueError("the model has no NextN layer")
     nn = params.nextn[head]
@@ -60,7 +63,7 @@ def nextn_forward(
     eh = jnp.concatenate([e, hn], axis=-1)  # [B, T, 2D]
     x = linear(eh, nn.eh_proj)
     kv = None if cache is None else (cache.k[0], cache.v[0], head)
-    x, kv, stats = decoder_block(x, nn.layer, positions, cfg, mask, kv, lengths, collect_stats)
+    x, kv, stats = (block or decoder_block)(x, nn.layer, positions, cfg, mask, kv, lengths, collect_stats)
     norm_w = params.final_norm if nn.shared_head_norm is None else nn.shared_head_norm
     out_h = rms_norm(x, norm_w, cfg.rms_norm_eps)
     w_head = output_weight(params) if nn.shared_head_head is None else (nn.shared_head_head, False)
@@ -76,4 +79,4 @@ def nextn_forward(
     new_cache = None
     if cache is not None:
         new_cache = KVCache((kv[0],), (kv[1],), lengths + n_valid)
-    return out_h, out, new_cache, stats
+    return (x if chain_prenorm else out_h), out, new_cache, stats

@@ -51,6 +51,7 @@ class Attention:
     bv: Any = None  # [K, H]
     q_norm: Any = None  # [H]  (use_qk_norm)
     k_norm: Any = None  # [H]
+    wg: Any = None  # [D, N]  head-wise output gate (Step-3.5 g_proj)
 
 
 @pytree_dataclass

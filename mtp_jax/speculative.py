@@ -89,12 +89,12 @@ def _pick(key: jax.Array, lg: jax.Array, c: _Static) -> tuple[jax.Array, jax.Arr
 
 def _catch_up(params: Params, st: SpecState, c: _Static):
     """The drafter over the pending pairs -> (head hidden at the last one [B, 1, D], its logits, state)."""
-    return drafter.of(c.cfg).catch_up(params, st.draft, st.pend_h, st.pend_tok, st.n_pend, st.trunk)
+    return drafter.of(c.cfg, c.num_draft).catch_up(params, st.draft, st.pend_h, st.pend_tok, st.n_pend, st.trunk)
 
 
 def _draft(params: Params, st: SpecState, key: jax.Array, c: _Static):
     """Catch-up + K drafts. -> (drafts [B, K], q [B, K, V], n_draft [B], drafter state as catch-up left it)."""
-    dr, K = drafter.of(c.cfg), c.num_draft
+    dr, K = drafter.of(c.cfg, c.num_draft), c.num_draft
     keys = jax.random.split(key, K)
     g, logits, state = _catch_up(params, st, c)
     caught_up = state
@@ -112,7 +112,7 @@ def _draft(params: Params, st: SpecState, key: jax.Array, c: _Static):
 def _draft_auto(params: Params, st: SpecState, key: jax.Array, k: jax.Array, c: _Static):
     """Catch-up + up to k drafts per row, a row stopping at its first draft below p_min; head steps stop when
     no active row drafts on. -> (drafts [B, K] (junk past n_draft), q [B, K, V], n_draft [B], drafter state)."""
-    dr, K = drafter.of(c.cfg), c.num_draft
+    dr, K = drafter.of(c.cfg, c.num_draft), c.num_draft
     keys = jax.random.split(key, K)
     g, logits, state = _catch_up(params, st, c)
     caught_up = state
@@ -204,7 +204,7 @@ def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, draft, stops,
                  "n_emit": trace["n_emit"].at[i].set(jnp.where(active, n_emit, 0))}
     return SpecState(
         trunk=trunk.with_lengths(keep(L_new, L)),
-        draft=drafter.of(c.cfg).keep(draft, st.draft, active),
+        draft=drafter.of(c.cfg, c.num_draft).keep(draft, st.draft, active),
         pend_tok=keep(emitted, st.pend_tok),  # (h_{L+j}, emitted_j) pairs for slots L+1 .. L+a+1
         pend_h=keep(hv, st.pend_h),
         n_pend=keep(n_acc + 1, st.n_pend),
@@ -265,7 +265,7 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_
     B = tokens.shape[0]
     with jax.named_scope("prefill"):
         h, logits, trunk, _ = forward(params, tokens, trunk, cfg, n_valid=n_valid, logits="last")
-        draft = drafter.of(cfg).prefill(params, draft, h, tokens, n_valid, trunk)
+        draft = drafter.of(cfg, K).prefill(params, draft, h, tokens, n_valid, trunk)
     rng, k0 = jax.random.split(rng)
     first = sample(k0, logits[:, 0], c.sampling)
     pend_tok = jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(first)
@@ -346,6 +346,7 @@ def generate(
     K = max_draft if auto else int(num_draft)
     if K < 1:
         raise ValueError(f"max_draft must be >= 1, got {K}")
+    K = min(K, drafter.of(cfg).max_drafts or K)  # chained heads: one head per draft (llama.cpp caps n_max too)
     trace = trace if trace is not None else os.environ.get("MTP_JAX_TRACE")
     tokens, lens = pad_prompts(prompts, cfg)
     size = plain.plan_cache(lens, max_new_tokens, cache_size, extra=K + 1)
@@ -367,7 +368,7 @@ def generate(
     toks, n_valid, budget, trunk, draft = sharding.place_rows(
         (jnp.asarray(tokens), jnp.asarray(lens), jnp.full((B,), max_new_tokens, jnp.int32),
          init_trunk_cache(cfg, B, size, cache_types.k, cache_types.v),
-         drafter.of(cfg).init_cache(B, size, cache_types.k_draft, cache_types.v_draft)), mesh)
+         drafter.of(cfg, K).init_cache(B, size, cache_types.k_draft, cache_types.v_draft)), mesh)
     t0 = time.perf_counter()
     out, n_out, trunk, draft, steps, hist, pos_acc, reached, plain_steps, tr = sharding.run_synced(
         _spec_loop, params, toks, n_valid, trunk, draft, jax.random.key(seed), budget,

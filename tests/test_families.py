@@ -21,7 +21,7 @@ from mtp_jax.io import tree
 from mtp_jax.io.gguf import read_gguf, write_gguf
 from mtp_jax.io.hf import from_hf, read_hf, to_hf, write_hf
 from mtp_jax.io.orbax import load_orbax, save_orbax
-from mtp_jax.io.table import plan
+from mtp_jax.io.table import plan, stacks
 
 FAMILIES = families.registered()
 IDS = [f.arch for f in FAMILIES]
@@ -68,7 +68,7 @@ def test_tensor_table_covers_every_leaf_once(fam):
     want = set()
     for leaf in tree.leaf_paths(params):
         shape = tree.get(params, leaf).shape
-        stacked = leaf[0] in ("dense_layers", "moe_layers")
+        stacked = leaf[0] in {attr for attr, _, _ in stacks(cfg)}
         want |= {(tree.key(leaf), i) for i in range(shape[0])} if stacked else {(tree.key(leaf), None)}
     assert filled == want
     assert all(s.hf_name for s in slots)

@@ -25,7 +25,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_MODULES = ("glm4moe", "deepseek2")  # imported on first lookup (they import the model code, which imports this package)
+_MODULES = ("glm4moe", "deepseek2", "step35")  # imported on first lookup (they import the model code, which imports this package)
 ARCHS = frozenset(_MODULES)  # a family's module is named after its GGUF arch (register checks it): known without jax
 
 

@@ -81,7 +81,22 @@ class Metadata:
     def error(self, msg: str) -> GGUFError:
         return GGUFError(f"{self.path}: {msg}")
 
-    def common(self, dtype: str) -> dict[str, Any]:
+    def per_layer(self, key: str, n: int, default: Any = None, lo: float = 0, hi: float = _U32) -> list:
+        """llama.cpp's get_key_or_arr for a per-layer value: a scalar for every layer, or an array of at least
+        ``n`` items (its first n taken, each range-checked) -> a list of n values."""
+        name = key.format(arch=self.arch)
+        f = self.reader.fields.get(name)
+        if f is None or f.types[0] != gguf.GGUFValueType.ARRAY:
+            return [self.get(key, default, lo, hi)] * n
+        v = f.contents()
+        if len(v) < n:
+            raise self.error(f"key {name} has {len(v)} items, expected one per layer ({n})")
+        for x in v[:n]:
+            if not (isinstance(x, (bool, int, float)) and lo <= x <= hi and math.isfinite(x)):
+                raise self.error(f"key {name} holds {x!r}, expected values in [{lo}, {hi}]")
+        return list(v[:n])
+
+    def common(self, dtype: str, heads_per_layer: bool = False) -> dict[str, Any]:
         """ModelConfig's shared fields (MoE ones included: every family here has a MoE NextN block)."""
         L, A, T_ = Keys.LLM, Keys.Attention, Keys.Tokenizer
         get = self.get
@@ -103,10 +118,15 @@ class Metadata:
         n_group = get(L.EXPERT_GROUP_COUNT, 0, 0, n_expert) or 1
         token = lambda k: get(k, None, 0, V - 1)  # noqa: E731
         eos = tuple(dict.fromkeys(i for i in (token(T_.EOS_ID), token(T_.EOT_ID), token(T_.EOM_ID)) if i is not None))
-        n_head = get(A.HEAD_COUNT, REQUIRED, 1)
+        if heads_per_layer:  # the family reads the arrays itself; layer 0's counts stand for the model here
+            n_head = self.per_layer(A.HEAD_COUNT, n_blocks, REQUIRED, 1)[0]
+            n_kv = self.per_layer(A.HEAD_COUNT_KV, n_blocks, n_head, 1)[0]
+        else:
+            n_head = get(A.HEAD_COUNT, REQUIRED, 1)
+            n_kv = get(A.HEAD_COUNT_KV, n_head, 1)
         return dict(
             vocab_size=V, hidden_size=D, num_hidden_layers=n_layer, num_attention_heads=n_head,
-            num_key_value_heads=get(A.HEAD_COUNT_KV, n_head, 1),
+            num_key_value_heads=n_kv,
             intermediate_size=get(L.FEED_FORWARD_LENGTH, 0),
             moe_intermediate_size=get(L.EXPERT_FEED_FORWARD_LENGTH, REQUIRED),
             n_routed_experts=n_expert, num_experts_per_tok=get(L.EXPERT_USED_COUNT, REQUIRED, 1, n_expert),
@@ -140,16 +160,17 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Any = "", dtype: str = "floa
     return fam.config_from_gguf(Metadata(reader, path, arch), dtype)
 
 
-def write_common_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
-    """The shared keys, in the order convert_hf_to_gguf's TextModel.set_gguf_parameters writes them."""
+def write_common_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, heads: Any = None, kv_heads: Any = None) -> None:
+    """The shared keys, in the order convert_hf_to_gguf's TextModel.set_gguf_parameters writes them (``heads`` /
+    ``kv_heads``: per-layer arrays instead of the config's counts)."""
     w.add_name(cfg.name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_block_count(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_head_count(cfg.num_attention_heads if heads is None else heads)
+    w.add_head_count_kv(cfg.num_key_value_heads if kv_heads is None else kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_expert_count(cfg.n_routed_experts)

@@ -54,7 +54,8 @@ class Spec:
     """One tensor and the leaf it fills. ``n_in`` None: a vector (norm, bias), stored flat, or with ``table``
     an embedding table [rows, D], stored as is; an int k: a linear map whose first k dims (after ``batch``
     leading dims) are its inputs, stored [*batch, out, in]. ``hf``: the HF name, relative to the block prefix
-    for block tensors (None: HF has no such tensor); ``hf_part``: this tensor is a Part of that HF tensor."""
+    for block tensors (None: HF has no such tensor); ``hf_part``: this tensor is a Part of that HF tensor;
+    ``hf_offset``: added to the HF values."""
 
     tensor: MODEL_TENSOR
     path: tuple[str, ...]  # attribute path inside a Layer / NextN / Params
@@ -64,6 +65,7 @@ class Spec:
     table: bool = False
     hf: str | None = None
     hf_part: Part | None = None
+    hf_offset: float = 0.0  # GGUF value = HF value + this (Step-3.5's (1 + w) norms: its converter adds 1)
 
     def name(self, bid: int | None = None) -> str:
         return TENSOR_NAMES[self.tensor].format(bid=bid) + "." + self.suffix
@@ -150,7 +152,8 @@ def plan(cfg: Any, template: Any) -> Iterator[Slot]:
                 yield Slot(s.name(bid), s, (attr, *s.path), j, bid)
     for n, nn in enumerate(template.nextn or ()):
         b = cfg.num_hidden_layers + n
-        for s in fam.layer_specs(cfg, True):
+        moe = getattr(nn.layer.ffn, "router", None) is not None  # a head's block may have a dense MLP (step35)
+        for s in fam.layer_specs(cfg, moe):
             if _get(nn.layer, s.path) is not None:
                 yield Slot(s.name(b), s, ("nextn", n, "layer", *s.path), None, b)
         for s in fam.nextn_specs(cfg):

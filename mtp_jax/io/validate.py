@@ -227,9 +227,9 @@ def _type_name(t: tuple[GGUFValueType, ...]) -> str:
 # ---- metadata types ---------------------------------------------------------------------------------------
 
 
-INT, INTS, FLOAT, BOOL, STR, STRS, INT_ARRAY, FLOAT_ARRAY = (
+INT, INTS, FLOAT, BOOL, STR, STRS, INT_ARRAY, FLOAT_ARRAY, FLOATS, BOOL_ARRAY = (
     "an integer", "an integer or an array of integers", "a float", "a bool", "a string", "an array of strings",
-    "an array of integers", "an array of floats")
+    "an array of integers", "an array of floats", "a float or an array of floats", "an array of bools")
 _L, _A, _T = Keys.LLM, Keys.Attention, Keys.Tokenizer
 KEY_TYPES = {  # the keys this project reads ({arch}: general.architecture's value) -> the kind of value
     Keys.General.ARCHITECTURE: STR, Keys.General.NAME: STR, Keys.General.TYPE: STR, Keys.General.FILE_TYPE: INT,
@@ -247,6 +247,10 @@ KEY_TYPES = {  # the keys this project reads ({arch}: general.architecture's val
     _A.TEMPERATURE_SCALE: FLOAT, Keys.Rope.SCALING_ORIG_CTX_LEN: INT, Keys.Rope.SCALING_YARN_LOG_MUL: FLOAT,
     Keys.Rope.SCALING_YARN_BETA_FAST: FLOAT, Keys.Rope.SCALING_YARN_BETA_SLOW: FLOAT,
     Keys.Rope.SCALING_ATTN_FACTOR: FLOAT,
+    # sliding windows, per-layer heads, SwiGLU clamps (step35)
+    _A.SLIDING_WINDOW: INT, _A.SLIDING_WINDOW_PATTERN: BOOL_ARRAY, Keys.Rope.FREQ_BASE_SWA: FLOAT,
+    Keys.Rope.DIMENSION_COUNT_SWA: INT, _L.EXPERT_SHARED_FEED_FORWARD_LENGTH: INT, _L.SWIGLU_CLAMP_EXP: FLOATS,
+    _L.SWIGLU_CLAMP_SHEXP: FLOATS,
     _T.MODEL: STR, _T.PRE: STR, _T.LIST: STRS, _T.TOKEN_TYPE: INT_ARRAY, _T.MERGES: STRS, _T.SCORES: FLOAT_ARRAY,
     _T.BOS_ID: INT, _T.EOS_ID: INT, _T.EOT_ID: INT, _T.EOM_ID: INT, _T.UNK_ID: INT, _T.PAD_ID: INT,
     _T.ADD_BOS: BOOL, _T.ADD_EOS: BOOL, _T.ADD_PREFIX: BOOL,
@@ -258,7 +262,8 @@ def _fits(kind: str, t: tuple[GGUFValueType, ...]) -> bool:
     scalar, items = t[0], t[1] if len(t) > 1 else None
     return {INT: scalar in _INTS, INTS: scalar in _INTS or items in _INTS, FLOAT: scalar in _FLOATS,
             BOOL: scalar == V.BOOL, STR: scalar == V.STRING, STRS: items == V.STRING, INT_ARRAY: items in _INTS,
-            FLOAT_ARRAY: items in _FLOATS}[kind]
+            FLOAT_ARRAY: items in _FLOATS, FLOATS: scalar in _FLOATS or items in _FLOATS,
+            BOOL_ARRAY: items == V.BOOL}[kind]
 
 
 def check_key_types(types: Mapping[str, tuple[GGUFValueType, ...]], arch: Any, path: Path) -> None:
