@@ -31,8 +31,10 @@ def _load_model(args):
     """(cfg, params, tokenizer or None) from --model (or --config: random weights seeded by --weights-seed)."""
     from mtp_jax.io.load import load_model
 
-    return load_model(args.model or args.config or default_model(), seed=args.weights_seed,
-                      check_finite=not args.no_check_finite, quantized="dequantize" if args.dequantize else "keep")
+    drafting = getattr(args, "num_draft", "auto") != 0  # plain decoding never reads the MTP tensors
+    return load_model(args.model or args.config or default_model(), seed=args.weights_seed, load_mtp=drafting,
+                      check_finite=not args.no_check_finite, quantized="dequantize" if args.dequantize else "keep",
+                      mtp_head=getattr(args, "mtp_head", None))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +42,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a GGUF file, an HF safetensors directory, an mtp_jax orbax checkpoint, or a config "
                         "(YAML, HF config.json, or a bundled config name such as glm-4.5: random weights); "
                         "default: the embedded trained model")
+    p.add_argument("--mtp-head", "-md", default=None, metavar="FILE",
+                   help="take the MTP (NextN) heads from FILE, e.g. an MTP-only GGUF (convert --mtp) beside a "
+                        "trunk-only model (convert --no-mtp); the MTP tensors are read only when drafting")
     p.add_argument("--config", default=None, help="same as --model with a config (kept for scripts)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
     p.add_argument("--dequantize", action="store_true",
@@ -429,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--draft-p-min; default 0 = off)")
     g.add_argument("--compare", action="store_true",
                    help="also run plain decoding in the same process and print its tokens/s and the speedup")
-    g.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up; the best is reported")
+    g.add_argument("--repeats", type=int, default=3,
+                   help="timed calls after the warm-up; the best is reported (0: the warm-up call's time, compile "
+                        "included)")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")
     _add_cache_type_args(g)

@@ -125,6 +125,10 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
+    def trunk_only(self) -> "ModelConfig":
+        """The config without its NextN layers (what a converter's --no-mtp file declares)."""
+        return self.replace(num_nextn_predict_layers=0)
+
     # ---- I/O -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {"family": self.family} | dataclasses.asdict(self)

@@ -48,9 +48,10 @@ class GenerateResult:
 
 
 def best_of(run, repeats: int) -> GenerateResult:
-    """Call ``run`` once to compile, then ``repeats`` more times; the result with the least wall time."""
-    run()
-    return min((run() for _ in range(repeats)), key=lambda r: r.seconds)
+    """Call ``run`` once to compile, then ``repeats`` more times; the result with the least wall time (with
+    ``repeats`` 0, the first call's, compile time included)."""
+    first = run()
+    return min((run() for _ in range(repeats)), key=lambda r: r.seconds, default=first)
 
 
 def stop_array(cfg: ModelConfig, eos_ids: Sequence[int] | None, stop: Sequence[int] | None) -> np.ndarray:

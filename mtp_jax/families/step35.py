@@ -95,6 +95,12 @@ class Step35Config(ModelConfig):
         object.__setattr__(self, "first_k_dense_replace", dense)
         super().__post_init__()
 
+    def trunk_only(self) -> "Step35Config":
+        L = self.num_hidden_layers
+        return self.replace(num_nextn_predict_layers=0, layer_types=self.layer_types[:L],
+                            mlp_layer_types=self.mlp_layer_types[:L], swiglu_limits=self.swiglu_limits[:L],
+                            swiglu_limits_shared=self.swiglu_limits_shared[:L])
+
     @property
     def num_blocks(self) -> int:
         return self.num_hidden_layers + self.num_nextn_predict_layers
@@ -289,7 +295,11 @@ def config_from_gguf(meta: Metadata, dtype: str = "float32") -> Step35Config:
     if (rot // 2) % 2 or rot_swa % 2:
         raise meta.error(f"rope dimension counts {rot} (full layers rotate half) and {rot_swa} must give even "
                          f"rotated dims")
-    moe = ["blk.%d.ffn_gate_inp.weight" % b in meta.tensors for b in range(n)]
+    # a block is MoE when it has a router (step35.cpp); the trunk blocks an MTP-only file lacks follow
+    # leading_dense_block_count
+    lead = get(L.LEADING_DENSE_BLOCK_COUNT, 0, 0, n)
+    moe = [f"blk.{b}.ffn_gate_inp.weight" in meta.tensors if f"blk.{b}.attn_norm.weight" in meta.tensors
+           else b >= lead for b in range(n)]
     limit = lambda key: [f32(x) for x in meta.per_layer(key, n, 0.0, 0.0, math.inf)]  # noqa: E731
     common.update(num_attention_heads=n_full, num_key_value_heads=kv[0], n_shared_experts=1,  # always one
                   norm_topk_prob=bool(get(L.EXPERT_WEIGHTS_NORM, False)))

@@ -31,7 +31,12 @@ def add_io_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="GGUF type of the weight matrices; norms, biases and the router stay f32 (default bf16)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="orbax: parameter dtype to store (default: the source's)")
-    c.add_argument("--no-mtp", action="store_true", help="drop the NextN (MTP) layer")
+    m = c.add_mutually_exclusive_group()
+    m.add_argument("--no-mtp", action="store_true", help="drop the NextN (MTP) layers (a trunk-only model)")
+    m.add_argument("--mtp", action="store_true",
+                   help="GGUF: write only the NextN (MTP) blocks and the tensors they share (embedding, output "
+                        "norm and head) with the whole model's metadata: an MTP-only file for --mtp-head, as "
+                        "llama.cpp's converter --mtp writes it")
     c.add_argument("--split-max-tensors", type=int, default=0, metavar="N",
                    help="GGUF: write a split model of at most N tensors per file, DST-0000k-of-0000n.gguf (DST less "
                         ".gguf), as llama-gguf-split --split-max-tensors N writes it (default 0: one file)")
@@ -68,16 +73,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     cfg, params, tok = load_model(args.src, dtype=dtype, load_mtp=not args.no_mtp, seed=args.seed,
                                   check_finite=not args.no_check_finite, quantized="dequantize")
     if args.no_mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+        cfg = cfg.trunk_only()
+    if args.mtp and (to != "gguf" or params.nextn is None):
+        raise ValueError("--mtp writes a GGUF of a model with NextN (MTP) layers")
     if to == "gguf":
         dst = write_gguf(dst, cfg, params, outtype=args.outtype, tokenizer=tok,
-                         split_max_tensors=args.split_max_tensors)
+                         split_max_tensors=args.split_max_tensors, part="mtp" if args.mtp else "all")
     else:
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         save_orbax(dst, cfg, params, tokenizer=tok)
     print(f"wrote {dst} ({to}{', ' + args.outtype if to == 'gguf' else ''}; "
-          f"NextN layer {'included' if params.nextn is not None else 'not included'})")
+          f"NextN layer {'only' if args.mtp else 'included' if params.nextn is not None else 'not included'})")
     return 0
 
 

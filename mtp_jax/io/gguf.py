@@ -31,7 +31,7 @@ from mtp_jax import qweight
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree, validate
 from mtp_jax.io.split import open_model_files
-from mtp_jax.io.table import Slot, plan
+from mtp_jax.io.table import Slot, plan, stacks
 from mtp_jax.io.tokenizer import Tokenizer, TokenizerError
 from mtp_jax.io.validate import REQUIRED, GGUFError, dequantizable, open_reader, value
 
@@ -227,7 +227,9 @@ def _gguf_shape(template: P.Params, slot: Slot) -> tuple[int, ...]:
 def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> P.Params:
     """The file's tensors against the tensor table of ``cfg`` (``plan``): each one there, of its shape and of a type
     gguf-py reads, and no other. The NextN blocks are complete or, as llama.cpp's trunk_only, absent altogether;
-    a block with some of its tensors is an error. Returns the template of what the file holds."""
+    a block with some of its tensors is an error. An MTP-only file (the NextN blocks and the top tensors, no
+    ``blk.0.attn_norm.weight``: llama.cpp's mtp_only, as its converter's --mtp writes it) holds no trunk stacks.
+    Returns the template of what the file holds."""
     tensors = {t.name: t for t in reader.tensors}
     head = tuple(f"blk.{cfg.num_hidden_layers + n}." for n in range(cfg.num_nextn_predict_layers))
     has_head = any(name.startswith(head) for name in tensors) if head else False
@@ -236,6 +238,8 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
     fam = families.of(cfg)
     present = {s.path[0] for s in fam.nextn_specs(cfg) if s.name(cfg.num_hidden_layers) in tensors}
     template = tree.template(cfg, present, has_head)
+    if has_head and "blk.0.attn_norm.weight" not in tensors:
+        template = mtp_only(cfg, template)
     expected = set()
     for slot in plan(cfg, template):
         t = tensors.get(slot.name)
@@ -256,6 +260,11 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
         raise GGUFError(f"{path}: unexpected tensor {name}: not part of a {fam.arch} model of {cfg.num_hidden_layers} "
                         f"trunk and {cfg.num_nextn_predict_layers} NextN layers{why}")
     return template
+
+
+def mtp_only(cfg: ModelConfig, params: Any) -> Any:
+    """params (or a template) without the trunk's layer stacks: what an MTP-only file holds."""
+    return dataclasses.replace(params, **{attr: None for attr, _, _ in stacks(cfg)})
 
 
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
@@ -382,7 +391,7 @@ def _split_keys_in_llama_order(w: gguf.GGUFWriter) -> None:
 
 
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outtype: str = "f32",
-               tokenizer: Tokenizer | None = None, split_max_tensors: int = 0) -> Path:
+               tokenizer: Tokenizer | None = None, split_max_tensors: int = 0, part: str = "all") -> Path:
     """(ModelConfig, Params) -> a GGUF of the config's family that llama.cpp loads (NextN block included when params has one).
 
     ``outtype`` f32 / f16 / bf16 for the weight matrices (norms, biases, router stay F32). The tokenizer's
@@ -390,8 +399,12 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
     to a temporary file in the same directory and renamed on success: no partial file is ever left.
     ``split_max_tensors`` > 0: a split model of at most that many tensors per file, ``PATH-0000k-of-0000n.gguf``
     (PATH less ".gguf") with llama-gguf-split's split.* keys (gguf-py's writer, as convert_hf_to_gguf.py
-    --split-max-tensors); returns the first file.
+    --split-max-tensors); returns the first file. ``part``: "all"; "trunk" (the config's metadata, NextN
+    blocks declared but not written: llama.cpp loads it trunk_only); "mtp" (the same metadata, only the NextN
+    blocks and the top tensors: llama.cpp's mtp_only, the file its converter's --mtp writes).
     """
+    if part not in ("all", "trunk", "mtp"):
+        raise GGUFError(f"part must be 'all', 'trunk' or 'mtp', got {part!r}")
     if split_max_tensors < 0:
         raise GGUFError(f"split_max_tensors must be >= 0, got {split_max_tensors}")
     if outtype not in OUTTYPES:
@@ -406,6 +419,12 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
         tree.check_shapes(template, params, path)
     except ValueError as e:
         raise GGUFError(str(e)) from None
+    if part != "all" and params.nextn is None:
+        raise GGUFError(f"{path}: part={part!r} splits a model with NextN layers; these params have none")
+    if part == "trunk":
+        template = dataclasses.replace(template, nextn=None)
+    elif part == "mtp":
+        template = mtp_only(cfg, template)
     host = {leaf: np.asarray(tree.get(params, leaf)) for leaf in tree.leaf_paths(template)}
     if len(cfg.eos_token_ids) > 3:
         raise GGUFError(f"{path}: GGUF holds at most 3 end-of-generation ids (eos, eot, eom), "

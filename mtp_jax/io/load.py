@@ -40,16 +40,34 @@ def source_kind(spec: str | os.PathLike) -> str:
     return "config"
 
 
+def attach_head(cfg: ModelConfig, params: P.Params, head_cfg: ModelConfig, head: P.Params,
+                where: str | os.PathLike) -> tuple[ModelConfig, P.Params]:
+    """A trunk's params with the NextN blocks of another model file (``--mtp-head``): its config must describe the
+    same trunk. The head file's config (it declares the NextN layers) becomes the model's."""
+    if head.nextn is None:
+        raise ValueError(f"{where}: holds no NextN (MTP) blocks")
+    if head_cfg.trunk_only().replace(name=cfg.name, dtype=cfg.dtype) != cfg.trunk_only():
+        raise ValueError(f"{where}: its config describes a different trunk than the model's "
+                         f"({head_cfg.family} {head_cfg.name})")
+    return head_cfg.replace(name=cfg.name, dtype=cfg.dtype), dataclasses.replace(params, nextn=head.nextn)
+
+
 def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, load_mtp: bool = True,
-               seed: int = 0, check_finite: bool = True,
-               quantized: str = "keep") -> tuple[ModelConfig, P.Params, Tokenizer | None]:
+               seed: int = 0, check_finite: bool = True, quantized: str = "keep",
+               mtp_head: str | os.PathLike | None = None) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
     """(cfg, params, tokenizer or None) from a GGUF file, an HF directory, an orbax checkpoint, or a config
     (ModelConfig, YAML, HF config.json, or a bundled config name) with random weights drawn with ``seed``.
 
     ``dtype`` None keeps the source's float type (the config's for random weights); ``load_mtp=False`` leaves
     params.nextn None (the config still describes the NextN layer), as llama.cpp does without MTP.
     ``check_finite`` refuses a GGUF with NaN/Inf weights (GGUFError naming the tensor). ``quantized``: "keep" a
-    GGUF's quantized weights in their block format (mtp_jax.qweight) or "dequantize" them to ``dtype`` at load."""
+    GGUF's quantized weights in their block format (mtp_jax.qweight) or "dequantize" them to ``dtype`` at load.
+    ``mtp_head``: take the NextN blocks from this model file instead (e.g. an MTP-only GGUF beside a trunk-only
+    one, as llama.cpp's converter writes them with --mtp / --no-mtp); ignored when ``load_mtp`` is False."""
+    if mtp_head is not None and load_mtp:
+        cfg, params, tok = load_model(spec, dtype, False, seed, check_finite, quantized)
+        head_cfg, head, _ = load_model(mtp_head, cfg.dtype, True, seed, check_finite, quantized)
+        return (*attach_head(cfg, params, head_cfg, head, mtp_head), tok)
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
     if kind == "gguf":
         cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite, quantized=quantized)
