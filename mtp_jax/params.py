@@ -266,7 +266,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     if p.nextn is not None:
         nn = p.nextn
         nn_total = _count(nn)
-        nn_routed = sum(_count([x.layer.ffn.gate, x.layer.ffn.up, x.layer.ffn.down]) for x in nn)
+        nn_routed = sum(_count([x.layer.ffn.gate, x.layer.ffn.up, x.layer.ffn.down]) for x in nn
+                        if isinstance(x.layer.ffn, Moe))  # a head may have a dense MLP (Step-3.5)
         out["nextn_total"] = nn_total
         out["nextn_active_per_token"] = nn_total - round(nn_routed * inactive_frac)
     return out

@@ -47,3 +47,32 @@ def test_counts_agree_with_the_published_totals(name):
     total, active = PUBLISHED[name]
     assert active <= n["active_per_token"] / 1e9 < active + 1
     assert (n["total"] - 2 * cfg.vocab_size * cfg.hidden_size) / 1e9 <= total <= (n["total"] + n["nextn_total"]) / 1e9
+
+
+def step35_closed_form(c) -> dict[str, int]:
+    """HF Step3p7TextModel + lm_head, block by block: q/k/v/o with the block's head count, per-head q/k norms, the
+    head-wise gate g_proj [heads, D], two norms; a dense SwiGLU or the MoE (router + bias per expert, routed experts,
+    one shared expert of shared_intermediate_size); each MTP head adds enorm, hnorm, eh_proj and shared_head.norm."""
+    D, KV, hd, E = c.hidden_size, c.num_key_value_heads, c.head_dim, c.n_routed_experts
+    attn = lambda N: 2 * D * N * hd + 2 * D * KV * hd + 2 * hd + D * N + 2 * D  # noqa: E731
+    expert = 3 * D * c.moe_intermediate_size
+    ffn = lambda b: E * (D + 1 + expert) + 3 * D * c.shared_intermediate_size if c.is_moe(b) \
+        else 3 * D * c.intermediate_size  # noqa: E731
+    unused = lambda b: (E - c.num_experts_per_tok) * expert if c.is_moe(b) else 0  # noqa: E731
+    L = c.num_hidden_layers
+    total = 2 * c.vocab_size * D + D + sum(attn(c.heads(b)) + ffn(b) for b in range(L))
+    heads = range(L, L + c.num_nextn_predict_layers)
+    nextn = sum(3 * D + 2 * D * D + attn(c.heads(b)) + ffn(b) for b in heads)
+    return {"total": total, "active_per_token": total - c.vocab_size * D - sum(unused(b) for b in range(L)),
+            "nextn_total": nextn, "nextn_active_per_token": nextn - sum(unused(b) for b in heads)}
+
+
+@pytest.mark.parametrize("name", ["step-3.5-flash", "step35-tiny"])
+def test_step35_counts_equal_the_closed_form(name):
+    assert P.param_counts(load_config(name)) == step35_closed_form(load_config(name))
+
+
+def test_step35_flash_agrees_with_the_published_totals():
+    """The model card: 196 B parameters, 11 B active (whole billions): 196.96 B and 11.46 B here."""
+    counts = P.param_counts(load_config("step-3.5-flash"))
+    assert int(counts["total"] / 1e9) == 196 and int(counts["active_per_token"] / 1e9) == 11
