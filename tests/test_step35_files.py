@@ -75,3 +75,43 @@ def test_plain_decoding_leaves_the_mtp_tensors_unread(files, monkeypatch, capsys
     assert "blk.0.attn_q.weight" in read and "output.weight" in read
     assert bool(heads) == reads_heads
     assert ("MTP speculative" in capsys.readouterr().out) == reads_heads
+
+
+# every row a multiple of 256, so IQ2_XXS applies to every matrix: hidden 256, heads x head_dim 256 (full) / 512
+WIDE = dict(hidden_size=256, head_dim=128, num_attention_heads=2, num_sliding_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=256, shared_intermediate_size=256)
+
+
+@pytest.mark.peer
+def test_imatrix_covers_the_three_heads_and_llama_quantize_iq2_xxs_accepts_it(peer, tmp_path):
+    """The heads are driven as they draft (head k on head k-1's outputs, drafter.ChainedHeads.teacher_forced): every
+    matmul of blk.5..7 gets an entry, and llama-quantize IQ2_XXS (which refuses any matrix without one) succeeds with
+    our imatrix and fails with it minus the heads' entries."""
+    from mtp_jax import imatrix as IM
+    from mtp_jax.io.imatrix_gguf import ImatrixData, write_imatrix_gguf
+
+    cfg = CFG.replace(**WIDE)
+    params = P.init(jax.random.key(2), cfg, std=0.05)
+    model = G.write_gguf(tmp_path / "wide.gguf", cfg, params)
+    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, 4 * 32)
+    col = IM.Collector(params, cfg, mtp=True, batch=2)
+    col.add(IM.make_chunks(tokens, 32, None, max_chunks=4))
+    data = col.result(32, ["random ids"])
+    L = cfg.num_hidden_layers
+    matmuls = {t.name for t in G.open_gguf(model).tensors
+               if t.name.startswith("blk.") and not t.name.endswith(("norm.weight", ".bias"))}
+    for k in range(3):
+        head = {n for n in matmuls if n.startswith(f"blk.{L + k}.")}
+        assert head and head <= set(data.in_sum2), (k, sorted(head - set(data.in_sum2)))
+        assert all(data.counts[n].min() > 0 for n in head if "exps" not in n), k
+    trunk_only = ImatrixData({n: v for n, v in data.in_sum2.items() if int(n.split(".")[1]) < L},
+                             {n: v for n, v in data.counts.items() if int(n.split(".")[1]) < L},
+                             data.datasets, data.chunk_count, data.chunk_size)
+    for im, ok in ((data, True), (trunk_only, False)):
+        path = write_imatrix_gguf(im, tmp_path / f"imatrix-{ok}.gguf")
+        p = peer.run("llama-quantize", "--imatrix", path, model, tmp_path / f"iq2-{ok}.gguf", "IQ2_XXS", 1,
+                     timeout=300)
+        out = p.stderr + p.stdout.decode(errors="replace")
+        assert (p.returncode == 0) == ok, out[-3000:]
+        if not ok:
+            assert f"Missing importance matrix for tensor blk.{L}." in out
