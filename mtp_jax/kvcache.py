@@ -51,8 +51,9 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        """S, the number of slots per row."""
-        return next(x for x in self.k if x is not None).shape[2]
+        """S, the number of positions a row can hold: the largest stack's slots (a sliding-window layer's stack
+        may be a smaller ring, see write_block)."""
+        return max(x.shape[2] for x in self.k if x is not None)
 
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         return KVCache(self.k, self.v, lengths.astype(jnp.int32))
@@ -115,21 +116,33 @@ def init_nextn_cache(cfg: ModelConfig, batch: int, size: int, k_type: str | None
     return stacked_cache((cfg.num_nextn_predict_layers,), batch, size, cfg, k_type, v_type)
 
 
-def write_block(stack: Stack, layer: jax.Array | int, new: jax.Array, lengths: jax.Array) -> Stack:
+def write_block(stack: Stack, layer: jax.Array | int, new: jax.Array, lengths: jax.Array, ring: bool = False) -> Stack:
     """Scatter new[B, T, K, H] into stack[layer, b, lengths[b] + t] (in place when the stack is donated),
     quantized first for a QuantStack.
 
-    Entries that would land past the end of the cache are dropped; callers check capacity beforehand.
+    Entries that would land past the end of the cache are dropped; callers check capacity beforehand. ``ring``
+    (a sliding-window layer): position p goes to slot p mod S, so S >= window + T - 1 slots hold every entry a
+    query of this block or a later one can see, rollback by lengths included (``ring_positions``).
     """
     B, T = new.shape[:2]
     rows = jnp.arange(B)[:, None]  # [B, 1]
     slots = lengths[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    if ring:
+        slots = slots % stack.shape[2]
     if isinstance(stack, QuantStack):
         pad = kvquant.stored_dim(stack.kind, stack.dim) - stack.dim
         q, d = kvquant.quantize(stack.kind, jnp.pad(new, [(0, 0)] * 3 + [(0, pad)]))
         return QuantStack(stack.q.at[layer, rows, slots].set(q, mode="drop"),
                           stack.d.at[layer, rows, slots].set(d, mode="drop"), stack.kind, stack.dim)
     return stack.at[layer, rows, slots].set(new.astype(stack.dtype), mode="drop")
+
+
+def ring_positions(S: int, last: jax.Array) -> jax.Array:
+    """[B, S] the position each slot of a ring holds once positions up to last[b] are written: the largest
+    p <= last with p = slot mod S (negative: never written). For S > last this is the slot index itself, so a
+    full-size stack reads the same. Slots written by rejected drafts past a rollback map to a position at least S
+    below the newest one, out of every window when S >= window + T - 1."""
+    return last[:, None] - ((last[:, None] - jnp.arange(S)[None, :]) % S)
 
 
 def read_layer(stack: Stack, layer: jax.Array | int, dtype) -> jax.Array:

@@ -25,7 +25,7 @@ import numpy as np
 
 from mtp_jax import kernels, kvquant
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import read_layer, rotated, write_block
+from mtp_jax.kvcache import read_layer, ring_positions, rotated, write_block
 from mtp_jax.linear import linear
 from mtp_jax.params import Attention, Layer, MlaAttention, Mlp, Moe
 
@@ -145,16 +145,19 @@ def attention(
         scale = H**-0.5
         if kv is not None:
             ks, vs, ci = kv
-            ks, vs = write_block(ks, ci, k, lengths), write_block(vs, ci, v, lengths)
+            ring = window is not None  # a sliding-window layer's stack may be a ring (kvcache.write_block)
+            ks, vs = write_block(ks, ci, k, lengths, ring), write_block(vs, ci, v, lengths, ring)
             kv = (ks, vs, ci)
             k, v = read_layer(ks, ci, q.dtype), read_layer(vs, ci, q.dtype)  # [B, S, K, H] (turbo: rotated, padded)
             if rotated(ks):
                 q = kvquant.rotate(q)
-            key_pos = jnp.arange(k.shape[1])[None, None, :]  # [1, 1, S] (slot = position)
+            S = k.shape[1]
+            key_pos = (ring_positions(S, lengths + T - 1)[:, None, :] if ring
+                       else jnp.arange(S)[None, None, :])  # [B|1, 1, S] (a full stack: slot = position)
             query_pos = (lengths[:, None] + jnp.arange(T)[None, :])[:, :, None]  # [B, T, 1]
         else:
             key_pos, query_pos = jnp.arange(T)[None, None, :], jnp.arange(T)[None, :, None]
-        visible = key_pos <= query_pos  # [B|1, T(query), S|T(key)] causal
+        visible = (key_pos <= query_pos) & (key_pos >= 0)  # [B|1, T(query), S|T(key)] causal
         if window is not None:
             visible &= key_pos > query_pos - window
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale

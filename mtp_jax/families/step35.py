@@ -139,6 +139,7 @@ class Step35Config(ModelConfig):
                              f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+
         r = self.head_dim * self.partial_rotary_factor_swa
         if not 0 < self.partial_rotary_factor_swa <= 1 or int(r) % 2:
             raise ValueError(f"partial_rotary_factor_swa {self.partial_rotary_factor_swa} gives {int(r)} rotated "
@@ -465,12 +466,57 @@ def _runs(cfg: Step35Config) -> list[tuple[int, int, int, tuple[int, ...]]]:
     return runs
 
 
+SWA_CHUNK = 256  # as llama.cpp's n_ubatch: a sliding layer's ring holds window + SWA_CHUNK - 1 entries (init_cache)
+
+
+def _chunk(cache: KVCache | None, cfg: Step35Config) -> int | None:
+    """The most tokens one forward may write into the cache's rings (window + T - 1 <= ring slots), None without."""
+    if cache is None:
+        return None
+    rings = [x.shape[2] for x in cache.k if x is not None and x.shape[2] < cache.size]
+    return min(rings) - cfg.sliding_window + 1 if rings else None
+
+
+def _head_logits(params: Step35Params, x, n_valid, logits: str, cfg: Step35Config):
+    """The final norm and the output head -> (normed h, logits or None)."""
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    if logits == "all":
+        return h, project_logits(output_weight(params), h)
+    if logits == "last":
+        return h, project_logits(output_weight(params), take_last(h, n_valid))
+    if logits != "none":
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    return h, None
+
+
+def _chunked(params: Step35Params, tokens, cache: KVCache, cfg: Step35Config, n_valid, logits: str, C: int):
+    """A forward over more tokens than the sliding layers' rings take at once, as a scan over pieces of C."""
+    B, T = tokens.shape
+    n = -(-T // C)
+    toks = jnp.pad(tokens, ((0, 0), (0, n * C - T)))
+
+    def body(cache, c):
+        piece = jax.lax.dynamic_slice_in_dim(toks, c * C, C, axis=1)
+        x, _, cache, _ = forward(params, piece, cache, cfg, jnp.clip(n_valid - c * C, 0, C), logits="none")
+        return cache, x
+
+    cache, xs = jax.lax.scan(body, cache, jnp.arange(n))  # xs [n, B, C, D]
+    x = xs.transpose(1, 0, 2, 3).reshape(B, n * C, -1)[:, :T]
+    return x, _head_logits(params, x, n_valid, logits, cfg)[1], cache, {}
+
+
 def forward(params: Step35Params, tokens, cache: KVCache | None, cfg: Step35Config, n_valid=None,
             logits: str = "all", collect_stats: bool = False):
     """model.forward for step35. The layers run in block order as lax.scans over runs of one kind; ``hidden`` is
-    the residual stream before the final norm (llama.cpp's t_h_nextn for this arch)."""
+    the residual stream before the final norm (llama.cpp's t_h_nextn for this arch). With ring caches on the
+    sliding layers, more tokens than they take at once run in chunks."""
     B, T = tokens.shape
     n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+    chunk = _chunk(cache, cfg)
+    if chunk is not None and T > chunk:
+        if collect_stats:
+            raise ValueError("statistics are collected without a cache (imatrix), not through ring caches")
+        return _chunked(params, tokens, cache, cfg, n_valid, logits, chunk)
     mask = valid_mask(T, n_valid)
     lengths = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
     positions = lengths[:, None] + jnp.arange(T)[None, :]
@@ -498,14 +544,7 @@ def forward(params: Step35Params, tokens, cache: KVCache | None, cfg: Step35Conf
             ks[s], vs[s] = k, v
         if collect_stats:
             parts.setdefault(attr, []).append(st)
-    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    out = None
-    if logits == "all":
-        out = project_logits(output_weight(params), h)
-    elif logits == "last":
-        out = project_logits(output_weight(params), take_last(h, n_valid))
-    elif logits != "none":
-        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    h, out = _head_logits(params, x, n_valid, logits, cfg)
     stats: dict[str, Any] = {}
     if collect_stats:
         stats = {a: jax.tree.map(lambda *xs: jnp.concatenate(xs), *p) for a, p in parts.items()}
@@ -530,8 +569,18 @@ def head_forward(params: Step35Params, h, tokens, cache: KVCache | None, cfg: St
 
 def init_cache(cfg: Step35Config, batch: int, size: int, k_type: str | None = None,
                v_type: str | None = None) -> KVCache:
-    """One K and V stack per kind of layer (stacks' order); the sliding layers' slots are masked by position."""
-    return kvcache.stacked_cache(tuple(len(b) for _, b, _ in stacks(cfg)), batch, size, cfg, k_type, v_type)
+    """One K and V stack per kind of layer (stacks' order). The sliding layers' stacks are rings of
+    sliding_window + SWA_CHUNK - 1 slots (kvcache.write_block) when that is smaller than ``size`` and the model has
+    full-attention layers (they hold the positions: KVCache.size counts theirs)."""
+    n = [len(b) for _, b, _ in stacks(cfg)]
+    swa = [KINDS[i][1] == SWA for i in range(len(KINDS))]
+    ring = min(size, cfg.sliding_window + SWA_CHUNK - 1)
+    if ring == size or all(swa[i] or not n[i] for i in range(len(n))):
+        return kvcache.stacked_cache(tuple(n), batch, size, cfg, k_type, v_type)
+    full = kvcache.stacked_cache(tuple(0 if s else c for c, s in zip(n, swa)), batch, size, cfg, k_type, v_type)
+    rings = kvcache.stacked_cache(tuple(c if s else 0 for c, s in zip(n, swa)), batch, ring, cfg, k_type, v_type)
+    pick = lambda a, b: tuple(y if s else x for x, y, s in zip(a, b, swa))  # noqa: E731
+    return KVCache(pick(full.k, rings.k), pick(full.v, rings.v), full.lengths)
 
 
 FAMILY = families.register(families.Family(
