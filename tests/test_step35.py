@@ -238,3 +238,23 @@ def test_auto_drafts_equal_fixed_k_drafts(drafting):
                 assert a[:m] == f[where][:m], (where, K, a, f[where])
                 compared[m] += 1
     assert compared[3] > 0  # third drafts (head 2, through the switch) were compared
+
+
+def test_postnorm_mode_hands_the_heads_transformers_hiddens(drafting):
+    """mtp_hidden: postnorm (transformers' MtpModel) hands head 0 the trunk's final-normed hidden and each head's
+    successor its output after shared_head_norm; the default hands both over before the norm (llama.cpp, checked
+    in tests/io/test_step35_peer.py). Greedy MTP stays equal to plain either way."""
+    from mtp_jax.families.step35 import head_forward
+    from mtp_jax.layers import rms_norm
+
+    params, want, _ = drafting
+    post = GEN_CFG.replace(mtp_hidden="postnorm")
+    toks = jnp.asarray(TOKENS)
+    h_pre = M.forward(params, toks, None, GEN_CFG)[0]
+    h_post = M.forward(params, toks, None, post)[0]
+    np.testing.assert_allclose(h_post, rms_norm(h_pre, params.final_norm, GEN_CFG.rms_norm_eps), atol=1e-6)
+    nn = params.nextn[1]
+    g_pre = head_forward(params, h_pre, toks, None, GEN_CFG, head=1)[0]
+    g_post = head_forward(params, h_pre, toks, None, post, head=1)[0]
+    np.testing.assert_allclose(g_post, rms_norm(g_pre, nn.shared_head_norm, GEN_CFG.rms_norm_eps), atol=1e-6)
+    assert SP.generate(params, post, PROMPTS, num_draft=3, max_new_tokens=NEW, eos_ids=[]).tokens == want

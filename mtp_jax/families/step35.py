@@ -14,8 +14,9 @@ Checked against the llama.cpp tree of llama-cpp-python 0.3.36 and transformers 5
 * norms: HF stores w and computes x * (1 + w); llama.cpp's converter (conversion/step3.py) writes w + 1 for every
   ``*norm.weight``. Our leaves hold the GGUF value (``Spec.hf_offset``);
 * the hidden the heads take (``forward``'s first result) is the trunk's residual stream *before* the final norm,
-  and head k passes its own pre-norm output to head k + 1 (step35.cpp: ``t_h_nextn``). HF's MTP chains the
-  post-norm output instead; llama.cpp's choice is the one implemented (drafter.ChainedHeads);
+  and head k passes its own pre-norm output to head k + 1 (step35.cpp: ``t_h_nextn``). transformers' MtpModel
+  hands over the post-norm ones instead: ``mtp_hidden: postnorm`` selects that (not a GGUF key: llama.cpp has
+  only the first); the default is llama.cpp's, which the peer tests check (drafter.ChainedHeads);
 * files: head counts, sliding pattern and clamps are per-layer arrays over block_count (MTP blocks included);
   a layer is MoE when it has ``ffn_gate_inp`` (step35.cpp), HF says so with ``mlp_layer_types``.
 
@@ -75,6 +76,9 @@ class Step35Config(ModelConfig):
     swiglu_limits_shared: tuple[float, ...] = ()  # dense MLPs' and shared experts' clamp per block
     shared_intermediate_size: int = 0  # the shared expert's FFN size (0: moe_intermediate_size)
     use_qk_norm: bool = True
+    # the hidden the MTP heads are handed: "prenorm" (llama.cpp step35.cpp: the trunk's residual before the final
+    # norm, and each head's output before shared_head_norm) or "postnorm" (transformers' MtpModel: after them)
+    mtp_hidden: str = "prenorm"
     name: str = "step35"
 
     def __post_init__(self):
@@ -137,6 +141,9 @@ class Step35Config(ModelConfig):
         if self.num_sliding_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_sliding_attention_heads ({self.num_sliding_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.mtp_hidden not in ("prenorm", "postnorm"):
+            raise ValueError(f"mtp_hidden must be 'prenorm' (llama.cpp) or 'postnorm' (transformers), got "
+                             f"{self.mtp_hidden!r}")
         if self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
@@ -477,9 +484,9 @@ def _chunk(cache: KVCache | None, cfg: Step35Config) -> int | None:
     return min(rings) - cfg.sliding_window + 1 if rings else None
 
 
-def _head_logits(params: Step35Params, x, n_valid, logits: str, cfg: Step35Config):
-    """The final norm and the output head -> (normed h, logits or None)."""
-    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+def _head_logits(params: Step35Params, x, n_valid, logits: str, cfg: Step35Config, normed: bool = False):
+    """The final norm (unless ``normed``) and the output head -> (normed h, logits or None)."""
+    h = x if normed else rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     if logits == "all":
         return h, project_logits(output_weight(params), h)
     if logits == "last":
@@ -500,9 +507,9 @@ def _chunked(params: Step35Params, tokens, cache: KVCache, cfg: Step35Config, n_
         x, _, cache, _ = forward(params, piece, cache, cfg, jnp.clip(n_valid - c * C, 0, C), logits="none")
         return cache, x
 
-    cache, xs = jax.lax.scan(body, cache, jnp.arange(n))  # xs [n, B, C, D]
+    cache, xs = jax.lax.scan(body, cache, jnp.arange(n))  # xs [n, B, C, D] (the hidden forward hands the heads)
     x = xs.transpose(1, 0, 2, 3).reshape(B, n * C, -1)[:, :T]
-    return x, _head_logits(params, x, n_valid, logits, cfg)[1], cache, {}
+    return x, _head_logits(params, x, n_valid, logits, cfg, normed=cfg.mtp_hidden == "postnorm")[1], cache, {}
 
 
 def forward(params: Step35Params, tokens, cache: KVCache | None, cfg: Step35Config, n_valid=None,
@@ -545,12 +552,13 @@ def forward(params: Step35Params, tokens, cache: KVCache | None, cfg: Step35Conf
         if collect_stats:
             parts.setdefault(attr, []).append(st)
     h, out = _head_logits(params, x, n_valid, logits, cfg)
+    hidden = x if cfg.mtp_hidden == "prenorm" else h
     stats: dict[str, Any] = {}
     if collect_stats:
         stats = {a: jax.tree.map(lambda *xs: jnp.concatenate(xs), *p) for a, p in parts.items()}
         stats["top"] = {"lm_head": sum_squares(h, mask)}
     new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), lengths + n_valid)
-    return x, out, new_cache, stats
+    return hidden, out, new_cache, stats
 
 
 def head_forward(params: Step35Params, h, tokens, cache: KVCache | None, cfg: Step35Config, head: int = 0,
@@ -564,7 +572,7 @@ def head_forward(params: Step35Params, h, tokens, cache: KVCache | None, cfg: St
         return block(x, layer, positions, cfg_, mask, kv, lengths, collect, None, bid, swa)
 
     return mtp.nextn_forward(params, h, tokens, cache, cfg, head, n_valid, logits, collect_stats, block=run,
-                             chain_prenorm=True)
+                             chain_prenorm=cfg.mtp_hidden == "prenorm")
 
 
 def init_cache(cfg: Step35Config, batch: int, size: int, k_type: str | None = None,
