@@ -14,12 +14,12 @@ import pytest
 
 from mtp_jax import generate as plain
 from mtp_jax import model as M
-from mtp_jax import params as P
 from mtp_jax import speculative as SP
 from mtp_jax import synthetic
 from mtp_jax.config import load_config
 from mtp_jax.families.step35 import FULL, SWA, config_from_hf, config_to_hf
 from mtp_jax.io import hf
+from tests.helpers import numpy_init
 
 torch = pytest.importorskip("torch")
 tf_config = pytest.importorskip("transformers.models.step3p7.configuration_step3p7")
@@ -38,25 +38,6 @@ def unclamped(cfg):
 
 
 VARIANTS = {"tiny": CFG, "trunk-only": CFG.trunk_only(), "unclamped": unclamped(CFG)}
-
-
-def numpy_init(cfg, seed: int = 0, std: float = 0.02, norm_noise: float = 0.0, bias_noise: float = 0.0):
-    """params.init's tree and scales (normal(std) matrices, unit norms, zero router bias), drawn with numpy:
-    params.init compiles one jax.random call per distinct leaf shape, ~40 s for this family's many shapes on a
-    loaded 2-core CPU. ``norm_noise`` / ``bias_noise``: normal noise on every norm / on the router bias."""
-    rng = np.random.default_rng(seed)
-
-    def make(path, info):
-        name = path[-1].name
-        x = {"normal": lambda: std * rng.standard_normal(info.shape), "ones": lambda: np.ones(info.shape),
-             "zeros": lambda: np.zeros(info.shape)}[info.init]()
-        if name.endswith("norm"):
-            x = x + norm_noise * rng.standard_normal(info.shape)
-        elif name == "bias":
-            x = x + bias_noise * rng.standard_normal(info.shape)
-        return jnp.asarray(x, jnp.dtype(cfg.dtype))
-
-    return jax.tree_util.tree_map_with_path(make, P.abstract(cfg), is_leaf=lambda x: isinstance(x, P.ArrayInfo))
 
 
 # ---- the trunk against transformers --------------------------------------------------------------------------

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from mtp_jax import cli, speculative
-from mtp_jax import params as P
 from mtp_jax.config import load_config
 from mtp_jax.io import gguf as G
 from mtp_jax.io.load import load_model
 from mtp_jax.io.table import stacks
+from tests.helpers import numpy_init
 
 CFG = load_config("step35-tiny")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
@@ -21,7 +21,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("step35")
-    params = P.init(jax.random.key(1), CFG, std=0.08)
+    params = numpy_init(CFG, seed=1, std=0.08)
     paths = {part: d / f"{part}.gguf" for part in ("all", "trunk", "mtp")}
     for part, path in paths.items():
         G.write_gguf(path, CFG, params, part=part)
@@ -55,7 +55,7 @@ def test_mtp_head_file_beside_a_trunk_file_equals_the_combined_file(files):
 
 def test_mtp_head_for_another_trunk_is_one_clear_line(files, tmp_path, capsys):
     other = CFG.replace(sliding_window=3)
-    G.write_gguf(tmp_path / "mtp.gguf", other, P.init(jax.random.key(0), other), part="mtp")
+    G.write_gguf(tmp_path / "mtp.gguf", other, numpy_init(other), part="mtp")
     assert cli.main(["generate", "-m", str(files["trunk"]), "-md", str(tmp_path / "mtp.gguf"), "-K", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different trunk" in err and "Traceback" not in err
@@ -83,15 +83,17 @@ WIDE = dict(hidden_size=256, head_dim=128, num_attention_heads=2, num_sliding_at
 
 
 @pytest.mark.peer
-def test_imatrix_covers_the_three_heads_and_llama_quantize_iq2_xxs_accepts_it(peer, tmp_path):
+def test_imatrix_covers_the_heads_llama_quantize_takes_it_and_our_q4_k_m_is_its_bytes(peer, tmp_path):
     """The heads are driven as they draft (head k on head k-1's outputs, drafter.ChainedHeads.teacher_forced): every
     matmul of blk.5..7 gets an entry, and llama-quantize IQ2_XXS (which refuses any matrix without one) succeeds with
-    our imatrix and fails with it minus the heads' entries."""
+    our imatrix and fails with it minus the heads' entries; our Q4_K_M with it is llama-quantize's file, byte for
+    byte."""
     from mtp_jax import imatrix as IM
     from mtp_jax.io.imatrix_gguf import ImatrixData, write_imatrix_gguf
+    from mtp_jax.quant.gguf_quantize import quantize_gguf
 
     cfg = CFG.replace(**WIDE)
-    params = P.init(jax.random.key(2), cfg, std=0.05)
+    params = numpy_init(cfg, seed=2, std=0.05)
     model = G.write_gguf(tmp_path / "wide.gguf", cfg, params)
     tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, 4 * 32)
     col = IM.Collector(params, cfg, mtp=True, batch=2)
@@ -115,3 +117,9 @@ def test_imatrix_covers_the_three_heads_and_llama_quantize_iq2_xxs_accepts_it(pe
         assert (p.returncode == 0) == ok, out[-3000:]
         if not ok:
             assert f"Missing importance matrix for tensor blk.{L}." in out
+    # our quantizer writes llama-quantize's bytes for this arch too (its type policy covers attn_gate, the heads)
+    ours, ref = tmp_path / "q4km-ours.gguf", tmp_path / "q4km-llama.gguf"
+    quantize_gguf(model, ours, "Q4_K_M", imatrix=tmp_path / "imatrix-True.gguf", threads=1, progress=False)
+    p = peer.run("llama-quantize", "--imatrix", tmp_path / "imatrix-True.gguf", model, ref, "Q4_K_M", 1, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert ours.read_bytes() == ref.read_bytes()

@@ -87,7 +87,9 @@ def to_hf(params: P.Params, cfg: ModelConfig, fused_experts: bool = True, with_m
         if name is None:
             continue
         x = np.asarray(tree.get(params, slot.leaf), np.float32)
-        y = slot.spec.to_gguf(x if slot.index is None else x[slot.index]) - np.float32(slot.spec.hf_offset)
+        y = slot.spec.to_gguf(x if slot.index is None else x[slot.index])
+        if slot.spec.hf_offset:  # (only then: adding 0 would turn -0.0 into +0.0)
+            y = y - np.float32(slot.spec.hf_offset)
         fused = _fused(name)
         if slot.spec.hf_part is not None:  # one of several GGUF tensors cut from this HF tensor
             sd[name] = slot.spec.hf_part.put(y, sd.get(name))
@@ -142,7 +144,9 @@ def from_hf(sd: Mapping[str, np.ndarray], cfg: ModelConfig, load_mtp: bool = Tru
     bufs = {leaf: np.empty(tree.get(template, leaf).shape, np.float32) for leaf in tree.leaf_paths(template)}
     for slot in plan(cfg, template):
         dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
-        y = _hf_tensor(sd, slot, cfg.n_routed_experts) + np.float32(slot.spec.hf_offset)
+        y = _hf_tensor(sd, slot, cfg.n_routed_experts)
+        if slot.spec.hf_offset:  # (only then: adding 0 would turn -0.0 into +0.0)
+            y = y + np.float32(slot.spec.hf_offset)
         want = slot.spec.gguf_shape(dst.shape)
         if y.shape != want:
             raise KeyError(f"tensor {slot.hf_name} has shape {list(y.shape)}, expected {list(want)}")
