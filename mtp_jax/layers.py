@@ -28,6 +28,7 @@ from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import read_layer, ring_positions, rotated, write_block
 from mtp_jax.linear import linear
 from mtp_jax.params import Attention, Layer, MlaAttention, Mlp, Moe
+from mtp_jax.qweight import layer_dense
 
 Stats = dict[str, dict[str, jax.Array]]
 KV = tuple  # K stack, V stack [L, B, S, K, H] (arrays or kvcache.QuantStack), this layer's index
@@ -329,7 +330,7 @@ def _experts_by_row(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tup
 def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tuple[jax.Array, jax.Array]:
     """XLA: sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
     N, k = idx.shape
-    gate, up, down = at(p.gate, li), at(p.up, li), at(p.down, li)  # [E, ...] of this layer
+    gate, up, down = (layer_dense(w, li, x.dtype) for w in (p.gate, p.up, p.down))  # [E, ...] of this layer
     flat = idx.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
     xs = x[order // k]  # [N*k, D]

@@ -306,6 +306,19 @@ class QuantWeight:
         return jax.lax.switch(group, branches, index)
 
 
+def layer_dense(w: Any, li: jax.Array | int | None, dtype=jnp.float32) -> jax.Array:
+    """Layer li of a stacked weight in its logical layout without the layer axis: a quantized one's blocks
+    dequantized in the graph to ``dtype`` (e.g. for XLA's grouped matmuls); a float leaf is just indexed."""
+    if li is None or not is_quant(w):
+        return w if li is None else w[li]
+    if w.table or w.n_lead < 1:
+        raise ValueError(f"layer_dense: a stacked matrix is needed, got a quantized weight of shape {w.shape}")
+    m = w.layer(li, lambda a, j, t: dequantize(a[j], t))  # [*lead[1:], N, K]
+    lead = w.shape[1: w.n_lead]
+    ins, outs = w.shape[w.n_lead: w.n_lead + w.n_in], w.shape[w.n_lead + w.n_in:]
+    return jnp.swapaxes(m, -1, -2).reshape(*lead, *ins, *outs).astype(dtype)
+
+
 def is_quant(x: Any) -> bool:
     return isinstance(x, QuantWeight)
 

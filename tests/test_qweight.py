@@ -158,3 +158,18 @@ def test_sharding_quantized_weights_is_refused(f32_model):
     mesh = sharding.make_mesh(**sharding.parse_mesh(None, 2, cfg))
     with pytest.raises(ValueError, match="--dequantize"):
         sharding.shard_params(params, cfg, mesh)
+
+
+def test_xla_path_reads_a_mixed_type_stack(f32_model):
+    """Without the CPU kernels (the path accelerators take), a prefill routes enough tokens for XLA's grouped
+    matmuls over the whole layer's experts: a stack mixing Q4_K and Q6_K layers is dequantized per layer there."""
+    from mtp_jax import kernels
+
+    path = _quantized(f32_model, "Q4_K_M", pure=False)
+    cfg, kept = read_gguf(path, dtype="float32", quantized="keep")
+    _, host = read_gguf(path, dtype="float32", quantized="dequantize")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 512, (2, 16)), jnp.int32)  # 64 pairs > 8 experts / 2
+    with kernels.disabled():
+        got = model.forward(kept, tokens, None, cfg)[1]
+        want = model.forward(host, tokens, None, cfg)[1]
+    _close(np.asarray(got), np.asarray(want))
