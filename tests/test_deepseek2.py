@@ -182,13 +182,7 @@ def test_logits_match_llama_cpp(peer, tok, tmp_path, overrides):
     cfg, params = tiny(**overrides), random_params(0, **overrides)
     path = write_gguf(tmp_path / "m.gguf", cfg, params, "f32", tok)
     ids = tok.encode(PROMPT + " in the northern valley.")
-    theirs = peer.logits(path, ids)
-    _, ours, _, _ = M.forward(params, jnp.asarray([ids]), None, cfg)
-    ours = np.asarray(ours[0])
-    assert theirs.shape == ours.shape == (len(ids), cfg.vocab_size)
-    diff = np.abs(ours - theirs).max()
-    assert diff < LOGIT_TOL, f"max |logit diff| {diff:.3g} (logits up to {np.abs(ours).max():.3g})"
-    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    peer.logits_agree(path, cfg, params, ids, LOGIT_TOL)
 
 
 @pytest.mark.peer

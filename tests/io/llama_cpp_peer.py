@@ -84,6 +84,22 @@ def logits(model: Path, ids: list[int]) -> np.ndarray:
     return np.load(out)
 
 
+def logits_agree(model: Path, cfg, params, ids: list[int], tol: float) -> np.ndarray:
+    """Our trunk logits for ``ids`` equal llama.cpp's on ``model`` within ``tol`` and pick the same argmax at every
+    position -> llama.cpp's [len(ids), V]."""
+    import jax.numpy as jnp
+
+    from mtp_jax.model import forward
+
+    theirs = logits(model, ids)
+    ours = np.asarray(forward(params, jnp.asarray([ids]), None, cfg)[1][0])
+    assert theirs.shape == ours.shape == (len(ids), cfg.vocab_size)
+    diff = np.abs(ours - theirs).max()
+    assert diff < tol, f"max |logit diff| {diff:.3g} (logits up to {np.abs(ours).max():.3g})"
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    return theirs
+
+
 def convert_hf(src: Path, dst: Path, outtype: str) -> subprocess.CompletedProcess:
     """The vendored convert_hf_to_gguf.py (with its own gguf-py). Our tiny test tokenizers have no entry in
     its table of known pre-tokenizer hashes (get_vocab_base_pre), so the driver answers "glm4", the name it

@@ -5,12 +5,9 @@ NextN head computes what llama.cpp's graph_mtp computes."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mtp_jax.generate import generate
-from mtp_jax.model import forward
 from tests.io import llama_cpp_peer
 
 pytestmark = pytest.mark.peer
@@ -24,13 +21,7 @@ COMMON = llama_cpp_peer.COMMON
 def test_logits_match_llama_cpp(peer, random_model, tok):
     path, cfg, params = random_model
     ids = tok.encode(PROMPT + " in the northern valley.")
-    theirs = peer.logits(path, ids)
-    _, ours, _, _ = forward(params, jnp.asarray([ids]), None, cfg)
-    ours = np.asarray(ours[0])
-    assert theirs.shape == ours.shape == (len(ids), cfg.vocab_size)
-    diff = np.abs(ours - theirs).max()
-    assert diff < LOGIT_TOL, f"max |logit diff| {diff:.3g} (logits up to {np.abs(ours).max():.3g})"
-    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    peer.logits_agree(path, cfg, params, ids, LOGIT_TOL)
 
 
 def test_greedy_generation_matches_llama_completion(peer, random_model, tok):
