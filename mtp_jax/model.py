@@ -57,6 +57,18 @@ def project_logits(w: tuple[jax.Array, bool], h: jax.Array) -> jax.Array:
     return linear(h.astype(jnp.float32), w[0], trans=w[1])
 
 
+def select_logits(w: tuple[jax.Array, bool], h: jax.Array, n_valid: jax.Array, logits: str) -> jax.Array | None:
+    """``logits`` "all" [B, T, V] | "last" [B, 1, V] at each row's last valid token | "none" (None), through the
+    output weight ``w`` (as output_weight gives it) from the normed hidden h [B, T, D]."""
+    if logits == "all":
+        return project_logits(w, h)
+    if logits == "last":
+        return project_logits(w, take_last(h, n_valid))
+    if logits != "none":
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    return None
+
+
 def valid_mask(T: int, n_valid: jax.Array) -> jax.Array:
     """[B, T]: token t of row b is real (not right padding)."""
     return jnp.arange(T)[None, :] < n_valid[:, None]
@@ -107,13 +119,7 @@ def decoder_forward(
         if collect_stats:
             stats[name] = st
     h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    out = None
-    if logits == "all":
-        out = project_logits(output_weight(params), h)
-    elif logits == "last":
-        out = project_logits(output_weight(params), take_last(h, n_valid))
-    elif logits != "none":
-        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    out = select_logits(output_weight(params), h, n_valid, logits)
     if collect_stats:
         stats["top"] = {"lm_head": sum_squares(h, mask)}
     new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), lengths + n_valid)

@@ -23,7 +23,7 @@ from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import Stats, decoder_block, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
-from mtp_jax.model import output_weight, project_logits, take_last, valid_mask
+from mtp_jax.model import output_weight, select_logits, valid_mask
 from mtp_jax.params import Params
 
 
@@ -67,13 +67,7 @@ def nextn_forward(
     norm_w = params.final_norm if nn.shared_head_norm is None else nn.shared_head_norm
     out_h = rms_norm(x, norm_w, cfg.rms_norm_eps)
     w_head = output_weight(params) if nn.shared_head_head is None else (nn.shared_head_head, False)
-    out = None
-    if logits == "all":
-        out = project_logits(w_head, out_h)
-    elif logits == "last":
-        out = project_logits(w_head, take_last(out_h, n_valid))
-    elif logits != "none":
-        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    out = select_logits(w_head, out_h, n_valid, logits)
     if collect_stats:
         stats = stats | {"eh_proj": sum_squares(eh, mask), "shared_head_head": sum_squares(out_h, mask)}
     new_cache = None

@@ -46,7 +46,7 @@ from mtp_jax.io.validate import REQUIRED
 from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import at, attention, mlp, moe, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype
-from mtp_jax.model import output_weight, project_logits, take_last, valid_mask
+from mtp_jax.model import output_weight, select_logits, valid_mask
 from mtp_jax.params import ArrayInfo, pytree_dataclass
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.STEP35]  # "step35"
@@ -487,13 +487,7 @@ def _chunk(cache: KVCache | None, cfg: Step35Config) -> int | None:
 def _head_logits(params: Step35Params, x, n_valid, logits: str, cfg: Step35Config, normed: bool = False):
     """The final norm (unless ``normed``) and the output head -> (normed h, logits or None)."""
     h = x if normed else rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    if logits == "all":
-        return h, project_logits(output_weight(params), h)
-    if logits == "last":
-        return h, project_logits(output_weight(params), take_last(h, n_valid))
-    if logits != "none":
-        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-    return h, None
+    return h, select_logits(output_weight(params), h, n_valid, logits)
 
 
 def _chunked(params: Step35Params, tokens, cache: KVCache, cfg: Step35Config, n_valid, logits: str, C: int):
