@@ -139,12 +139,11 @@ class ChainedHeads:
         """Every used head on the same pairs at the same slots -> (head 0's output, its logits at the last pair,
         cache with lengths + n_valid)."""
         start = cache.lengths
-        first = None
-        for k in range(self._n):
-            g, lg, cache, _ = self._head()(params, h, tokens, cache.with_lengths(start), self.cfg, head=k,
-                                           n_valid=n_valid, logits="last" if k == 0 else "none")
-            first = (g, lg) if k == 0 else first
-        return first[0], first[1], cache
+        g, lg, cache, _ = self._head()(params, h, tokens, cache, self.cfg, head=0, n_valid=n_valid, logits="last")
+        for k in range(1, self._n):
+            cache = self._head()(params, h, tokens, cache.with_lengths(start), self.cfg, head=k, n_valid=n_valid,
+                                 logits="none")[2]
+        return g, lg, cache
 
     def prefill(self, params, state: ChainState, h, tokens, n_valid, trunk=None) -> ChainState:
         return dataclasses.replace(state, cache=self._all_heads(params, state.cache, shift_hidden(h), tokens,
