@@ -37,8 +37,9 @@ WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the 
 
 
 @partial(jax.jit, static_argnames=("cfg", "T", "head", "n"))
-def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int):
-    """n compiled calls of one piece (trunk or head forward over T tokens) on a cache, lengths reset each time."""
+def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int, trunk=None):
+    """n compiled calls of one piece (trunk or head forward over T tokens) on a cache, lengths reset each time
+    (``trunk``: the trunk cache a head reads, for a drafter that attends into it: Gemma-4's assistant)."""
     B = cache.lengths.shape[0]
     L = cache.lengths
     toks = jnp.ones((B, T), jnp.int32)
@@ -46,7 +47,7 @@ def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int):
 
     def body(_, c):
         if head:  # the drafter's catch-up over T pending pairs (T = 1: one draft step)
-            _, lg, c = drafter.of(cfg).catch_up(params, c, h, toks, jnp.full((B,), T, jnp.int32))
+            _, lg, c = drafter.of(cfg).catch_up(params, c, h, toks, jnp.full((B,), T, jnp.int32), trunk)
         else:
             _, lg, c, _ = forward(params, toks, c, cfg, logits="all")
         return c.with_lengths(L + (lg[0, 0, 0] > 1e30).astype(jnp.int32))  # keep the logits live
@@ -58,16 +59,17 @@ def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n
                types: KVTypes = KVTypes()) -> float:
     """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
     size = ctx + T + 8
-    if head:
-        cache = drafter.of(cfg).init_cache(B, size, types.k_draft, types.v_draft)
-    else:
-        cache = init_trunk_cache(cfg, B, size, types.k, types.v)
-    cache = sharding.place_rows(cache.with_lengths(jnp.full((B,), ctx)), sharding.mesh_of(params))
-    jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))  # compile
+    mesh = sharding.mesh_of(params)
+    trunk = sharding.place_rows(init_trunk_cache(cfg, B, size, types.k, types.v).with_lengths(jnp.full((B,), ctx)),
+                                mesh)
+    cache = drafter.of(cfg).init_cache(B, size, types.k_draft, types.v_draft) if head else trunk
+    cache = sharding.place_rows(cache.with_lengths(jnp.full((B,), ctx)), mesh)
+    trunk = trunk if head else None
+    jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n, trunk))  # compile
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n))
+        jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n, trunk))
         best = min(best, (time.perf_counter() - t0) / n)
     return best
 

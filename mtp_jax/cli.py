@@ -44,7 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the embedded trained model")
     p.add_argument("--mtp-head", "-md", default=None, metavar="FILE",
                    help="take the MTP (NextN) heads from FILE, e.g. an MTP-only GGUF (convert --mtp) beside a "
-                        "trunk-only model (convert --no-mtp); the MTP tensors are read only when drafting")
+                        "trunk-only model (convert --no-mtp), or Gemma 4's assistant drafter (a gemma4-assistant "
+                        "GGUF); the MTP tensors are read only when drafting")
     p.add_argument("--config", default=None, help="same as --model with a config (kept for scripts)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of random weights for a config (default 0)")
     p.add_argument("--dequantize", action="store_true",
@@ -229,16 +230,23 @@ def cmd_imatrix(args) -> int:
     regular_file(args.file, ValueError)  # before the model is loaded, as is the output directory
     if not Path(args.output).absolute().parent.is_dir():
         raise ValueError(f"output directory {Path(args.output).absolute().parent} does not exist")
-    cfg, params, tok = load_model(args.model or default_model(), check_finite=not args.no_check_finite)
+    cfg, params, tok = load_model(args.model or default_model(), check_finite=not args.no_check_finite,
+                                  mtp_head=args.mtp_head)
     if tok is None:
         raise ValueError(f"{args.model} has no tokenizer: imatrix needs one to tokenize {args.file}")
+    head_out = args.head_output or str(Path(args.output).with_name(Path(args.output).stem + "-head.gguf"))
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
     bos = tok.bos_id if tok.add_bos else None
     chunks = IM.make_chunks(tok.encode(text, add_special=True), args.chunk_size, bos, args.chunks)
     col = IM.Collector(params, cfg, mtp=not args.no_mtp, process_output=args.process_output, batch=args.batch)
     datasets = [Path(args.file).name]
-    save = lambda: write_imatrix_gguf(col.result(args.chunk_size, datasets, not args.no_neutral_lookups),  # noqa: E731
-                                      args.output)
+
+    def save():
+        head = col.head_result(args.chunk_size, datasets)  # a drafter in a file of its own: an imatrix of its own
+        if head is not None:
+            write_imatrix_gguf(head, head_out)
+        return write_imatrix_gguf(col.result(args.chunk_size, datasets, not args.no_neutral_lookups), args.output)
+
     t0 = time.perf_counter()
     bar = tqdm(total=len(chunks), unit="chunk", desc="imatrix", disable=args.quiet)
     for n_batches, i in enumerate(range(0, len(chunks), args.batch), start=1):
@@ -251,8 +259,9 @@ def cmd_imatrix(args) -> int:
     path = save()
     dt = time.perf_counter() - t0
     mtp = f", NextN head perplexity {col.mtp_perplexity:.3f}" if col.mtp_perplexity else ""
+    head = f"; the drafter's {len(col.head_sums)} tensors -> {head_out}" if col.head_sums else ""
     print(f"{col.chunks} chunks x {args.chunk_size} tokens in {dt:.1f} s ({col.chunks * args.chunk_size / dt:.0f} tok/s), "
-          f"perplexity {col.perplexity:.3f}{mtp}; {len(col.sums)} tensors with statistics -> {path}")
+          f"perplexity {col.perplexity:.3f}{mtp}; {len(col.sums)} tensors with statistics -> {path}{head}")
     return 0
 
 
@@ -470,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--model", "-m", default=None, help="GGUF / HF dir / orbax dir (default: the embedded model)")
     im.add_argument("-f", "--file", required=True, help="text file to collect over")
     im.add_argument("-o", "--output", default="imatrix.gguf", help="output imatrix GGUF (default imatrix.gguf)")
+    im.add_argument("--mtp-head", "-md", default=None, metavar="FILE",
+                    help="the MTP heads' file beside a trunk-only model, or Gemma 4's assistant drafter (whose "
+                         "statistics, driven as while drafting, go to an imatrix of its own: --head-output)")
+    im.add_argument("--head-output", default=None, metavar="FILE",
+                    help="the imatrix of a drafter that is a file of its own (Gemma 4's assistant); default: "
+                         "OUTPUT with -head before .gguf")
     im.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk (llama-imatrix -c, default 512)")
     im.add_argument("--chunks", type=int, default=None, help="use at most this many chunks")
     im.add_argument("--batch", "-b", type=int, default=1, help="chunks per forward (any size; default 1)")

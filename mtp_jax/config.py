@@ -98,7 +98,7 @@ class ModelConfig:
                              f"for head_dim {self.head_dim}; it must be even and positive")
         if self.num_dense_layers and self.intermediate_size <= 0:
             raise ValueError("intermediate_size must be positive when there are dense layers")
-        if self.num_moe_layers or self.has_mtp:  # the NextN block is a MoE block (llama.cpp graph_mtp asserts it)
+        if self.num_moe_layers or self.num_nextn_predict_layers:  # a NextN block is a MoE block (llama.cpp graph_mtp)
             if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
                 raise ValueError("MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
             if not 0 < self.num_experts_per_tok <= self.n_routed_experts:

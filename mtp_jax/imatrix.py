@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import drafter
+from mtp_jax import drafter, families
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree
 from mtp_jax.io.imatrix_gguf import ImatrixData
@@ -105,7 +105,7 @@ def stats_to_entries(stats, params: Params, cfg: ModelConfig, process_output: bo
                 add(names.get((stack, key, j)), _entry(st["sum2"][j], st["count"][j]))
     for key, st in stats.get("top", {}).items():
         add(names.get(("top", key)), _entry(st["sum2"], st["count"]))
-    for n, head in enumerate(stats.get("nextn", ())):
+    for n, head in enumerate(stats.get("nextn", ()) if isinstance(params.nextn, tuple) else ()):
         for key, st in head.items():
             name = names.get(("nextn", n, key))
             if name is None and key == "shared_head_head":
@@ -130,6 +130,7 @@ class Collector:
     process_output: bool = False
     batch: int = 1  # chunks per forward; every call has this shape (one compile)
     sums: dict = field(default_factory=dict)
+    head_sums: dict = field(default_factory=dict)  # a drafter with a file of its own (Gemma-4's assistant): its entries
     chunks: int = 0
     nll_sum: float = 0.0
     nll_count: int = 0
@@ -152,12 +153,11 @@ class Collector:
         padded[:n] = tokens
         n_valid = np.where(np.arange(self.batch) < n, T, 0).astype(np.int32)
         stats, nll, mtp_nll = chunk_stats(self.params, jnp.asarray(padded), jnp.asarray(n_valid), self.cfg, self.mtp)
-        for name, (s, c) in stats_to_entries(jax.device_get(stats), self.params, self.cfg,
-                                             self.process_output).items():
-            if name in self.sums:
-                s0, c0 = self.sums[name]
-                s, c = s0 + s, c0 + c
-            self.sums[name] = (s, c)
+        stats = jax.device_get(stats)
+        _accumulate(self.sums, stats_to_entries(stats, self.params, self.cfg, self.process_output))
+        head_imatrix = families.of(self.cfg).head_imatrix
+        if self.mtp and head_imatrix is not None:
+            _accumulate(self.head_sums, head_imatrix(stats["nextn"][0], self.params, self.cfg))
         half = np.asarray(nll, np.float64)[:n, T // 2:]
         self.nll_sum += float(half.sum())
         self.nll_count += half.size
@@ -176,6 +176,14 @@ class Collector:
         """The NextN head's perplexity at predicting t_{j+1} from (h_{j-1}, t_j), over whole chunks."""
         return float(np.exp(self.mtp_nll_sum / self.mtp_count)) if self.mtp_count else None
 
+    def head_result(self, chunk_size: int, datasets: list[str]) -> ImatrixData | None:
+        """The drafter's own imatrix, for a drafter that is a file of its own (None otherwise)."""
+        if not self.head_sums:
+            return None
+        return ImatrixData({k: v[0].astype(np.float32) for k, v in self.head_sums.items()},
+                           {k: v[1].astype(np.float32) for k, v in self.head_sums.items()}, datasets=list(datasets),
+                           chunk_count=self.chunks, chunk_size=chunk_size, metadata={KEY_MTP: True})
+
     def result(self, chunk_size: int, datasets: list[str], neutral_lookups: bool = True) -> ImatrixData:
         in_sum2 = {k: v[0].astype(np.float32) for k, v in self.sums.items()}
         counts = {k: v[1].astype(np.float32) for k, v in self.sums.items()}
@@ -191,6 +199,14 @@ class Collector:
                 meta[KEY_NEUTRAL] = names
         return ImatrixData(in_sum2, counts, datasets=list(datasets), chunk_count=self.chunks, chunk_size=chunk_size,
                            metadata=meta)
+
+
+def _accumulate(into: dict, entries: dict) -> None:
+    for name, (s, c) in entries.items():
+        if name in into:
+            s0, c0 = into[name]
+            s, c = s0 + s, c0 + c
+        into[name] = (s, c)
 
 
 def make_chunks(tokens: np.ndarray, chunk_size: int, bos_id: int | None, max_chunks: int | None = None) -> np.ndarray:

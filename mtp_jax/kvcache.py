@@ -78,11 +78,12 @@ def _stack(n: int, batch: int, size: int, dims: tuple[int, int] | None, kind: st
 
 
 def stacked_cache(stacks: tuple[int, ...], batch: int, size: int, cfg: ModelConfig, k_type: str | None = None,
-                  v_type: str | None = None) -> KVCache:
-    """One K and one V stack per entry of ``stacks`` (its layer count; 0 gives None), entries as cache_dims says."""
+                  v_type: str | None = None, dims: tuple[int, int] | None = None) -> KVCache:
+    """One K and one V stack per entry of ``stacks`` (its layer count; 0 gives None), entries as cache_dims says
+    (``dims``: (heads, dim) of both K and V instead, for a family whose layer kinds differ in them)."""
     kvquant.check_type(k_type, "K cache type")
     kvquant.check_type(v_type, "V cache type")
-    k_dims, v_dims = cfg.cache_dims()
+    k_dims, v_dims = cfg.cache_dims() if dims is None else (dims, dims)
     if v_dims is None and v_type not in (None, k_type):
         raise ValueError(f"{cfg.name} caches one latent entry per token, read as K and V (MLA): the V cache type "
                          f"({v_type}) must be unset or equal the K cache type ({k_type})")

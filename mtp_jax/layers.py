@@ -265,10 +265,11 @@ def mla_attention(
     return y, kv, stats
 
 
-def swiglu(g: jax.Array, u: jax.Array, limit: jax.Array | float | None = None) -> jax.Array:
+def swiglu(g: jax.Array, u: jax.Array, limit: jax.Array | float | None = None, act: str = "silu") -> jax.Array:
     """silu(g) * u, or with a clamp limit L > 0: min(silu(g), L) * clip(u, -L, L) (HF Step3p7MLP, llama.cpp
-    llama-graph.cpp build_ffn / build_moe_ffn with swiglu_clamp_*; L <= 1e-6 means no clamp, as there)."""
-    a = jax.nn.silu(g)
+    llama-graph.cpp build_ffn / build_moe_ffn with swiglu_clamp_*; L <= 1e-6 means no clamp, as there).
+    ``act="gelu"``: GeGLU, gelu(g) * u with the tanh approximation (HF gelu_pytorch_tanh, ggml_geglu: Gemma)."""
+    a = jax.nn.gelu(g, approximate=True) if act == "gelu" else jax.nn.silu(g)
     if limit is None:
         return a * u
     lim = jnp.where(limit > 1e-6, limit, jnp.inf).astype(a.dtype)
@@ -276,9 +277,11 @@ def swiglu(g: jax.Array, u: jax.Array, limit: jax.Array | float | None = None) -
 
 
 def mlp(x: jax.Array, p: Mlp, mask: jax.Array, collect_stats: bool = False, prefix: str = "ffn.",
-        li: jax.Array | int | None = None, limit: jax.Array | float | None = None) -> tuple[jax.Array, Stats]:
-    """SwiGLU: down(silu(x @ gate) * (x @ up)), clamped when ``limit`` is given (``swiglu``). x [B, T, D]."""
-    h = swiglu(linear(x, p.gate, li), linear(x, p.up, li), limit)
+        li: jax.Array | int | None = None, limit: jax.Array | float | None = None,
+        act: str = "silu") -> tuple[jax.Array, Stats]:
+    """SwiGLU: down(silu(x @ gate) * (x @ up)), clamped when ``limit`` is given (``swiglu``; ``act="gelu"``:
+    GeGLU). x [B, T, D]."""
+    h = swiglu(linear(x, p.gate, li), linear(x, p.up, li), limit, act)
     y = linear(h, p.down, li)
     stats: Stats = {}
     if collect_stats:
@@ -316,18 +319,18 @@ def route(x: jax.Array, p: Moe, cfg: ModelConfig, li: jax.Array | int | None = N
     return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
-def _experts_by_row(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tuple[jax.Array, jax.Array]:
+def _experts_by_row(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None, act="silu") -> tuple[jax.Array, jax.Array]:
     """Each (token, expert) pair is a row of ``linear`` with its expert id: the CPU kernel reads each distinct
     expert once per call, in place; XLA gathers the picked experts' weights (worth it for few tokens only).
     x [N, D] -> (out [N, k, D], h [N, k, F])."""
     N, k = idx.shape
     rows = jnp.repeat(x, k, axis=0)  # [N*k, D] row n*k + j pairs token n with its j-th expert
     e = idx.reshape(-1)
-    h = swiglu(linear(rows, p.gate, li, e), linear(rows, p.up, li, e), limit)  # [N*k, F]
+    h = swiglu(linear(rows, p.gate, li, e), linear(rows, p.up, li, e), limit, act)  # [N*k, F]
     return linear(h, p.down, li, e).reshape(N, k, -1), h.reshape(N, k, -1)
 
 
-def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tuple[jax.Array, jax.Array]:
+def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None, act="silu") -> tuple[jax.Array, jax.Array]:
     """XLA: sort the (token, expert) pairs by expert and run grouped matmuls (prefill / verify: many tokens)."""
     N, k = idx.shape
     gate, up, down = (layer_dense(w, li, x.dtype) for w in (p.gate, p.up, p.down))  # [E, ...] of this layer
@@ -335,25 +338,27 @@ def _experts_ragged(x: jax.Array, idx: jax.Array, p: Moe, li, limit=None) -> tup
     order = jnp.argsort(flat, stable=True)
     xs = x[order // k]  # [N*k, D]
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-    h = swiglu(jax.lax.ragged_dot(xs, gate, sizes), jax.lax.ragged_dot(xs, up, sizes), limit)  # [N*k, F]
+    h = swiglu(jax.lax.ragged_dot(xs, gate, sizes), jax.lax.ragged_dot(xs, up, sizes), limit, act)  # [N*k, F]
     y = jax.lax.ragged_dot(h, down, sizes)  # [N*k, D]
     inv = jnp.argsort(order)
     return y[inv].reshape(N, k, -1), h[inv].reshape(N, k, -1)
 
 
 def moe(x: jax.Array, p: Moe, cfg: ModelConfig, mask: jax.Array, collect_stats: bool = False,
-        li: jax.Array | int | None = None, limit=None, shared_limit=None) -> tuple[jax.Array, Stats]:
+        li: jax.Array | int | None = None, limit=None, shared_limit=None, act: str = "silu",
+        routing: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, Stats]:
     """Routed experts (weighted sum) + shared expert, their SwiGLUs clamped by ``limit`` / ``shared_limit`` when
-    given. x [B, T, D]."""
+    given (``act="gelu"``: GeGLU experts). x [B, T, D]. ``routing``: the (idx [B*T, k], weights) of a family's own
+    router (``route`` otherwise)."""
     B, T, D = x.shape
     xf = x.reshape(B * T, D)
-    idx, w = route(xf, p, cfg, li)
+    idx, w = route(xf, p, cfg, li) if routing is None else routing
     # without the kernel, gathering copies one expert's weights per (token, expert) pair; past E/2 pairs that
     # traffic (a copy written and read) exceeds reading every expert once, so XLA's grouped matmuls win
     n_pairs = B * T * cfg.num_experts_per_tok
     few = kernels.use_cpu_kernels() or 2 * n_pairs <= cfg.n_routed_experts
     experts = _experts_by_row if few else _experts_ragged
-    out, h = experts(xf, idx, p, li, limit)
+    out, h = experts(xf, idx, p, li, limit, act)
     y = jnp.einsum("nkd,nk->nd", out, w.astype(out.dtype)).reshape(B, T, D)
     stats: Stats = {}
     if p.shared is not None:

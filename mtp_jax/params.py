@@ -33,7 +33,7 @@ def pytree_dataclass(cls):
 class ArrayInfo:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, one per dim
-    init: str = "normal"  # "normal" (std 0.02), "ones", "zeros"
+    init: str = "normal"  # "normal" (std 0.02), "ones", "zeros", "permutation" (int32 ids 0..n-1 shuffled)
 
 
 def _is_info(x: Any) -> bool:
@@ -234,6 +234,7 @@ def init(key: jax.Array, cfg: ModelConfig, std: float = 0.02) -> Params:
         "normal": lambda k, s: (std * jax.random.normal(k, s, jnp.float32)).astype(dt),
         "ones": lambda k, s: jnp.ones(s, dt),
         "zeros": lambda k, s: jnp.zeros(s, dt),
+        "permutation": lambda k, s: jax.random.permutation(k, s[0]).astype(jnp.int32),  # token ids (an ordering)
     }
     return jax.tree.unflatten(treedef, [makers[i.init](k, i.shape) for k, i in zip(keys, leaves)])
 

@@ -20,6 +20,7 @@ from mtp_jax.imatrix import Collector
 from mtp_jax.io import tree
 from mtp_jax.io.gguf import read_gguf, write_gguf
 from mtp_jax.io.hf import from_hf, read_hf, to_hf, write_hf
+from mtp_jax.io.load import load_model
 from mtp_jax.io.orbax import load_orbax, save_orbax
 from mtp_jax.io.table import plan, stacks
 
@@ -33,6 +34,14 @@ def fam(request):
     cfg = load_config(f.tiny)
     params = P.init(jax.random.key(0), cfg, std=0.08)
     return f, cfg, params
+
+
+def _trunk(f, cfg, params):
+    """What the trunk's own files hold: a family whose drafter is a model of its own (Gemma-4's assistant) keeps
+    it in another file (tested by test_gguf_round_trip through --mtp-head)."""
+    if f.read_head is None:
+        return cfg, params
+    return cfg.trunk_only(), None if params is None else dataclasses.replace(params, nextn=None)
 
 
 def _assert_same(a, b):
@@ -53,6 +62,7 @@ def test_registry_finds_the_family(fam):
 def test_config_round_trips(fam):
     f, cfg, _ = fam
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    cfg, _ = _trunk(f, cfg, None)
     hf = f.config_to_hf(cfg)
     assert hf["model_type"] in f.hf_model_types and hf["architectures"] == [f.hf_architecture]
     assert cfg.from_hf_dict(hf, cfg.dtype).replace(name=cfg.name) == cfg
@@ -60,7 +70,7 @@ def test_config_round_trips(fam):
 
 def test_tensor_table_covers_every_leaf_once(fam):
     """Every parameter leaf (each layer of a stack) is filled by exactly one GGUF tensor and one HF name."""
-    _, cfg, params = fam
+    cfg, params = _trunk(*fam)
     slots = list(plan(cfg, tree.template_of(cfg, params)))
     names = [s.name for s in slots]
     assert len(names) == len(set(names))
@@ -97,15 +107,19 @@ def test_greedy_mtp_equals_plain_greedy(fam, K):
 
 
 def test_gguf_round_trip(fam, tmp_path):
-    _, cfg, params = fam
+    f, cfg, params = fam
     path = write_gguf(tmp_path / "m.gguf", cfg, params, outtype="f32")
-    cfg2, params2 = read_gguf(path)
+    if f.read_head is not None:  # the trunk's file, then the drafter's own, read back together
+        head = write_gguf(tmp_path / "head.gguf", cfg, params, outtype="f32", part="mtp")
+        cfg2, params2, _ = load_model(path, mtp_head=head)
+    else:
+        cfg2, params2 = read_gguf(path)
     assert cfg2.replace(name=cfg.name) == cfg
     _assert_same(params, params2)
 
 
 def test_hf_round_trip_both_expert_layouts(fam, tmp_path):
-    _, cfg, params = fam
+    cfg, params = _trunk(*fam)
     for fused in (True, False):
         _assert_same(params, from_hf(to_hf(params, cfg, fused_experts=fused), cfg))
     cfg2, params2 = read_hf(write_hf(tmp_path / "hf", cfg, params, dtype="float32"))
@@ -120,16 +134,25 @@ def test_orbax_round_trip(fam, tmp_path):
     _assert_same(params, params2)
 
 
-def test_imatrix_covers_every_matmul_of_the_heads(fam):
-    """Every blk.N weight matrix of the trunk and the heads gets an entry (llama-imatrix's filter: blk.*)."""
-    _, cfg, params = fam
+def test_imatrix_covers_every_matmul_of_the_heads(fam, tmp_path):
+    """Every blk.N weight matrix of the trunk and the heads gets an entry (llama-imatrix's filter: blk.*); a drafter
+    in a file of its own gets an imatrix of its own, with an entry for every matrix of that file."""
+    f, cfg, params = fam
     col = Collector(params, cfg, batch=2)
     col.add(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 16)).astype(np.int32))
-    want = {s.name for s in plan(cfg, tree.template_of(cfg, params))
+    trunk_cfg, trunk = _trunk(f, cfg, params)
+    want = {s.name for s in plan(trunk_cfg, tree.template_of(trunk_cfg, trunk))
             if s.name.startswith("blk.") and s.spec.n_in is not None}
     assert want <= set(col.sums)
-    head = f"blk.{cfg.num_hidden_layers}."
-    assert any(n.startswith(head) for n in col.sums)
+    if f.read_head is None:
+        head = f"blk.{cfg.num_hidden_layers}."
+        assert any(n.startswith(head) for n in col.sums)
+        return
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    reader = GGUFReader(write_gguf(tmp_path / "head.gguf", cfg, params, outtype="f32", part="mtp"))
+    matrices = {t.name for t in reader.tensors if len(t.shape) >= 2 and t.tensor_type != GGMLQuantizationType.I32}
+    assert matrices and matrices == set(col.head_sums)
 
 
 def test_model_without_head_decodes_plain(fam):

@@ -14,7 +14,8 @@ generic tests in tests/test_families.py run over every registered family):
 * ``tiny``: the name of a bundled tiny config the generic tests instantiate;
 * optionally ``stacks`` (the trunk's layer stacks: Params attribute, GGUF block ids, MoE; default: dense lead
   layers then MoE layers, io.table.decoder_stacks) and ``init_cache`` (the trunk's KV cache; default
-  kvcache.decoder_cache), for a family whose layers do not fit two stacks (per-layer head counts, windows).
+  kvcache.decoder_cache), for a family whose layers do not fit two stacks (per-layer head counts, windows), and
+  ``constant_tensors`` (GGUF tensors that are functions of the config, such as gemma4's ``rope_freqs``).
 
 Shared and family-agnostic: layers, ``linear``, the KV cache, sampling, the loop, imatrix, I/O, quantizer, CLI.
 """
@@ -25,7 +26,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-_MODULES = ("glm4moe", "deepseek2", "step35")  # imported on first lookup (they import the model code, which imports this package)
+# imported on first lookup (they import the model code, which imports this package)
+_MODULES = ("glm4moe", "deepseek2", "step35", "gemma4")
 ARCHS = frozenset(_MODULES)  # a family's module is named after its GGUF arch (register checks it): known without jax
 
 
@@ -49,6 +51,14 @@ class Family:
     tiny: str  # a bundled config name for tests
     stacks: Callable[[Any], list] | None = None  # (cfg) -> [(attr, block ids, moe)] (None: io.table.decoder_stacks)
     init_cache: Callable[..., Any] | None = None  # kvcache.init_trunk_cache's signature (None: decoder_cache)
+    # a drafter that is a model file of its own (Gemma-4's assistant): the trunk's files never hold it;
+    # read_head(path, cfg, dtype, check_finite) -> (cfg with it, its params), write_head(path, cfg, params, outtype,
+    # tokenizer) -> path
+    read_head: Callable[..., Any] | None = None
+    write_head: Callable[..., Any] | None = None
+    head_imatrix: Callable[..., dict] | None = None  # (head stats, params, cfg) -> {its file's tensor: entry}
+    constant_tensors: Callable[[Any], dict] | None = None  # (cfg) -> {GGUF name: array} its files hold beside the
+    # table's tensors, functions of the config (gemma4's rope_freqs); written by write_gguf, checked by the reader
 
     def __repr__(self) -> str:
         return f"Family({self.arch!r})"

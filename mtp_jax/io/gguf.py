@@ -253,6 +253,15 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Any = "") -> 
             raise GGUFError(f"{path}: tensor {slot.name} has type {t.tensor_type.name}, which gguf-py cannot "
                             f"dequantize")
         expected.add(slot.name)
+    for name, want_values in (fam.constant_tensors(cfg) if fam.constant_tensors else {}).items():
+        t = tensors.get(name)
+        if t is None:
+            raise GGUFError(f"{path}: missing tensor {name}")
+        got_values = np.asarray(t.data, np.float32).reshape(-1) if t.tensor_type == GGMLQuantizationType.F32 else None
+        if got_values is None or got_values.shape != want_values.shape or not np.array_equal(got_values, want_values):
+            raise GGUFError(f"{path}: tensor {name} does not hold what the metadata implies ({fam.arch} "
+                            f"constant_tensors)")
+        expected.add(name)
     for name in tensors.keys() - expected:
         m = _BLOCK.match(name)
         why = (f"; nextn_predict_layers = {cfg.num_nextn_predict_layers} makes blk.{m[1]} a trunk layer"
@@ -405,6 +414,15 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
     """
     if part not in ("all", "trunk", "mtp"):
         raise GGUFError(f"part must be 'all', 'trunk' or 'mtp', got {part!r}")
+    from mtp_jax import families
+
+    fam = families.of(cfg)
+    if fam.write_head is not None:  # the drafter is a model file of its own (another arch): part="mtp" writes it
+        if outtype not in OUTTYPES:
+            raise GGUFError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
+        if part == "mtp":
+            return fam.write_head(path, cfg, params, outtype, tokenizer)
+        cfg, params = cfg.trunk_only(), dataclasses.replace(params, nextn=None)
     if split_max_tensors < 0:
         raise GGUFError(f"split_max_tensors must be >= 0, got {split_max_tensors}")
     if outtype not in OUTTYPES:
@@ -432,9 +450,6 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
     slots = list(plan(cfg, template))
     stem = path.name[:-len(".gguf")] if path.name.endswith(".gguf") else path.name
     tmp = path.with_name(f".{stem}.tmp-{os.getpid()}.gguf")  # shards get gguf-py's -0000k-of-0000n suffix
-    from mtp_jax import families
-
-    fam = families.of(cfg)
     w = gguf.GGUFWriter(tmp, fam.arch, split_max_tensors=split_max_tensors)
     written: list[tuple[Path, Path]] = []
     try:
@@ -444,6 +459,7 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
         else:
             w.add_tokenizer_model("none")
         _write_special_ids(w, cfg, tokenizer)
+        consts = fam.constant_tensors(cfg) if fam.constant_tensors and part != "mtp" else {}
         types = []
         for s in slots:
             x = host[s.leaf] if s.index is None else host[s.leaf][s.index]
@@ -451,6 +467,8 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
             types.append(s.spec.ggml_type(s.name, len(shape), qtype))
             bs, ts = GGML_QUANT_SIZES[types[-1]]
             w.add_tensor_info(s.name, shape, np.dtype(np.float32), math.prod(shape) // bs * ts, raw_dtype=types[-1])
+        for name, x in consts.items():
+            w.add_tensor_info(name, x.shape, np.dtype(np.float32), x.nbytes, raw_dtype=GGMLQuantizationType.F32)
         w.write_header_to_file()
         _split_keys_in_llama_order(w)
         w.write_kv_data_to_file()
@@ -458,6 +476,8 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
         for s, ty in zip(slots, types):
             x = host[s.leaf] if s.index is None else host[s.leaf][s.index]
             w.write_tensor_data(_encode(s.spec.to_gguf(x), ty))
+        for x in consts.values():
+            w.write_tensor_data(x)
         shards = w.format_shard_names(tmp)
         w.close()
         if len(shards) == 1:

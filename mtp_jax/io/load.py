@@ -66,6 +66,12 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
     one, as llama.cpp's converter writes them with --mtp / --no-mtp); ignored when ``load_mtp`` is False."""
     if mtp_head is not None and load_mtp:
         cfg, params, tok = load_model(spec, dtype, False, seed, check_finite, quantized)
+        from mtp_jax import families
+
+        fam = families.of(cfg)
+        if fam.read_head is not None:  # a drafter model of its own (Gemma-4's assistant)
+            cfg, head = fam.read_head(mtp_head, cfg.trunk_only(), cfg.dtype, check_finite)
+            return cfg, dataclasses.replace(params, nextn=head), tok
         head_cfg, head, _ = load_model(mtp_head, cfg.dtype, True, seed, check_finite, quantized)
         return (*attach_head(cfg, params, head_cfg, head, mtp_head), tok)
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)

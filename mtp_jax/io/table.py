@@ -150,7 +150,7 @@ def plan(cfg: Any, template: Any) -> Iterator[Slot]:
         for s in fam.layer_specs(cfg, moe):
             if _get(getattr(template, attr), s.path) is not None:
                 yield Slot(s.name(bid), s, (attr, *s.path), j, bid)
-    for n, nn in enumerate(template.nextn or ()):
+    for n, nn in enumerate(template.nextn if isinstance(template.nextn, tuple) else ()):  # (not an assistant's)
         b = cfg.num_hidden_layers + n
         moe = getattr(nn.layer.ffn, "router", None) is not None  # a head's block may have a dense MLP (step35)
         for s in fam.layer_specs(cfg, moe):

@@ -31,6 +31,8 @@ def template(cfg: ModelConfig, nextn_present: set[str] | None = None, load_mtp: 
     t = P.abstract(cfg)
     if t.nextn is None or not load_mtp:
         return dataclasses.replace(t, nextn=None)
+    if not isinstance(t.nextn, tuple):  # a drafter model of its own (Gemma-4's assistant), read from its own file
+        return t
     keep = set(NEXTN_OPTIONAL) if nextn_present is None else nextn_present
     D, V = cfg.hidden_size, cfg.vocab_size
     opt = {"shared_head_norm": P.ArrayInfo((D,), ("norm",), "ones"),
@@ -43,7 +45,7 @@ def template(cfg: ModelConfig, nextn_present: set[str] | None = None, load_mtp: 
 
 def nextn_present(params: P.Params) -> set[str]:
     """The optional NextN tensors a Params holds."""
-    nextn = params.nextn or ()
+    nextn = params.nextn if isinstance(params.nextn, tuple) else ()
     return {k for k in NEXTN_OPTIONAL if nextn and getattr(nextn[0], k) is not None}
 
 

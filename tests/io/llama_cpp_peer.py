@@ -180,7 +180,8 @@ def spec_steps(stderr: str) -> list[tuple[list[int], int, int]]:
     return steps
 
 
-def draft_mtp_agrees(path: Path, cfg, params, tok, tmp: Path, K: int = 3, n_predict: int = 48) -> np.ndarray:
+def draft_mtp_agrees(path: Path, cfg, params, tok, tmp: Path, K: int = 3, n_predict: int = 48,
+                     draft_model: Path | None = None) -> np.ndarray:
     """Greedy draft-mtp with K drafts, ours vs llama-speculative-simple: same text, same drafted tokens, same
     accepted count at every step (asserted). Returns the histogram of llama's accepted counts [K + 1].
 
@@ -188,7 +189,8 @@ def draft_mtp_agrees(path: Path, cfg, params, tok, tmp: Path, K: int = 3, n_pred
     successor with the MTP head; we prefill the whole prompt and take the first token from the trunk. So llama
     gets our prompt plus our first generated token t_N: both then draft from the pair (h_{N-1}, t_N).
     Its budget: it stops once it has generated more than -n tokens and caps each draft at n - generated - 1
-    tokens (common_speculative_draft truncates); we run longer and compare its steps with ours, capped alike."""
+    tokens (common_speculative_draft truncates); we run longer and compare its steps with ours, capped alike.
+    ``draft_model``: the drafter's own file (``-md``: Gemma-4's assistant)."""
     from mtp_jax import speculative  # noqa: PLC0415
     from mtp_jax.llama_cpp import speculative_counts  # noqa: PLC0415
 
@@ -199,7 +201,8 @@ def draft_mtp_agrees(path: Path, cfg, params, tok, tmp: Path, K: int = 3, n_pred
     text = prompt + tok.decode([first])
     assert tokenize(path, text, tmp=tmp) == ids + [first]  # the shifted prompt tokenizes as intended
     p = run_until(
-        "llama-speculative-simple", "-m", path, "-p", text, "-n", n_predict, "--spec-type", "draft-mtp",
+        "llama-speculative-simple", "-m", path, *(["-md", draft_model] if draft_model else []), "-p", text,
+        "-n", n_predict, "--spec-type", "draft-mtp",
         "--spec-draft-n-max", K, "--spec-draft-p-min", 0, "-ctkd", "f32", "-ctvd", "f32", "-lv", 5, *COMMON,
         ok=lambda p: "n_accept" in p.stderr and "#acc rate/pos" in p.stderr)
     theirs, ours = spec_steps(p.stderr), res.stats["trace"]
