@@ -1,0 +1,827 @@
+"""Gemma 4 (HF ``Gemma4ForCausalLM`` text model, model_type ``gemma4_text`` / ``gemma4``; GGUF arch ``gemma4``): sliding
+and full attention layers with their own head dims, KV-shared layers, q/k/v RMS norms, proportional RoPE, attention
+scale 1, post-attention / post-FFN norms, GeGLU MLPs, an optional MoE block beside the MLP of every layer,
+per-layer input embeddings (PLE), a per-layer output scale and final logit soft-capping.
+
+Checked against the llama.cpp tree of llama-cpp-python 0.3.36 and transformers 5.24:
+
+* graph: src/models/gemma4.cpp ``graph`` (and ``build_inp_per_layer`` / ``project_per_layer_inputs`` for PLE);
+  transformers models/gemma4/modeling_gemma4.py ``Gemma4TextDecoderLayer`` / ``Gemma4TextModel``. Norms are plain
+  ``x * w`` (Gemma4RMSNorm, no 1 + w), V is RMS-normed without a weight, attention has no 1/sqrt(d) scale;
+* a window W lets query p see keys p - W < j <= p (LLAMA_SWA_TYPE_STANDARD, HF sliding_window);
+* RoPE is NeoX. Sliding layers rotate all head dims with ``rope_theta_swa``; full layers rotate all dims with
+  ``rope_theta`` but only the first ``partial_rotary_factor * head_dim / 2`` frequencies turn (HF "proportional":
+  the others are 0; llama.cpp: the ``rope_freqs`` tensor divides them by a huge factor);
+* KV sharing: the last ``num_kv_shared_layers`` layers compute no K/V and attend with the cache of the last
+  earlier layer of their kind (HF Gemma4TextConfig.kv_sharing_modes; llama.cpp's reuse rule in llama-model.cpp
+  ``create_memory``: layer n_kv - 2 for sliding, n_kv - 1 for full, which is the same layer when those two are a
+  sliding and a full one; the GGUF reader checks that);
+* MoE (enable_moe_block): llama.cpp adds the dense MLP (its own post norm 1) and the routed GeGLU experts (pre norm
+  2, post norm 2) and then applies the post-FFN norm; the router reads rms_norm(x) / sqrt(D) * scale, softmax over
+  all experts, top-k renormalized, times a per-expert scale;
+* the hidden the assistant drafter takes (``forward``'s first result) is after the final norm (gemma4.cpp
+  ``t_h_nextn``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import Keys
+
+from mtp_jax import families, kvcache
+from mtp_jax import params as P
+from mtp_jax.config import ModelConfig
+from mtp_jax.io.gguf import Metadata, f32
+from mtp_jax.io.table import Spec, T
+from mtp_jax.io.validate import REQUIRED
+from mtp_jax.kvcache import KVCache
+from mtp_jax.layers import at, mlp, moe, rms_norm, sum_squares
+from mtp_jax.linear import compute_dtype, linear
+from mtp_jax.model import select_logits, valid_mask
+from mtp_jax.params import ArrayInfo, pytree_dataclass
+
+ARCH = "gemma4"
+FULL, SWA = "full_attention", "sliding_attention"
+# the trunk's stacks: (Params attribute, sliding, KV-shared), one per kind of layer
+KINDS = (("swa_layers", True, False), ("full_layers", False, False), ("swa_shared_layers", True, True),
+         ("full_shared_layers", False, True))
+_NEG = -1e30
+BIG_FREQ_FACTOR = 1e30  # a rope_freqs entry this large stops its pair from turning (llama.cpp's converter)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gemma4Config(ModelConfig):
+    """ModelConfig plus Gemma-4's fields. ``head_dim`` / ``num_key_value_heads`` / ``partial_rotary_factor`` /
+    ``rope_theta`` describe the full-attention layers (HF global_head_dim, num_global_key_value_heads); the
+    ``*_swa`` fields the sliding ones. ``assistant``: the MTP drafter attached to it (``Gemma4AssistantConfig``), which
+    lives in its own file; the target's own files never hold it."""
+
+    family = ARCH
+
+    layer_types: tuple[str, ...] = ()  # FULL | SWA per trunk layer (default: 5 sliding then 1 full, last one full)
+    sliding_window: int = 512
+    head_dim_swa: int = 0  # 0: head_dim
+    num_key_value_heads_swa: int = 0  # 0: num_key_value_heads
+    rope_theta_swa: float = 10000.0
+    num_kv_shared_layers: int = 0
+    hidden_size_per_layer_input: int = 0  # PLE width (0: no per-layer inputs)
+    final_logit_softcapping: float = 0.0  # 0: none
+    attention_k_eq_v: bool = False  # full layers have no V projection: V = K's projection (HF alternative attention)
+    enable_moe_block: bool = False  # every layer has routed experts beside its MLP
+    use_double_wide_mlp: bool = False  # KV-shared layers' MLPs are twice intermediate_size
+    assistant: Any = None  # Gemma4AssistantConfig or None
+    partial_rotary_factor: float = 0.25
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = True
+    n_shared_experts: int = 0
+    name: str = "gemma4"
+
+    def __post_init__(self):
+        L = self.num_hidden_layers
+        if not self.layer_types:
+            types = [SWA if (i + 1) % 6 else FULL for i in range(L)]
+            types[-1] = FULL
+            object.__setattr__(self, "layer_types", tuple(types))
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        for name, src in (("head_dim_swa", "head_dim"), ("num_key_value_heads_swa", "num_key_value_heads")):
+            if not getattr(self, name):
+                object.__setattr__(self, name, getattr(self, src))
+        # the base class's stacks (dense lead layers, then MoE layers) describe the MLP kind: all one or the other
+        object.__setattr__(self, "first_k_dense_replace", 0 if self.enable_moe_block else L)
+        if isinstance(self.assistant, dict):
+            from mtp_jax.families.gemma4_assistant import Gemma4AssistantConfig
+
+            object.__setattr__(self, "assistant", Gemma4AssistantConfig(**self.assistant))
+        super().__post_init__()
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.assistant is not None
+
+    def trunk_only(self) -> "Gemma4Config":
+        return self.replace(assistant=None)
+
+    def is_swa(self, layer: int) -> bool:
+        return self.layer_types[layer] == SWA
+
+    @property
+    def first_shared(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def is_shared(self, layer: int) -> bool:
+        return layer >= self.first_shared
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose cache ``layer`` attends with: itself, or for a KV-shared layer the last earlier layer of
+        its kind that has K/V (HF kv_sharing_modes)."""
+        if not self.is_shared(layer):
+            return layer
+        return max(i for i in range(self.first_shared) if self.is_swa(i) == self.is_swa(layer))
+
+    def dims(self, swa: bool) -> tuple[int, int]:
+        """(KV heads, head dim) of a sliding or full layer."""
+        return (self.num_key_value_heads_swa, self.head_dim_swa) if swa else (self.num_key_value_heads, self.head_dim)
+
+    def ffn_size(self, layer: int) -> int:
+        return self.intermediate_size * (2 if self.use_double_wide_mlp and self.is_shared(layer) else 1)
+
+    def rope_freqs(self, swa: bool) -> np.ndarray:
+        """[H/2] the turning frequency of each NeoX pair of a layer kind (proportional RoPE on full layers)."""
+        H = self.head_dim_swa if swa else self.head_dim
+        theta = self.rope_theta_swa if swa else self.rope_theta
+        inv = theta ** (-np.arange(0, H, 2, dtype=np.float64) / H)
+        if not swa:
+            inv[self.rope_angles:] = 0.0
+        return inv.astype(np.float32)
+
+    @property
+    def rope_angles(self) -> int:
+        """Pairs that turn in a full layer (HF _compute_proportional_rope_parameters: int(factor * H // 2))."""
+        return int(self.partial_rotary_factor * self.head_dim // 2)
+
+    def cache_dims(self):
+        return (self.num_key_value_heads, self.head_dim), (self.num_key_value_heads, self.head_dim)
+
+    def validate(self) -> None:
+        super().validate()
+        L = self.num_hidden_layers
+        if len(self.layer_types) != L or any(t not in (FULL, SWA) for t in self.layer_types):
+            raise ValueError(f"Gemma4Config.layer_types must list {L} items of {FULL!r} / {SWA!r}, got "
+                             f"{list(self.layer_types)}")
+        if self.num_nextn_predict_layers:
+            raise ValueError("Gemma 4 has no NextN blocks in the target: its drafter is a separate assistant model")
+        if not 0 <= self.num_kv_shared_layers < L:
+            raise ValueError(f"num_kv_shared_layers must be in [0, num_hidden_layers={L}), got "
+                             f"{self.num_kv_shared_layers}")
+        for layer in range(self.first_shared, L):
+            if not any(self.is_swa(i) == self.is_swa(layer) for i in range(self.first_shared)):
+                raise ValueError(f"KV-shared layer {layer} ({self.layer_types[layer]}) has no earlier layer of its "
+                                 f"kind to take K/V from")
+        for name in ("head_dim_swa", "num_key_value_heads_swa", "sliding_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Gemma4Config.{name} must be positive, got {getattr(self, name)}")
+        for swa, (kv, h) in ((True, self.dims(True)), (False, self.dims(False))):
+            if self.num_attention_heads % kv or h % 2:
+                raise ValueError(f"{'sliding' if swa else 'full'} layers: {self.num_attention_heads} query heads, "
+                                 f"{kv} KV heads, head dim {h}: heads must be a multiple of KV heads, dims even")
+        if self.intermediate_size <= 0:
+            raise ValueError("intermediate_size must be positive (every Gemma 4 layer has an MLP)")
+        if self.hidden_size_per_layer_input < 0 or not math.isfinite(self.final_logit_softcapping) \
+                or self.final_logit_softcapping < 0:
+            raise ValueError("hidden_size_per_layer_input and final_logit_softcapping must be >= 0")
+        if self.assistant is not None:
+            self.assistant.check_target(self)
+
+
+# ---- parameters ----------------------------------------------------------------------------------------------
+
+
+@pytree_dataclass
+class G4Attention:
+    wq: Any  # [D, N, H]
+    wo: Any  # [N, H, D]
+    q_norm: Any  # [H]
+    wk: Any = None  # [D, K, H]   (None: a KV-shared layer)
+    wv: Any = None  # [D, K, H]   (None: KV-shared, or V = K's projection)
+    k_norm: Any = None  # [H]
+
+
+@pytree_dataclass
+class G4Moe:
+    """Gemma-4's routed experts (beside the layer's MLP): P.Moe's router / gate / up / down, its norms and scales."""
+
+    experts: Any  # P.Moe (router [D, E], gate / up [E, D, F], down [E, F, D]; no bias, no shared expert)
+    router_scale: Any  # [D]
+    expert_scale: Any  # [E]
+    pre_norm: Any  # [D]  (pre_feedforward_layernorm_2)
+    post_norm_mlp: Any  # [D]  (post_feedforward_layernorm_1)
+    post_norm_moe: Any  # [D]  (post_feedforward_layernorm_2)
+
+
+@pytree_dataclass
+class G4Layer:
+    attn_norm: Any  # [D]
+    attn: G4Attention
+    attn_post_norm: Any  # [D]
+    ffn_norm: Any  # [D]   (pre_feedforward_layernorm)
+    mlp: Any  # P.Mlp
+    ffn_post_norm: Any  # [D]
+    out_scale: Any  # [1]  (layer_scalar)
+    moe: Any = None  # G4Moe
+    ple_gate: Any = None  # [D, P]
+    ple_proj: Any = None  # [P, D]
+    ple_norm: Any = None  # [D]
+
+
+@pytree_dataclass
+class Gemma4Params:
+    embed: Any  # [V, D]
+    swa_layers: Any  # G4Layer stacked, or None
+    full_layers: Any
+    swa_shared_layers: Any
+    full_shared_layers: Any
+    final_norm: Any  # [D]
+    lm_head: Any = None  # [D, V] (None: tied)
+    ple_embed: Any = None  # [V, L * P]  per-layer token embeddings
+    ple_model_proj: Any = None  # [D, L * P]
+    ple_proj_norm: Any = None  # [P]
+    nextn: Any = None  # the attached assistant's params (never in the target's files)
+
+
+def stacks(cfg: Gemma4Config) -> list[tuple[str, tuple[int, ...], bool]]:
+    L = cfg.num_hidden_layers
+    return [(attr, tuple(i for i in range(L) if cfg.is_swa(i) == swa and cfg.is_shared(i) == shared),
+             cfg.enable_moe_block) for attr, swa, shared in KINDS]
+
+
+def _layer(cfg: Gemma4Config, layer: int) -> G4Layer:
+    D, N = cfg.hidden_size, cfg.num_attention_heads
+    swa, shared = cfg.is_swa(layer), cfg.is_shared(layer)
+    K, H = cfg.dims(swa)
+    norm = lambda n: ArrayInfo((n,), ("norm",), "ones")  # noqa: E731
+    attn = G4Attention(
+        wq=ArrayInfo((D, N, H), ("embed", "q_heads", "head_dim")),
+        wo=ArrayInfo((N, H, D), ("q_heads", "head_dim", "embed")),
+        q_norm=ArrayInfo((H,), ("head_dim",), "ones"),
+        wk=None if shared else ArrayInfo((D, K, H), ("embed", "kv_heads", "head_dim")),
+        wv=None if shared or (cfg.attention_k_eq_v and not swa) else ArrayInfo((D, K, H), ("embed", "kv_heads",
+                                                                                            "head_dim")),
+        k_norm=None if shared else ArrayInfo((H,), ("head_dim",), "ones"),
+    )
+    moe_p = None
+    if cfg.enable_moe_block:
+        E = cfg.n_routed_experts
+        experts = dataclasses.replace(P.moe(cfg.replace(n_shared_experts=0)), bias=None)
+        moe_p = G4Moe(experts=experts, router_scale=norm(D), expert_scale=ArrayInfo((E,), (None,), "ones"),
+                      pre_norm=norm(D), post_norm_mlp=norm(D), post_norm_moe=norm(D))
+    Pd = cfg.hidden_size_per_layer_input
+    return G4Layer(attn_norm=norm(D), attn=attn, attn_post_norm=norm(D), ffn_norm=norm(D),
+                   mlp=P.mlp(D, cfg.ffn_size(layer)), ffn_post_norm=norm(D),
+                   out_scale=ArrayInfo((1,), (None,), "ones"), moe=moe_p,
+                   ple_gate=ArrayInfo((D, Pd), ("embed", None)) if Pd else None,
+                   ple_proj=ArrayInfo((Pd, D), (None, "embed")) if Pd else None,
+                   ple_norm=norm(D) if Pd else None)
+
+
+def abstract(cfg: Gemma4Config) -> Gemma4Params:
+    V, D, L, Pd = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+    st = {attr: P.stack(_layer(cfg, blocks[0]), len(blocks)) if blocks else None for attr, blocks, _ in stacks(cfg)}
+    for attr, blocks, _ in stacks(cfg):
+        if blocks and len({cfg.ffn_size(b) for b in blocks}) > 1:
+            raise ValueError(f"{attr}: layers of one stack must share an MLP size")
+    return Gemma4Params(
+        embed=ArrayInfo((V, D), ("vocab", "embed")), final_norm=ArrayInfo((D,), ("norm",), "ones"),
+        lm_head=None if cfg.tie_word_embeddings else ArrayInfo((D, V), ("embed", "vocab")),
+        ple_embed=ArrayInfo((V, L * Pd), ("vocab", None)) if Pd else None,
+        ple_model_proj=ArrayInfo((D, L * Pd), ("embed", None)) if Pd else None,
+        ple_proj_norm=ArrayInfo((Pd,), ("norm",), "ones") if Pd else None,
+        nextn=_assistant_abstract(cfg), **st)
+
+
+def _assistant_abstract(cfg: Gemma4Config):
+    if cfg.assistant is None:
+        return None
+    from mtp_jax.families.gemma4_assistant import assistant_abstract
+
+    return assistant_abstract(cfg.assistant)
+
+
+# ---- the tensor table ----------------------------------------------------------------------------------------
+
+
+def top_specs(cfg: Gemma4Config) -> list[Spec]:
+    return [Spec(T.TOKEN_EMBD, ("embed",), table=True, hf="model.embed_tokens.weight"),
+            Spec(T.PER_LAYER_TOKEN_EMBD, ("ple_embed",), table=True, hf="model.embed_tokens_per_layer.weight"),
+            Spec(T.PER_LAYER_MODEL_PROJ, ("ple_model_proj",), 1, hf="model.per_layer_model_projection.weight"),
+            Spec(T.PER_LAYER_PROJ_NORM, ("ple_proj_norm",), hf="model.per_layer_projection_norm.weight"),
+            Spec(T.OUTPUT_NORM, ("final_norm",), hf="model.norm.weight"),
+            Spec(T.OUTPUT, ("lm_head",), 1, hf="lm_head.weight")]
+
+
+def layer_specs(cfg: Gemma4Config, moe_ffn: bool) -> list[Spec]:
+    """One decoder layer (gemma4.cpp load_arch_tensors; HF names as Gemma4TextDecoderLayer's)."""
+    s = [Spec(T.ATTN_NORM, ("attn_norm",), hf="input_layernorm.weight"),
+         Spec(T.ATTN_Q, ("attn", "wq"), 1, hf="self_attn.q_proj.weight"),
+         Spec(T.ATTN_K, ("attn", "wk"), 1, hf="self_attn.k_proj.weight"),
+         Spec(T.ATTN_V, ("attn", "wv"), 1, hf="self_attn.v_proj.weight"),
+         Spec(T.ATTN_OUT, ("attn", "wo"), 2, hf="self_attn.o_proj.weight"),
+         Spec(T.ATTN_Q_NORM, ("attn", "q_norm"), hf="self_attn.q_norm.weight"),
+         Spec(T.ATTN_K_NORM, ("attn", "k_norm"), hf="self_attn.k_norm.weight"),
+         Spec(T.ATTN_POST_NORM, ("attn_post_norm",), hf="post_attention_layernorm.weight"),
+         Spec(T.LAYER_OUT_SCALE, ("out_scale",), hf="layer_scalar"),
+         Spec(T.FFN_NORM, ("ffn_norm",), hf="pre_feedforward_layernorm.weight"),
+         Spec(T.FFN_GATE, ("mlp", "gate"), 1, hf="mlp.gate_proj.weight"),
+         Spec(T.FFN_UP, ("mlp", "up"), 1, hf="mlp.up_proj.weight"),
+         Spec(T.FFN_DOWN, ("mlp", "down"), 1, hf="mlp.down_proj.weight"),
+         Spec(T.FFN_POST_NORM, ("ffn_post_norm",), hf="post_feedforward_layernorm.weight")]
+    if moe_ffn:
+        s += [Spec(T.FFN_GATE_INP, ("moe", "experts", "router"), 1, hf="router.proj.weight"),
+              Spec(T.FFN_GATE_INP, ("moe", "router_scale"), suffix="scale", hf="router.scale"),
+              Spec(T.FFN_PRE_NORM_2, ("moe", "pre_norm"), hf="pre_feedforward_layernorm_2.weight"),
+              Spec(T.FFN_POST_NORM_1, ("moe", "post_norm_mlp"), hf="post_feedforward_layernorm_1.weight"),
+              Spec(T.FFN_POST_NORM_2, ("moe", "post_norm_moe"), hf="post_feedforward_layernorm_2.weight"),
+              Spec(T.FFN_GATE_EXP, ("moe", "experts", "gate"), 1, 1, hf="experts.{e}.gate_proj.weight"),
+              Spec(T.FFN_UP_EXP, ("moe", "experts", "up"), 1, 1, hf="experts.{e}.up_proj.weight"),
+              Spec(T.FFN_DOWN_EXP, ("moe", "experts", "down"), 1, 1, hf="experts.{e}.down_proj.weight"),
+              Spec(T.FFN_DOWN_EXP, ("moe", "expert_scale"), suffix="scale", hf="router.per_expert_scale")]
+    s += [Spec(T.PER_LAYER_INP_GATE, ("ple_gate",), 1, hf="per_layer_input_gate.weight"),
+          Spec(T.PER_LAYER_PROJ, ("ple_proj",), 1, hf="per_layer_projection.weight"),
+          Spec(T.PER_LAYER_POST_NORM, ("ple_norm",), hf="post_per_layer_input_norm.weight")]
+    return s
+
+
+def nextn_specs(cfg: Gemma4Config) -> list[Spec]:
+    return []  # the target has no NextN blocks; the assistant's table is ASSISTANT_SPECS
+
+
+def constant_tensors(cfg: Gemma4Config) -> dict[str, np.ndarray]:
+    """Tensors a gemma4 GGUF holds that are functions of the config: ``rope_freqs`` (proportional RoPE's frequency
+    factors: 1 for the pairs that turn, BIG_FREQ_FACTOR for the others), when the model has a full layer."""
+    if all(cfg.is_swa(i) for i in range(cfg.num_hidden_layers)):
+        return {}
+    f = np.full(cfg.head_dim // 2, BIG_FREQ_FACTOR, np.float32)
+    f[: cfg.rope_angles] = 1.0
+    return {"rope_freqs.weight": f}
+
+
+# ---- forward -------------------------------------------------------------------------------------------------
+
+
+def rope_pairs(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """NeoX RoPE over the whole head with one frequency per pair (i, i + H/2); x [B, T, n, H], freqs [H/2]."""
+    half = x.shape[-1] // 2
+    ang = positions.astype(jnp.float32)[:, :, None, None] * jnp.asarray(freqs)  # [B, T, 1, H/2]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _unit_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMS norm without a weight (V, the router input: Gemma4RMSNorm(with_scale=False), ggml_rms_norm)."""
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Scale-1 GQA attention: q [B, T, N, H], k / v [B, S, K, H], visible [B|1, T, S] -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+
+
+def _attention(x, p: G4Attention, li, positions, cfg: Gemma4Config, swa: bool, mask, kv, lengths,
+               collect_stats: bool):
+    """One layer's attention. ``kv``: (K stack, V stack, index) of the layer's cache (its source layer's for a
+    KV-shared layer), or None without a cache, in which case a KV-shared layer gets ``kv`` as (k, v) arrays of
+    its source from this forward. -> (out [B, T, D], kv, (k, v) of this forward or None, stats)."""
+    B, T, _ = x.shape
+    N, H = p.wq.shape[-2:]
+    eps = cfg.rms_norm_eps
+    freqs = cfg.rope_freqs(swa)
+    flat = lambda w: w.reshape(*w.shape[:-2], -1)  # noqa: E731
+    q = linear(x, flat(p.wq), li).reshape(B, T, N, H)
+    q = rope_pairs(rms_norm(q, at(p.q_norm, li), eps), positions, freqs)
+    fresh = None
+    if p.wk is not None:
+        K = p.wk.shape[-2]
+        k = linear(x, flat(p.wk), li).reshape(B, T, K, H)
+        v = k if p.wv is None else linear(x, flat(p.wv), li).reshape(B, T, K, H)
+        k = rope_pairs(rms_norm(k, at(p.k_norm, li), eps), positions, freqs)
+        v = _unit_norm(v, eps)
+        fresh = (k, v)
+    window = cfg.sliding_window if swa else None
+    if kv is not None and len(kv) == 3:  # a cache: write this layer's entries (if it has K/V), read the layer's
+        ks, vs, ci = kv
+        if fresh is not None:
+            kv = (kvcache.write_block(ks, ci, fresh[0], lengths), kvcache.write_block(vs, ci, fresh[1], lengths), ci)
+        k_all, v_all = kvcache.read_layer(kv[0], ci, q.dtype), kvcache.read_layer(kv[1], ci, q.dtype)
+        key_pos, query_pos = jnp.arange(k_all.shape[1])[None, None, :], positions[:, :, None]
+    else:  # no cache: this forward's K/V (a KV-shared layer's come from its source layer in ``kv``)
+        k_all, v_all = fresh if fresh is not None else kv
+        key_pos, query_pos = jnp.arange(T)[None, None, :], jnp.arange(T)[None, :, None]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible &= key_pos > query_pos - window
+    out = attend(q, k_all, v_all, visible).reshape(B, T, N * H)
+    y = linear(out, p.wo.reshape(*p.wo.shape[:-3], N * H, -1), li)
+    stats = {}
+    if collect_stats:
+        s_in = sum_squares(x, mask)
+        stats = {"attn.wq": s_in, "attn.wo": sum_squares(out, mask)}
+        if p.wk is not None:
+            stats["attn.wk"] = s_in
+            if p.wv is not None:
+                stats["attn.wv"] = s_in
+    return y, kv, fresh, stats
+
+
+def _route(x: jax.Array, m: G4Moe, cfg: Gemma4Config, li) -> tuple[jax.Array, jax.Array]:
+    """Gemma4TextRouter: softmax over experts of proj(rms_norm(x) * scale / sqrt(D)), top-k renormalized, times the
+    picked experts' scales (llama.cpp: the router logits gemma4.cpp builds, build_moe_ffn with softmax gating,
+    norm_w, and ffn_down_exps.scale). x [N, D] -> (idx [N, k], weights [N, k])."""
+    D = x.shape[-1]
+    h = _unit_norm(x.astype(jnp.float32), cfg.rms_norm_eps) * at(m.router_scale, li).astype(jnp.float32) * D ** -0.5
+    probs = jax.nn.softmax(linear(h, m.experts.router, li), axis=-1)
+    w, idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    w = w / w.sum(-1, keepdims=True)
+    return idx.astype(jnp.int32), w * at(m.expert_scale, li).astype(jnp.float32)[idx]
+
+
+def _ffn(x, p: G4Layer, li, cfg: Gemma4Config, mask, collect_stats: bool):
+    """The feed-forward part after the attention residual: x [B, T, D] -> the FFN output before the residual."""
+    eps = cfg.rms_norm_eps
+    f, stats = mlp(rms_norm(x, at(p.ffn_norm, li), eps), p.mlp, mask, collect_stats, prefix="mlp.", li=li,
+                   act="gelu")
+    if p.moe is not None:
+        m = p.moe
+        B, T, D = x.shape
+        routing = _route(x.reshape(B * T, D), m, cfg, li)
+        e, e_stats = moe(rms_norm(x, at(m.pre_norm, li), eps), m.experts, cfg, mask, collect_stats, li, act="gelu",
+                         routing=routing)
+        f = rms_norm(f, at(m.post_norm_mlp, li), eps) + rms_norm(e, at(m.post_norm_moe, li), eps)
+        if collect_stats:
+            h = _unit_norm(x, eps).astype(jnp.float32) * at(m.router_scale, li).astype(jnp.float32) * D ** -0.5
+            e_stats["ffn.router"] = sum_squares(h, mask)
+            stats |= {"moe.experts." + k[len("ffn."):]: v for k, v in e_stats.items()}
+    return rms_norm(f, at(p.ffn_post_norm, li), eps), stats
+
+
+def _per_layer_inputs(params: Gemma4Params, tokens, x, cfg: Gemma4Config) -> jax.Array | None:
+    """PLE: (rms_norm(x W / sqrt(D)) + E_ple[t] sqrt(P)) / sqrt(2) -> [B, T, L, P] (gemma4.cpp
+    project_per_layer_inputs, HF Gemma4TextModel.project_per_layer_inputs)."""
+    Pd = cfg.hidden_size_per_layer_input
+    if not Pd:
+        return None
+    B, T, D = x.shape
+    L = cfg.num_hidden_layers
+    proj = (linear(x, params.ple_model_proj) * D ** -0.5).reshape(B, T, L, Pd)
+    proj = rms_norm(proj, params.ple_proj_norm, cfg.rms_norm_eps)
+    tok = params.ple_embed[tokens].astype(x.dtype).reshape(B, T, L, Pd) * jnp.asarray(Pd ** 0.5, x.dtype)
+    return (proj + tok) * jnp.asarray(2 ** -0.5, x.dtype)
+
+
+def block(x, p: G4Layer, li, positions, cfg: Gemma4Config, swa: bool, mask, kv, lengths, ple, collect_stats):
+    """One Gemma-4 decoder layer (gemma4.cpp ``graph`` loop body). ``ple`` [B, T, P] this layer's per-layer input."""
+    eps = cfg.rms_norm_eps
+    with jax.named_scope("attention"):
+        a, kv, fresh, stats = _attention(rms_norm(x, at(p.attn_norm, li), eps), p.attn, li, positions, cfg, swa,
+                                         mask, kv, lengths, collect_stats)
+    x = x + rms_norm(a, at(p.attn_post_norm, li), eps)
+    with jax.named_scope("ffn"):
+        f, f_stats = _ffn(x, p, li, cfg, mask, collect_stats)
+    x = x + f
+    stats |= f_stats
+    if ple is not None:
+        g = jax.nn.gelu(linear(x, p.ple_gate, li), approximate=True) * ple
+        if collect_stats:
+            stats |= {"ple_gate": sum_squares(x, mask), "ple_proj": sum_squares(g, mask)}
+        x = x + rms_norm(linear(g, p.ple_proj, li), at(p.ple_norm, li), eps)
+    return x * at(p.out_scale, li).astype(x.dtype), kv, fresh, stats
+
+
+def _where(cfg: Gemma4Config) -> dict[int, tuple[int, int]]:
+    """layer -> (stack index in KINDS, index in that stack)."""
+    return {b: (s, j) for s, (_, blocks, _) in enumerate(stacks(cfg)) for j, b in enumerate(blocks)}
+
+
+def cache_slot(cfg: Gemma4Config, layer: int) -> tuple[int, int]:
+    """(cache stack: 0 sliding / 1 full, index) of the cache a layer attends with (its KV source's)."""
+    src = cfg.kv_source(layer)
+    return _where(cfg)[src]
+
+
+def forward(params: Gemma4Params, tokens, cache: KVCache | None, cfg: Gemma4Config, n_valid=None,
+            logits: str = "all", collect_stats: bool = False):
+    """model.forward for gemma4 -> (final-normed hidden, logits (soft-capped), cache, stats). The cache has two
+    stacks, sliding then full layers with K/V (init_cache); KV-shared layers read their source's entries. Layers run
+    unrolled in order (kinds alternate every few layers), each reading its weights out of its kind's stack."""
+    B, T = tokens.shape
+    n_valid = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+    mask = valid_mask(T, n_valid)
+    lengths = None if cache is None else cache.lengths
+    positions = (jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths)[:, None] + jnp.arange(T)[None, :]
+    dt = compute_dtype(cfg.dtype)
+    x = params.embed[tokens].astype(dt) * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+    ple = _per_layer_inputs(params, tokens, x, cfg)
+    ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
+    where = _where(cfg)
+    produced: dict[int, tuple] = {}  # without a cache: each K/V layer's (k, v) for the layers that share it
+    parts: dict[str, list] = {}
+    for layer in range(cfg.num_hidden_layers):
+        s, j = where[layer]
+        attr, swa, _ = KINDS[s]
+        layers = getattr(params, attr)
+        if cache is not None:
+            c, ci = cache_slot(cfg, layer)
+            kv = (ks[c], vs[c], ci)
+        else:
+            kv = produced.get(cfg.kv_source(layer))
+        with jax.named_scope(f"layer{layer}"):
+            x, kv, fresh, st = block(x, layers, j, positions, cfg, swa, mask, kv, lengths,
+                                     None if ple is None else ple[:, :, layer], collect_stats)
+        if cache is not None:
+            ks[c], vs[c] = kv[0], kv[1]
+        elif fresh is not None:
+            produced[layer] = fresh
+        if collect_stats:
+            parts.setdefault(attr, []).append(st)
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    w = (params.embed, True) if params.lm_head is None else (params.lm_head, False)
+    out = select_logits(w, h, n_valid, logits)
+    if out is not None and cfg.final_logit_softcapping:
+        c = cfg.final_logit_softcapping
+        out = jnp.tanh(out / c) * c
+    stats: dict[str, Any] = {}
+    if collect_stats:
+        stats = {a: jax.tree.map(lambda *xs: jnp.stack(xs), *p) for a, p in parts.items()}
+        top = {"lm_head": sum_squares(h, mask)}
+        if ple is not None:  # the scaled embedding, as gemma4.cpp's per_layer_model_proj reads it
+            top["ple_model_proj"] = sum_squares(params.embed[tokens].astype(dt) * cfg.hidden_size ** 0.5, mask)
+        stats["top"] = top
+    new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), cache.lengths + n_valid)
+    return h, out, new_cache, stats
+
+
+def init_cache(cfg: Gemma4Config, batch: int, size: int, k_type: str | None = None,
+               v_type: str | None = None) -> KVCache:
+    """Two K / V stacks: the sliding layers that have K/V, then the full ones (each with its kind's heads and dims)."""
+    counts = [len(stacks(cfg)[s][1]) for s in (0, 1)]
+    parts = [kvcache.stacked_cache((counts[s],), batch, size, cfg, k_type, v_type, dims=cfg.dims(s == 0))
+             for s in (0, 1)]
+    return KVCache((parts[0].k[0], parts[1].k[0]), (parts[0].v[0], parts[1].v[0]), parts[0].lengths)
+
+
+# ---- HF config.json ------------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> Gemma4Config:
+    """From a Gemma-4 ``config.json`` (its ``text_config`` when there is one): the full layers' head dim and KV heads
+    from ``global_head_dim`` / ``num_global_key_value_heads`` (hub files) or ``per_layer_config`` (what
+    Gemma4TextConfig.to_dict writes)."""
+    hf = hf.get("text_config") or hf
+    L = hf["num_hidden_layers"]
+    types = list(hf.get("layer_types") or [])
+    if not types:
+        types = [SWA if (i + 1) % 6 else FULL for i in range(L)]
+        types[-1] = FULL
+    head_swa, kv_swa = hf.get("head_dim", 256), hf.get("num_key_value_heads", 4)
+    full = [i for i, t in enumerate(types) if t == FULL]
+    plc = hf.get("per_layer_config") or {}
+    over = plc.get(str(full[0]), plc.get(full[0], {})) if full else {}
+    head_full = hf.get("global_head_dim") or over.get("head_dim") or head_swa
+    kv_full = kv_swa
+    if hf.get("attention_k_eq_v"):
+        kv_full = hf.get("num_global_key_value_heads") or over.get("num_key_value_heads") or kv_swa
+    rope = hf.get("rope_parameters") or {}
+    r_full, r_swa = rope.get(FULL, {}), rope.get(SWA, {})
+    for kind, r in ((FULL, r_full), (SWA, r_swa)):
+        if r.get("rope_type", "default") not in ("default", "proportional") or r.get("factor", 1.0) != 1.0:
+            raise ValueError(f"rope_parameters[{kind}] = {r} is not supported (default / proportional, factor 1)")
+    if hf.get("use_bidirectional_attention") == "all":
+        raise ValueError("use_bidirectional_attention 'all' (a non-causal encoder) is not supported")
+    moe = bool(hf.get("enable_moe_block", False))
+    ple = hf.get("hidden_size_per_layer_input", 0) or 0
+    if ple and hf.get("vocab_size_per_layer_input", hf["vocab_size"]) != hf["vocab_size"]:
+        raise ValueError("vocab_size_per_layer_input must equal vocab_size (llama.cpp's per_layer_token_embd)")
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    return Gemma4Config(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=L,
+        num_attention_heads=hf["num_attention_heads"], num_key_value_heads=kv_full, head_dim=head_full,
+        num_key_value_heads_swa=kv_swa, head_dim_swa=head_swa, intermediate_size=hf["intermediate_size"],
+        moe_intermediate_size=(hf.get("moe_intermediate_size") or 0) if moe else 0,
+        n_routed_experts=(hf.get("num_experts") or 0) if moe else 0,
+        num_experts_per_tok=(hf.get("top_k_experts") or 0) if moe else 0, enable_moe_block=moe,
+        layer_types=tuple(types), sliding_window=hf.get("sliding_window", 512),
+        rope_theta=float(r_full.get("rope_theta", 1e6)), rope_theta_swa=float(r_swa.get("rope_theta", 1e4)),
+        partial_rotary_factor=float(r_full.get("partial_rotary_factor", 1.0)),
+        num_kv_shared_layers=hf.get("num_kv_shared_layers", 0) or 0, hidden_size_per_layer_input=ple,
+        final_logit_softcapping=float(hf.get("final_logit_softcapping") or 0.0),
+        attention_k_eq_v=bool(hf.get("attention_k_eq_v", False)),
+        use_double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)), rms_norm_eps=float(hf.get("rms_norm_eps",
+                                                                                                  1e-6)),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        max_position_embeddings=hf.get("max_position_embeddings", 131072), bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos, dtype=dtype,
+    )
+
+
+def config_to_hf(cfg: Gemma4Config) -> dict[str, Any]:
+    """transformers' Gemma4TextConfig keys (global_head_dim / num_global_key_value_heads for the full layers)."""
+    d = {
+        "architectures": ["Gemma4ForCausalLM"], "model_type": "gemma4_text",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads_swa, "head_dim": cfg.head_dim_swa,
+        "global_head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+        "rope_parameters": {SWA: {"rope_type": "default", "rope_theta": cfg.rope_theta_swa},
+                            FULL: {"rope_type": "proportional", "partial_rotary_factor": cfg.partial_rotary_factor,
+                                   "rope_theta": cfg.rope_theta}},
+        "num_kv_shared_layers": cfg.num_kv_shared_layers, "attention_k_eq_v": cfg.attention_k_eq_v,
+        "hidden_size_per_layer_input": cfg.hidden_size_per_layer_input,
+        "vocab_size_per_layer_input": cfg.vocab_size, "use_double_wide_mlp": cfg.use_double_wide_mlp,
+        "enable_moe_block": cfg.enable_moe_block,
+        "final_logit_softcapping": cfg.final_logit_softcapping or None, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids) if cfg.eos_token_ids else None,
+    }
+    if cfg.attention_k_eq_v:
+        d["num_global_key_value_heads"] = cfg.num_key_value_heads
+    elif cfg.num_key_value_heads != cfg.num_key_value_heads_swa:
+        raise ValueError("transformers' Gemma 4 gives full layers their own KV head count only with attention_k_eq_v")
+    if cfg.enable_moe_block:
+        d |= {"num_experts": cfg.n_routed_experts, "top_k_experts": cfg.num_experts_per_tok,
+              "moe_intermediate_size": cfg.moe_intermediate_size}
+    return d
+
+
+# ---- GGUF metadata -------------------------------------------------------------------------------------------
+
+
+def _kinds_metadata(meta: Metadata, n: int, swa: list[bool]) -> dict[str, Any]:
+    """Head dims and KV heads of each kind (llama.cpp: key_length(_swa), per-layer head_count_kv)."""
+    A = Keys.Attention
+    kv = meta.per_layer(A.HEAD_COUNT_KV, n, REQUIRED, 1)
+    by_kind = {s: sorted({k for k, t in zip(kv, swa) if t == s}) for s in (False, True)}
+    if any(len(v) > 1 for v in by_kind.values()):
+        raise meta.error(f"key {A.HEAD_COUNT_KV.format(arch=meta.arch)} = {kv}: the sliding layers, and the full "
+                         f"layers, must each share one KV head count")
+    kv_full = by_kind[False][0] if by_kind[False] else by_kind[True][0]
+    kv_swa = by_kind[True][0] if by_kind[True] else kv_full
+    heads = meta.per_layer(A.HEAD_COUNT, n, REQUIRED, 1)
+    if len(set(heads)) != 1:
+        raise meta.error(f"key {A.HEAD_COUNT.format(arch=meta.arch)} = {heads}: per-layer query head counts are not "
+                         f"supported")
+    H = meta.get(A.KEY_LENGTH, REQUIRED, 2, 4096)
+    H_swa = meta.get(A.KEY_LENGTH_SWA, REQUIRED, 2, 4096)
+    if meta.get(A.VALUE_LENGTH, H) != H or meta.get(A.VALUE_LENGTH_SWA, H_swa) != H_swa:
+        raise meta.error("key_length and value_length (and their _swa) must be equal (llama.cpp requires it)")
+    return dict(num_attention_heads=heads[0], num_key_value_heads=kv_full, num_key_value_heads_swa=kv_swa,
+                head_dim=H, head_dim_swa=H_swa)
+
+
+def _partial_factor(meta: Metadata, head_dim: int) -> float:
+    """partial_rotary_factor from rope_freqs.weight (1 for the pairs that turn, then huge factors), or 1 without."""
+    t = meta.tensors.get("rope_freqs.weight")
+    if t is None:
+        return 1.0
+    f = np.asarray(t.data, np.float32).reshape(-1)
+    if f.size != head_dim // 2:
+        raise meta.error(f"tensor rope_freqs.weight has {f.size} values, expected key_length / 2 = {head_dim // 2}")
+    n = int(np.argmax(f != 1.0)) if (f != 1.0).any() else f.size
+    if not (np.all(f[:n] == 1.0) and np.all(f[n:] >= 1e20)):
+        raise meta.error("tensor rope_freqs.weight: only proportional RoPE (factors 1, then >= 1e20) is supported")
+    return 2 * n / head_dim
+
+
+def config_from_gguf(meta: Metadata, dtype: str = "float32") -> Gemma4Config:
+    """gemma4.cpp load_arch_hparams (+ llama-model.cpp load_hparams), range-checked."""
+    L_, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+    get = meta.get
+    n = get(L_.BLOCK_COUNT, REQUIRED, 1, 512)
+    if get(L_.NEXTN_PREDICT_LAYERS, 0) != 0:
+        raise meta.error("a gemma4 target declares no NextN layers (its drafter is a gemma4-assistant file)")
+    swa = [bool(x) for x in meta.per_layer(A.SLIDING_WINDOW_PATTERN, n, REQUIRED, 0, 1)]
+    kinds = _kinds_metadata(meta, n, swa)
+    n_shared = get(A.SHARED_KV_LAYERS, 0, 0, n - 1)
+    if n_shared:  # llama.cpp's reuse rule reads layer n_kv - 2 for sliding layers, n_kv - 1 for full ones
+        n_kv = n - n_shared
+        if n_kv < 2 or not swa[n_kv - 2] or swa[n_kv - 1]:
+            raise meta.error(f"key {A.SHARED_KV_LAYERS.format(arch=ARCH)} = {n_shared}: the last two layers with K/V "
+                             f"must be a sliding then a full one (llama.cpp's KV reuse rule)")
+    ff = meta.per_layer(L_.FEED_FORWARD_LENGTH, n, REQUIRED, 1)
+    base_ff = ff[0]
+    double = n_shared > 0 and ff[-1] == 2 * base_ff
+    for i, f in enumerate(ff):
+        if f != base_ff * (2 if double and i >= n - n_shared else 1):
+            raise meta.error(f"key {L_.FEED_FORWARD_LENGTH.format(arch=ARCH)} = {ff}: per-layer MLP sizes other than "
+                             f"one size (doubled on the KV-shared layers) are not supported")
+    moe = [f"blk.{i}.ffn_gate_inp.weight" in meta.tensors for i in range(n)]
+    if any(moe) and not all(moe):
+        raise meta.error("layers with and without routed experts in one model are not supported")
+    if moe[0] and "blk.0.ffn_gate_up_exps.weight" in meta.tensors:
+        raise meta.error("fused ffn_gate_up_exps tensors are not supported (convert with separate gate / up)")
+    E = get(L_.EXPERT_COUNT, REQUIRED if moe[0] else 0, 0, 1024)
+    tie = "output.weight" not in meta.tensors
+    embd = meta.tensors.get("token_embd.weight")
+    if embd is None or len(embd.shape) != 2:
+        raise meta.error("missing tensor token_embd.weight (or not 2-D)")
+    D, V = (int(x) for x in embd.shape)
+    T_ = Keys.Tokenizer
+    token = lambda k: get(k, None, 0, V - 1)  # noqa: E731
+    eos = tuple(dict.fromkeys(i for i in (token(T_.EOS_ID), token(T_.EOT_ID), token(T_.EOM_ID)) if i is not None))
+    return meta.build(
+        Gemma4Config, vocab_size=V, hidden_size=D, num_hidden_layers=n, **kinds,
+        intermediate_size=base_ff, use_double_wide_mlp=double, enable_moe_block=moe[0],
+        n_routed_experts=E, num_experts_per_tok=get(L_.EXPERT_USED_COUNT, REQUIRED, 1, E) if moe[0] else 0,
+        moe_intermediate_size=get(L_.EXPERT_FEED_FORWARD_LENGTH, REQUIRED, 1) if moe[0] else 0,
+        layer_types=tuple(SWA if s else FULL for s in swa), sliding_window=get(A.SLIDING_WINDOW, REQUIRED, 1),
+        rope_theta=f32(get(R.FREQ_BASE, 1e6, 1e-30, math.inf)), rope_theta_swa=f32(get(R.FREQ_BASE_SWA, 1e4, 1e-30,
+                                                                                      math.inf)),
+        partial_rotary_factor=_partial_factor(meta, kinds["head_dim"]), num_kv_shared_layers=n_shared,
+        hidden_size_per_layer_input=get(L_.EMBD_LENGTH_PER_LAYER_INP, 0, 0, 65536),
+        final_logit_softcapping=f32(get(L_.FINAL_LOGIT_SOFTCAPPING, 0.0, 0.0, math.inf)),
+        attention_k_eq_v=all(f"blk.{i}.attn_v.weight" not in meta.tensors for i in range(n) if not swa[i]
+                             and i < n - n_shared) and not all(swa),
+        rms_norm_eps=f32(get(A.LAYERNORM_RMS_EPS, REQUIRED, 1e-30, 1.0)), tie_word_embeddings=tie,
+        max_position_embeddings=get(L_.CONTEXT_LENGTH, 131072, 1), bos_token_id=token(T_.BOS_ID), eos_token_ids=eos,
+        dtype=dtype, name=get(Keys.General.NAME, ARCH),
+    )
+
+
+def write_attention_keys(w: gguf.GGUFWriter, cfg: Any, arch: str, n: int) -> None:
+    """The attention keys gemma4.cpp and gemma4-assistant.cpp read alike, from a Gemma4Config or a
+    Gemma4AssistantConfig (``n`` layers): query heads, per-layer KV heads, both kinds' head dims, RoPE dims and bases
+    (full layers rotate the whole head; rope_freqs stops most pairs), the window and the sliding pattern."""
+    key = lambda k: k.format(arch=arch)  # noqa: E731
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv([cfg.dims(cfg.is_swa(i))[0] for i in range(n)])
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base_swa(cfg.rope_theta_swa)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_uint32(key(Keys.Attention.KEY_LENGTH_SWA), cfg.head_dim_swa)
+    w.add_uint32(key(Keys.Attention.VALUE_LENGTH_SWA), cfg.head_dim_swa)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_uint32(key(Keys.Rope.DIMENSION_COUNT_SWA), cfg.head_dim_swa)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_sliding_window_pattern([cfg.is_swa(i) for i in range(n)])
+
+
+def write_gguf_metadata(w: gguf.GGUFWriter, cfg: Gemma4Config, ftype: gguf.LlamaFileType) -> None:
+    """The keys gemma4.cpp reads (per-layer head_count_kv / feed_forward_length arrays, the bool sliding pattern)."""
+    L = cfg.num_hidden_layers
+    key = lambda k: k.format(arch=ARCH)  # noqa: E731
+    w.add_name(cfg.name)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_block_count(L)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length([cfg.ffn_size(i) for i in range(L)])
+    write_attention_keys(w, cfg, ARCH, L)
+    w.add_uint32(key(Keys.Attention.SHARED_KV_LAYERS), cfg.num_kv_shared_layers)
+    w.add_uint32(key(Keys.LLM.EMBD_LENGTH_PER_LAYER_INP), cfg.hidden_size_per_layer_input)
+    if cfg.final_logit_softcapping:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if cfg.enable_moe_block:
+        w.add_expert_count(cfg.n_routed_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_file_type(ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _assistant_drafter(cfg: Gemma4Config):
+    from mtp_jax.families.gemma4_assistant import Assistant
+
+    return Assistant(cfg)
+
+
+def _read_head(path, cfg: Gemma4Config, dtype: str, check_finite: bool = True):
+    from mtp_jax.families.gemma4_assistant import read_head
+
+    return read_head(path, cfg, dtype, check_finite)
+
+
+def _write_head(path, cfg: Gemma4Config, params, outtype: str = "f32", tokenizer=None):
+    from mtp_jax.families.gemma4_assistant import write_assistant_gguf
+
+    return write_assistant_gguf(path, cfg, params, outtype, tokenizer)
+
+
+def _head_imatrix(stats, params, cfg: Gemma4Config):
+    from mtp_jax.families.gemma4_assistant import imatrix_entries
+
+    return imatrix_entries(stats, params, cfg)
+
+
+def head_forward(*args, **kwargs):
+    raise ValueError("Gemma 4 drafts with its assistant model (gemma4.assistant_forward), not with NextN blocks")
+
+
+FAMILY = families.register(families.Family(
+    arch=ARCH, hf_model_types=("gemma4_text", "gemma4"), hf_architecture="Gemma4ForCausalLM", config=Gemma4Config,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, config_from_gguf=config_from_gguf,
+    write_gguf_metadata=write_gguf_metadata, top_specs=top_specs, layer_specs=layer_specs, nextn_specs=nextn_specs,
+    abstract=abstract, forward=forward, head_forward=head_forward, drafter=_assistant_drafter, tiny="gemma4-tiny",
+    stacks=stacks, init_cache=init_cache, constant_tensors=constant_tensors, read_head=_read_head,
+    write_head=_write_head, head_imatrix=_head_imatrix,
+))

@@ -1,0 +1,131 @@
+"""Gemma 4's assistant as a file of its own: the gemma4 + gemma4-assistant GGUF pair round-trips through
+``--mtp-head``, a wrong or damaged assistant file is one clear line, and the assistant's imatrix (collected as it
+drafts, from the target's cache) lets llama-quantize make an IQ2_XXS assistant, which it refuses without one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from mtp_jax import cli
+from mtp_jax import imatrix as IM
+from mtp_jax import params as P
+from mtp_jax.config import load_config
+from mtp_jax.io import gguf as G
+from mtp_jax.io.imatrix_gguf import write_imatrix_gguf
+from mtp_jax.io.load import load_model
+from mtp_jax.io.validate import GGUFError
+
+CFG = load_config("gemma4-tiny")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gemma4-pair")
+    params = P.init(jax.random.key(3), CFG, std=0.05)
+    return (G.write_gguf(d / "target.gguf", CFG, params), G.write_gguf(d / "assistant.gguf", CFG, params, part="mtp"),
+            params)
+
+
+def test_the_pair_loads_back_and_the_target_file_holds_no_assistant(pair):
+    target, assistant, params = pair
+    names = {t.name for t in G.open_gguf(target).tensors}
+    assert "rope_freqs.weight" in names and not any("nextn" in n for n in names)
+    cfg, alone, _ = load_model(target)
+    assert cfg == CFG.trunk_only() and alone.nextn is None
+    cfg, both, _ = load_model(target, mtp_head=assistant)
+    assert cfg == CFG
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(both)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_an_assistant_for_another_target_is_one_clear_line(pair, tmp_path, capsys):
+    target, _, _ = pair
+    other = CFG.replace(head_dim_swa=8, assistant=dataclasses.replace(CFG.assistant, head_dim_swa=8))
+    path = G.write_gguf(tmp_path / "other.gguf", other, P.init(jax.random.key(1), other), part="mtp")
+    with pytest.raises(GGUFError, match="does not fit the target model: the assistant's sliding layers expect"):
+        load_model(target, mtp_head=path)
+    assert cli.main(["generate", "-m", str(target), "-md", str(path), "-K", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "sliding layers" in err[0]
+
+
+def test_a_damaged_assistant_names_the_tensor(pair, tmp_path):
+    target, assistant, _ = pair
+    import gguf
+
+    r = gguf.GGUFReader(assistant)
+    w = gguf.GGUFWriter(tmp_path / "bad.gguf", "gemma4-assistant")
+    for f in r.fields.values():
+        if f.name.startswith(("GGUF.", "general.architecture")):
+            continue
+        v = f.contents()
+        kind = f.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(f.name, v)
+        else:
+            w.add_key_value(f.name, v, kind)
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if t.name == "blk.1.attn_q.weight":
+            data = data[:-1]  # one output row short
+        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match=r"bad.gguf: tensor blk.1.attn_q.weight has shape"):
+        load_model(target, mtp_head=tmp_path / "bad.gguf")
+
+
+# every matrix row a multiple of 256, so IQ2_XXS applies to all of the assistant's matrices
+WIDE = dict(hidden_size=256, head_dim=128, head_dim_swa=64, intermediate_size=256, moe_intermediate_size=256)
+WIDE_A = dict(hidden_size=256, backbone_hidden_size=256, head_dim=128, head_dim_swa=64, intermediate_size=256)
+
+
+@pytest.mark.peer
+def test_assistant_imatrix_lets_llama_quantize_make_iq2_xxs(peer, tmp_path):
+    """The assistant driven as it drafts (teacher-forced pairs (h_{j-1}, t_j), each query over the target's entries
+    < j): an entry for every matrix of its file; llama-quantize IQ2_XXS of the assistant GGUF succeeds with that
+    imatrix and fails without it (Missing importance matrix)."""
+    cfg = CFG.replace(**WIDE, assistant=dataclasses.replace(CFG.assistant, **WIDE_A))
+    params = P.init(jax.random.key(2), cfg, std=0.05)
+    model = G.write_gguf(tmp_path / "assistant.gguf", cfg, params, part="mtp")
+    col = IM.Collector(params, cfg, mtp=True, batch=2)
+    col.add(IM.make_chunks(np.random.default_rng(0).integers(1, cfg.vocab_size, 4 * 32), 32, None, max_chunks=4))
+    head = col.head_result(32, ["random ids"])
+    matrices = {t.name for t in G.open_gguf(model).tensors if len(t.shape) >= 2 and t.name != "masked_embd_ordering"}
+    assert set(head.in_sum2) == matrices
+    assert all(head.counts[n].min() > 0 for n in matrices)
+    without = dataclasses.replace(head, in_sum2={n: v for n, v in head.in_sum2.items() if n.startswith("blk.0.")},
+                                  counts={n: v for n, v in head.counts.items() if n.startswith("blk.0.")})
+    for im, ok in ((head, True), (without, False)):
+        path = write_imatrix_gguf(im, tmp_path / f"imatrix-{ok}.gguf")
+        p = peer.run("llama-quantize", "--imatrix", path, model, tmp_path / f"iq2-{ok}.gguf", "IQ2_XXS", 1,
+                     timeout=300)
+        out = p.stderr + p.stdout.decode(errors="replace")
+        assert (p.returncode == 0) == ok, out[-3000:]
+        if not ok:
+            assert "Missing importance matrix for tensor" in out
+
+
+def test_imatrix_cli_writes_the_assistant_imatrix_beside(pair, tmp_path, capsys):
+    from mtp_jax.io.tokenizer import tiny_bpe
+
+    _, _, params = pair
+    tok = tiny_bpe(CFG.vocab_size)
+    target = G.write_gguf(tmp_path / "t.gguf", CFG, params, tokenizer=tok)
+    assistant = G.write_gguf(tmp_path / "a.gguf", CFG, params, tokenizer=tok, part="mtp")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "im.gguf"
+    assert cli.main(["imatrix", "-m", str(target), "-md", str(assistant), "-f", str(text), "-o", str(out),
+                     "--chunk-size", "32", "--quiet"]) == 0
+    from mtp_jax.io.imatrix_gguf import read_imatrix
+
+    trunk, head = read_imatrix(out), read_imatrix(tmp_path / "im-head.gguf")
+    assert "blk.5.attn_q.weight" in trunk.in_sum2 and "nextn.pre_projection.weight" in head.in_sum2
+    assert "im-head.gguf" in capsys.readouterr().out
