@@ -129,3 +129,35 @@ def test_imatrix_cli_writes_the_assistant_imatrix_beside(pair, tmp_path, capsys)
     trunk, head = read_imatrix(out), read_imatrix(tmp_path / "im-head.gguf")
     assert "blk.5.attn_q.weight" in trunk.in_sum2 and "nextn.pre_projection.weight" in head.in_sum2
     assert "im-head.gguf" in capsys.readouterr().out
+
+
+@pytest.mark.peer
+def test_our_q4_k_m_of_both_files_is_llama_quantizes_and_the_quantized_pair_drafts(peer, tmp_path):
+    """The quantizer's type policy covers both arches: our Q4_K_M of the target and of the assistant (with its
+    imatrix) are llama-quantize's files byte for byte; the quantized pair loads (weights kept in their blocks,
+    the assistant's dequantized) and greedy MTP equals plain greedy on it."""
+    from mtp_jax import speculative
+    from mtp_jax.generate import generate
+    from mtp_jax.quant.gguf_quantize import quantize_gguf
+
+    cfg = CFG.replace(**WIDE, assistant=dataclasses.replace(CFG.assistant, **WIDE_A))
+    params = P.init(jax.random.key(2), cfg, std=0.05)
+    files = {"target": G.write_gguf(tmp_path / "t.gguf", cfg, params, outtype="f16"),
+             "assistant": G.write_gguf(tmp_path / "a.gguf", cfg, params, outtype="f16", part="mtp")}
+    col = IM.Collector(params, cfg, mtp=True, batch=2)
+    col.add(IM.make_chunks(np.random.default_rng(0).integers(1, cfg.vocab_size, 4 * 32), 32, None, max_chunks=4))
+    imatrix = {"target": write_imatrix_gguf(col.result(32, ["ids"]), tmp_path / "im.gguf"),
+               "assistant": write_imatrix_gguf(col.head_result(32, ["ids"]), tmp_path / "im-head.gguf")}
+    quantized = {}
+    for part, path in files.items():
+        ours, ref = tmp_path / f"{part}-q4km-ours.gguf", tmp_path / f"{part}-q4km-llama.gguf"
+        quantize_gguf(path, ours, "Q4_K_M", imatrix=imatrix[part], threads=1, progress=False)
+        p = peer.run("llama-quantize", "--imatrix", imatrix[part], path, ref, "Q4_K_M", 1, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert ours.read_bytes() == ref.read_bytes(), part
+        quantized[part] = ours
+    qcfg, qparams, _ = load_model(quantized["target"], mtp_head=quantized["assistant"])
+    assert qcfg.has_mtp
+    prompts = [[5, 9, 2, 7, 1]]
+    ref = generate(qparams, qcfg, prompts, max_new_tokens=8, eos_ids=[])
+    assert speculative.generate(qparams, qcfg, prompts, num_draft=2, max_new_tokens=8, eos_ids=[]).tokens == ref.tokens
