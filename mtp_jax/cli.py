@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text (repeat for a batch); needs a model with a tokenizer")
     g.add_argument("--prompt-ids", type=_parse_ids, default=None,
                    help="prompt token ids, comma-separated; ';' separates the rows of a batch (default 1,2,3)")
-    g.add_argument("--max-new-tokens", type=int, default=32,
+    g.add_argument("--max-new-tokens", "-n", "--n-predict", type=int, default=32,
                    help="tokens to generate per row (default 32); with the prompt and the K+1 draft slots they must "
                         "fit the model's max_position_embeddings")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
