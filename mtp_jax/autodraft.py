@@ -46,11 +46,14 @@ def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int, tr
     h = jnp.zeros((B, T, cfg.hidden_size), jnp.float32)
 
     def body(_, c):
+        t = toks + (c.lengths - L)[:, None]  # (+0) the input depends on the carry: a drafter that reads no cache of
+        # its own (Gemma-4's assistant) would otherwise be hoisted out of the loop and timed once
         if head:  # the drafter's catch-up over T pending pairs (T = 1: one draft step)
-            _, lg, c = drafter.of(cfg).catch_up(params, c, h, toks, jnp.full((B,), T, jnp.int32), trunk)
+            _, lg, c = drafter.of(cfg).catch_up(params, c, h, t, jnp.full((B,), T, jnp.int32), trunk)
         else:
-            _, lg, c, _ = forward(params, toks, c, cfg, logits="all")
-        return c.with_lengths(L + (lg[0, 0, 0] > 1e30).astype(jnp.int32))  # keep the logits live
+            _, lg, c, _ = forward(params, t, c, cfg, logits="all")
+        return c.with_lengths(L + (lg.max() > 1e30).astype(jnp.int32))  # keep every logit live (a slice of one
+        # would let XLA compute one column of the output matmul)
 
     return jax.lax.fori_loop(0, n, body, cache).lengths
 

@@ -246,6 +246,12 @@ def _count(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
+def _moes(tree: Any) -> list[Moe]:
+    """The routed-expert blocks anywhere in a tree (a layer's ``ffn``, Gemma 4's ``moe.experts``)."""
+    is_moe = lambda x: isinstance(x, Moe)  # noqa: E731
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_moe) if is_moe(x)]
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Total and per-token active parameter counts from jax.eval_shape (nothing is allocated).
 
@@ -257,18 +263,20 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     total = _count(trunk)
     from mtp_jax.io.table import stacks
 
-    moe = [getattr(p, attr).ffn for attr, _, is_moe in stacks(cfg) if is_moe and getattr(p, attr) is not None]
+    moe = _moes([getattr(p, attr) for attr, _, is_moe in stacks(cfg) if is_moe and getattr(p, attr) is not None])
     routed = _count([[m.gate, m.up, m.down] for m in moe])
     inactive_frac = 1 - cfg.num_experts_per_tok / max(cfg.n_routed_experts, 1)
-    active = total - _count(p.embed) - round(routed * inactive_frac)
+    from mtp_jax import families
+
+    lookups = [getattr(p, s.path[0]) for s in families.of(cfg).top_specs(cfg) if s.table and len(s.path) == 1]
+    active = total - _count([t for t in lookups if t is not None]) - round(routed * inactive_frac)  # a row each
     if cfg.tie_word_embeddings:
         active += _count(p.embed)  # the tied head is read in full
     out = {"total": total, "active_per_token": active}
     if p.nextn is not None:
         nn = p.nextn
         nn_total = _count(nn)
-        nn_routed = sum(_count([x.layer.ffn.gate, x.layer.ffn.up, x.layer.ffn.down]) for x in nn
-                        if isinstance(x.layer.ffn, Moe))  # a head may have a dense MLP (Step-3.5)
+        nn_routed = sum(_count([m.gate, m.up, m.down]) for m in _moes(nn))  # a head may have none (Step-3.5)
         out["nextn_total"] = nn_total
         out["nextn_active_per_token"] = nn_total - round(nn_routed * inactive_frac)
     return out

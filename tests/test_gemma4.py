@@ -181,25 +181,10 @@ def test_greedy_mtp_with_the_assistant_equals_plain_greedy(tiny, K):
     assert hist[0] > 0 and sum(hist[1:]) > 0, hist
 
 
-def drafting(tiny, noise: float = 0.3, seed: int = 0):
-    """The tiny model made to draft: an untied output head H and quiet blocks (post norms at 0.05), so the trunk's
-    next token is argmax E[t] H; E's rows lie in the span of Q [D, Da] (orthonormal columns), the assistant's
-    pre_proj passes the target embedding through Q and its tied table is H^T Q, so its logits are E[t] H too, up to
-    ``noise`` (on its table and a random hidden half of pre_proj) that makes it miss part of the time."""
-    cfg, _ = tiny
-    cfg = cfg.replace(tie_word_embeddings=False)
-    rng = np.random.default_rng(seed)
-    D, V, Da = cfg.hidden_size, cfg.vocab_size, cfg.assistant.hidden_size
-    p = P.init(jax.random.key(seed), cfg, std=0.02)
-    quiet = ("attn_post_norm", "ffn_post_norm", "ple_norm")
-    p = jax.tree_util.tree_map_with_path(lambda kp, x: x * 0.05 if kp[-1].name in quiet else x, p)
-    Q = np.linalg.qr(rng.standard_normal((D, Da)))[0].astype(np.float32)
-    E = (rng.standard_normal((V, Da)) @ Q.T * np.sqrt(D / Da)).astype(np.float32)
-    H = 0.1 * rng.standard_normal((D, V)).astype(np.float32)  # logits of a few units: the soft cap does not tie them
-    pre = np.concatenate([Q / np.sqrt(D), noise * rng.standard_normal((D, Da)).astype(np.float32) / np.sqrt(D)])
-    table = H.T @ Q + 0.1 * noise * np.sqrt(D / Da) * rng.standard_normal((V, Da)).astype(np.float32)
-    a = dataclasses.replace(p.nextn, pre_proj=jnp.asarray(pre), embed=jnp.asarray(table))
-    return cfg, dataclasses.replace(p, embed=jnp.asarray(E), lm_head=jnp.asarray(H), nextn=a)
+def drafting(tiny, accept: float = 0.6, seed: int = 0):
+    """The tiny model made to draft (gemma4_assistant.drafting_params: the assistant drafts the trunk's next token
+    on a fraction ``accept`` of the tokens; its drafts also depend on the hidden it is handed)."""
+    return GA.drafting_params(tiny[0], accept, seed, mix=0.3)
 
 
 def test_sampling_with_the_centroid_head_matches_plain_sampling(tiny):
@@ -212,7 +197,7 @@ def test_sampling_with_the_centroid_head_matches_plain_sampling(tiny):
     a = dataclasses.replace(cfg.assistant, vocab_size=8, use_ordered_embeddings=True, num_centroids=4,
                             centroid_top_k=2)
     cfg = cfg.replace(vocab_size=8, eos_token_ids=(), assistant=a)
-    cfg, params = drafting((cfg, None), noise=0.3)
+    cfg, params = drafting((cfg, None))
     assert params.nextn.centroids is not None
     sampling, n = Sampling(temperature=1.0), 3000
     prompts = [[1, 2, 3]] * n

@@ -84,6 +84,9 @@ class Gemma4Config(ModelConfig):
     num_nextn_predict_layers: int = 0
     tie_word_embeddings: bool = True
     n_shared_experts: int = 0
+    n_routed_experts: int = 0  # (with enable_moe_block)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
     name: str = "gemma4"
 
     def __post_init__(self):

@@ -651,3 +651,40 @@ def read_head(path, target: Gemma4Config, dtype: str | None = None, check_finite
     except (KeyError, ValueError) as e:
         raise HFError(f"{path}: {e.args[0] if isinstance(e, KeyError) else e}") from None
     return cfg, ap
+
+
+def drafting_params(cfg: Gemma4Config, accept: float = 0.6, seed: int = 0, alpha: float = 24.0, mix: float = 0.0,
+                    dtype: str = "float32"):
+    """A target + assistant pair whose drafts agree with the trunk at a chosen rate, by construction (tests,
+    benchmarks; synthetic.constructed_params' idea): the trunk's greedy continuation is a random permutation
+    t -> pi(t) (quiet blocks: post norms at 0.05; lm_head column pi(t) = alpha E[t] / D), and the assistant drafts
+    pi'(t) from its input token t, pi' = pi on a random fraction ``accept`` of the tokens: E's rows lie in the span
+    of Q [D, Da] (orthonormal columns), pre_proj passes the target embedding through Q, the assistant's tied table
+    maps E[t] Q to pi'(t). With ordered embeddings each centroid is the mean table row of its cluster (a
+    k-means-like shortlist). ``mix``: the gain of a random hidden half of pre_proj, so that drafts also depend on
+    the hidden the assistant is handed (tests telling llama.cpp's semantics from near misses). -> (cfg with an
+    untied head, params)."""
+    from mtp_jax.synthetic import _head
+
+    cfg = cfg.replace(tie_word_embeddings=False, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    D, V, Da = cfg.hidden_size, cfg.vocab_size, cfg.assistant.hidden_size
+    p = P.init(jax.random.key(seed), cfg, std=0.02)
+    quiet = ("attn_post_norm", "ffn_post_norm", "ple_norm")
+    p = jax.tree_util.tree_map_with_path(lambda kp, x: x * 0.05 if kp[-1].name in quiet else x, p)
+    Q = np.linalg.qr(rng.standard_normal((D, Da)))[0].astype(np.float32)
+    e = rng.standard_normal((V, Da)).astype(np.float32)
+    e *= np.sqrt(D) / np.linalg.norm(e, axis=1, keepdims=True)  # rows of norm sqrt(D): E rows rms 1
+    E = e @ Q.T
+    pi = rng.permutation(V)
+    other = (pi + 1 + rng.integers(0, V - 1, V)) % V  # != pi(t)
+    pi_head = np.where(rng.random(V) < accept, pi, other)
+    pre = np.concatenate([Q / np.sqrt(D), mix * rng.standard_normal((D, Da)).astype(np.float32) / np.sqrt(D)])
+    table = _head(e, pi_head, alpha).T  # [V, Da]
+    a = dataclasses.replace(p.nextn, pre_proj=jnp.asarray(pre, dtype), embed=jnp.asarray(table, dtype))
+    if cfg.assistant.use_ordered_embeddings:
+        C = cfg.assistant.num_centroids
+        clusters = np.asarray(a.ordering).reshape(C, V // C)
+        a = dataclasses.replace(a, centroids=jnp.asarray(table[clusters].mean(1).T, dtype))
+    return cfg, dataclasses.replace(p, embed=jnp.asarray(E, dtype), lm_head=jnp.asarray(_head(E, pi, alpha), dtype),
+                                    nextn=a)

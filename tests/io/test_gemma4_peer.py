@@ -118,3 +118,16 @@ def test_assistant_drafts_match_llama_speculative_simple(peer, drafting_model, t
     path, assistant, cfg, params = drafting_model
     hist = peer.draft_mtp_agrees(path, cfg, params, tok, tmp_path, K=K, draft_model=assistant)
     assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_the_draft_comparison_sees_the_window_and_the_hidden(peer, drafting_model, tok, tmp_path):
+    """The comparison is sensitive to what it checks: transformers' window for the assistant's sliding layers (the
+    last W + 1 cached keys instead of llama.cpp's W - 1), or an assistant blind to the hidden it is handed, draft
+    differently from llama.cpp within the compared steps (measured: step 21 and step 7 of 48 tokens at K = 3)."""
+    path, assistant, cfg, params = drafting_model
+    window = cfg.replace(assistant=dataclasses.replace(cfg.assistant, swa_keys="transformers"))
+    a = params.nextn
+    blind = dataclasses.replace(params, nextn=dataclasses.replace(a, pre_proj=a.pre_proj.at[cfg.hidden_size:].set(0)))
+    for c, p in ((window, params), (cfg, blind)):
+        with pytest.raises(AssertionError, match="drafts"):
+            peer.draft_mtp_agrees(path, c, p, tok, tmp_path, K=3, draft_model=assistant)
