@@ -52,6 +52,25 @@ def test_placement_patterns_replicate_the_head():
         sharding.param_shardings(CFG, mesh, placement=[("x", "sharded")])
 
 
+def test_gemma4_and_its_assistant_sharded_decode_as_on_one_device():
+    """Gemma 4 with its assistant on data x expert: the assistant's tensors are named mtp.* (its layers, pre/post
+    projections, table) and replicated by pattern while the trunk's experts split; greedy MTP tokens as on one
+    device (drafts accepted: the pair is built to draft)."""
+    from mtp_jax.config import load_config
+    from mtp_jax.families.gemma4_assistant import drafting_params
+
+    cfg, params = drafting_params(load_config("gemma4-tiny"), accept=0.6)
+    ref = speculative.generate(params, cfg, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[])
+    mesh = sharding.make_mesh(data=2, expert=2)
+    placed = sharding.shard_params(params, cfg, mesh, placement=[(r"mtp\..*", "replicated")])
+    assert placed.swa_layers.moe.experts.gate.sharding.spec[1] == "expert"
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(placed.nextn))
+    names = {sharding.tensor_name(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert {"mtp.pre_proj", "mtp.embed", "mtp.swa_layers.attn.wq", "swa_layers.moe.experts.gate"} <= names
+    res = speculative.generate(placed, cfg, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[])
+    assert res.tokens == ref.tokens and sum(res.stats["accept_hist"][1:]) > 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
