@@ -135,7 +135,11 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     }
     if arch in {f.arch for f in families.registered()}:
         cfg = config_from_gguf(r, path)
-        out["nextn_present"] = check_tensors(r, cfg, path).nextn is not None
+        if families.by_arch(arch).read_head is not None:  # its drafter is a model file of its own
+            check_tensors(r, cfg, path)
+            out["drafter"] = "a file of its own (generate -md FILE)"
+        else:
+            out["nextn_present"] = check_tensors(r, cfg, path).nextn is not None
         out["config"] = cfg
     return out
 
@@ -196,6 +200,8 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"+ {cfg['n_shared_experts']} shared, ffn {cfg['moe_intermediate_size']}")
     if "nextn_present" in d:
         print(f"  NextN layer    {'present' if d['nextn_present'] else 'absent'}")
+    if "drafter" in d:
+        print(f"  drafter        {d['drafter']}")
     for k, v in d.get("param_counts", {}).items():
         print(f"  {k:<22} {v:>16,d}")
     return 0
