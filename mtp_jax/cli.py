@@ -173,7 +173,8 @@ def cmd_generate(args) -> int:
     params = _place(args, cfg, params)
     if args.prompt is not None:
         if tok is None:
-            raise ValueError("--prompt needs a model with a tokenizer (a GGUF or HF model); use --prompt-ids")
+            raise ValueError("--prompt needs a model with a tokenizer we read (a GGUF or HF model with a byte-level "
+                             "BPE or SentencePiece vocabulary); use --prompt-ids")
         prompts = [tok.encode(p, add_special=True) for p in args.prompt]
     else:
         prompts = args.prompt_ids or ([tok.encode("def ", add_special=True)] if tok else [[1, 2, 3]])

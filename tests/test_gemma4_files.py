@@ -53,32 +53,54 @@ def test_an_assistant_for_another_target_is_one_clear_line(pair, tmp_path, capsy
     assert len(err) == 1 and str(path) in err[0] and "sliding layers" in err[0]
 
 
-def test_a_damaged_assistant_names_the_tensor(pair, tmp_path):
-    target, assistant, _ = pair
+def _rewrite(src, dst, arch: str, field=None, tensor=None):
+    """A copy of a GGUF with one key's value (``field`` = (name, value)) or one tensor (``tensor`` = (name, f(data)))
+    replaced."""
     import gguf
 
-    r = gguf.GGUFReader(assistant)
-    w = gguf.GGUFWriter(tmp_path / "bad.gguf", "gemma4-assistant")
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, arch)
     for f in r.fields.values():
         if f.name.startswith(("GGUF.", "general.architecture")):
             continue
-        v = f.contents()
-        kind = f.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
+        v = field[1] if field and f.name == field[0] else f.contents()
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
             w.add_array(f.name, v)
         else:
-            w.add_key_value(f.name, v, kind)
+            w.add_key_value(f.name, v, f.types[0])
     for t in r.tensors:
         data = np.asarray(t.data)
-        if t.name == "blk.1.attn_q.weight":
-            data = data[:-1]  # one output row short
-        w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+        w.add_tensor(t.name, tensor[1](data) if tensor and t.name == tensor[0] else data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return dst
+
+
+def test_a_damaged_assistant_names_the_tensor(pair, tmp_path):
+    target, assistant, _ = pair
+    bad = _rewrite(assistant, tmp_path / "bad.gguf", "gemma4-assistant",
+                   tensor=("blk.1.attn_q.weight", lambda x: x[:-1]))  # one output row short
     with pytest.raises(GGUFError, match=r"bad.gguf: tensor blk.1.attn_q.weight has shape"):
-        load_model(target, mtp_head=tmp_path / "bad.gguf")
+        load_model(target, mtp_head=bad)
+
+
+def test_a_tokenizer_we_do_not_implement_leaves_token_ids(pair, tmp_path, capsys, caplog):
+    """Gemma 4's own files say tokenizer.ggml.model = "gemma4" (a SentencePiece kind not implemented here): the
+    model loads without a tokenizer (a warning names why) and decodes --prompt-ids; --prompt is one clear line."""
+    from mtp_jax.io.tokenizer import tiny_bpe
+
+    _, assistant, params = pair
+    target = G.write_gguf(tmp_path / "t.gguf", CFG, params, tokenizer=tiny_bpe(CFG.vocab_size))
+    odd = _rewrite(target, tmp_path / "gemma4-tok.gguf", "gemma4", field=("tokenizer.ggml.model", "gemma4"))
+    cfg, _, tok = load_model(odd, mtp_head=assistant)
+    assert tok is None and cfg == CFG and "unsupported tokenizer model 'gemma4'" in caplog.text
+    assert cli.main(["generate", "-m", str(odd), "-md", str(assistant), "--prompt-ids", "5,9,2", "-n", "4",
+                     "-K", "2"]) == 0
+    assert cli.main(["generate", "-m", str(odd), "--prompt", "hello", "-n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt needs a model with a tokenizer we read" in err and "Traceback" not in err
 
 
 # every matrix row a multiple of 256, so IQ2_XXS applies to all of the assistant's matrices

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from mtp_jax.config import ModelConfig, load_config
 from mtp_jax.io.gguf import GGUFError, read_gguf, read_tokenizer
 from mtp_jax.io.hf import read_hf
 from mtp_jax.io.orbax import is_checkpoint, load_orbax
-from mtp_jax.io.tokenizer import Tokenizer
+from mtp_jax.io.tokenizer import Tokenizer, TokenizerError
 from mtp_jax.io.validate import regular_file
+
+log = logging.getLogger(__name__)
 
 
 def source_kind(spec: str | os.PathLike) -> str:
@@ -77,7 +80,7 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
     if kind == "gguf":
         cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite, quantized=quantized)
-        return cfg, params, read_tokenizer(spec)
+        return cfg, params, _gguf_tokenizer(spec)
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)
         has_tok = (Path(spec) / "tokenizer.json").is_file()
@@ -88,3 +91,15 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     params = P.init(jax.random.key(seed), cfg)
     return cfg, params if load_mtp else dataclasses.replace(params, nextn=None), None
+
+
+def _gguf_tokenizer(path) -> Tokenizer | None:
+    """The GGUF's tokenizer; None (with a warning) for a kind we do not implement (e.g. Gemma 4's 'gemma4'
+    SentencePiece model): the model still decodes token ids. A damaged vocabulary stays an error."""
+    try:
+        return read_tokenizer(path)
+    except TokenizerError as e:
+        if "unsupported" not in str(e):
+            raise
+        log.warning("%s; without a tokenizer the model takes token ids (--prompt-ids)", e)
+        return None
