@@ -229,3 +229,28 @@ def test_hf_directories_load_as_a_target_and_assistant_pair(tmp_path):
     assert cfg.assistant.swa_keys == "transformers" and cfg.assistant.use_ordered_embeddings
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("kind, tol", [("turbo4", 0.1)])
+def test_quantized_kv_caches_hold_the_target_and_feed_the_assistant(tiny, kind, tol):
+    """A TurboQuant trunk cache (the block types' path without the rotation is the same read_layer) (queries rotated against a turbo K, outputs rotated back from a turbo V, in
+    the trunk's layers and in the assistant's reads of them): prefill + decode logits stay near the cache-free
+    forward's, and greedy MTP with the assistant equals plain greedy on the same cache type."""
+    from mtp_jax.kvquant import KVTypes
+
+    cfg = tiny[0]  # (block types need head dims that are multiples of 32)
+    cfg = cfg.replace(head_dim_swa=32, assistant=dataclasses.replace(cfg.assistant, head_dim_swa=32))
+    cfg, params = GA.drafting_params(cfg, 0.6, mix=0.3)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.vocab_size, (2, 14))
+    full = np.asarray(forward(params, jnp.asarray(ids), None, cfg)[1])
+    cache = kvcache.init_trunk_cache(cfg, 2, 16, kind, kind)
+    _, a, cache, _ = forward(params, jnp.asarray(ids[:, :10]), cache, cfg)
+    _, b, _, _ = forward(params, jnp.asarray(ids[:, 10:]), cache, cfg)
+    err = np.abs(np.concatenate([np.asarray(a), np.asarray(b)], 1) - full).max()
+    assert err < tol * np.abs(full).max(), err
+    types = KVTypes(k=kind, v=kind)
+    prompts = [[5, 9, 2, 7], [7, 3, 3, 8, 1, 4, 11]]
+    ref = generate(params, cfg, prompts, max_new_tokens=8, eos_ids=[], cache_types=types)
+    res = speculative.generate(params, cfg, prompts, num_draft=2, max_new_tokens=8, eos_ids=[], cache_types=types)
+    assert res.tokens == ref.tokens and sum(res.stats["accept_hist"][1:]) > 0

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import Keys
 
-from mtp_jax import families, kvcache
+from mtp_jax import families, kvcache, kvquant
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
 from mtp_jax.io.gguf import Metadata, f32
@@ -385,7 +385,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = jnp.where(visible[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, v.shape[-1])
+
+
+def attend_cache(q: jax.Array, ks, vs, ci, visible: jax.Array) -> jax.Array:
+    """``attend`` over layer ``ci`` of a cache's K / V stacks of any type: a quantized stack is read dequantized;
+    against a TurboQuant K the queries are rotated, from a TurboQuant V the output is rotated back (kvquant)."""
+    k, v = kvcache.read_layer(ks, ci, q.dtype), kvcache.read_layer(vs, ci, q.dtype)
+    out = attend(kvquant.rotate(q) if kvcache.rotated(ks) else q, k, v, visible)
+    return kvquant.unrotate(out, q.shape[-1]) if kvcache.rotated(vs) else out
 
 
 def _attention(x, p: G4Attention, li, positions, cfg: Gemma4Config, swa: bool, mask, kv, lengths,
@@ -413,15 +421,15 @@ def _attention(x, p: G4Attention, li, positions, cfg: Gemma4Config, swa: bool, m
         ks, vs, ci = kv
         if fresh is not None:
             kv = (kvcache.write_block(ks, ci, fresh[0], lengths), kvcache.write_block(vs, ci, fresh[1], lengths), ci)
-        k_all, v_all = kvcache.read_layer(kv[0], ci, q.dtype), kvcache.read_layer(kv[1], ci, q.dtype)
-        key_pos, query_pos = jnp.arange(k_all.shape[1])[None, None, :], positions[:, :, None]
+        key_pos, query_pos = jnp.arange(kv[0].shape[2])[None, None, :], positions[:, :, None]
+        visible = (key_pos <= query_pos) & (True if window is None else key_pos > query_pos - window)
+        out = attend_cache(q, kv[0], kv[1], ci, visible)
     else:  # no cache: this forward's K/V (a KV-shared layer's come from its source layer in ``kv``)
         k_all, v_all = fresh if fresh is not None else kv
         key_pos, query_pos = jnp.arange(T)[None, None, :], jnp.arange(T)[None, :, None]
-    visible = key_pos <= query_pos
-    if window is not None:
-        visible &= key_pos > query_pos - window
-    out = attend(q, k_all, v_all, visible).reshape(B, T, N * H)
+        visible = (key_pos <= query_pos) & (True if window is None else key_pos > query_pos - window)
+        out = attend(q, k_all, v_all, visible)
+    out = out.reshape(B, T, N * H)
     y = linear(out, p.wo.reshape(*p.wo.shape[:-3], N * H, -1), li)
     stats = {}
     if collect_stats:

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import kvcache
 from mtp_jax import params as P
-from mtp_jax.families.gemma4 import (FULL, SWA, G4Attention, G4Layer, Gemma4Config, Gemma4Params, attend,
+from mtp_jax.families.gemma4 import (FULL, SWA, G4Attention, G4Layer, Gemma4Config, Gemma4Params, attend_cache,
                                      cache_slot, forward, init_cache, rope_pairs, write_attention_keys)
 from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import at, mlp, rms_norm, sum_squares
@@ -195,12 +194,11 @@ def assistant_forward(params: Gemma4Params, h, tokens, trunk: KVCache, positions
         N, H = lp.attn.wq.shape[-2:]
         q = linear(xn, lp.attn.wq.reshape(*lp.attn.wq.shape[:-2], -1), j).reshape(B, T, N, H)
         q = rope_pairs(rms_norm(q, at(lp.attn.q_norm, j), eps), positions, acfg.rope_freqs(swa))
-        k, v = kvcache.read_layer(trunk.k[c], ci, q.dtype), kvcache.read_layer(trunk.v[c], ci, q.dtype)
         visible = key_pos < query_pos
         if swa:
             n_keys = acfg.sliding_window - 1 if acfg.swa_keys == "llama.cpp" else acfg.sliding_window + 1
             visible &= key_pos >= query_pos - n_keys
-        o = attend(q, k, v, visible).reshape(B, T, N * H)
+        o = attend_cache(q, trunk.k[c], trunk.v[c], ci, visible).reshape(B, T, N * H)
         a = linear(o, lp.attn.wo.reshape(*lp.attn.wo.shape[:-3], N * H, -1), j)
         x = x + rms_norm(a, at(lp.attn_post_norm, j), eps)
         f, f_stats = mlp(rms_norm(x, at(lp.ffn_norm, j), eps), lp.mlp, mask, collect_stats, prefix="mlp.", li=j,
