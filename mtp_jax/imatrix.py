@@ -180,13 +180,12 @@ class Collector:
         """The drafter's own imatrix, for a drafter that is a file of its own (None otherwise)."""
         if not self.head_sums:
             return None
-        return ImatrixData({k: v[0].astype(np.float32) for k, v in self.head_sums.items()},
-                           {k: v[1].astype(np.float32) for k, v in self.head_sums.items()}, datasets=list(datasets),
-                           chunk_count=self.chunks, chunk_size=chunk_size, metadata={KEY_MTP: True})
+        in_sum2, counts = _as_float32(self.head_sums)
+        return ImatrixData(in_sum2, counts, datasets=list(datasets), chunk_count=self.chunks, chunk_size=chunk_size,
+                           metadata={KEY_MTP: True})
 
     def result(self, chunk_size: int, datasets: list[str], neutral_lookups: bool = True) -> ImatrixData:
-        in_sum2 = {k: v[0].astype(np.float32) for k, v in self.sums.items()}
-        counts = {k: v[1].astype(np.float32) for k, v in self.sums.items()}
+        in_sum2, counts = _as_float32(self.sums)
         meta = {KEY_MTP: bool(self.mtp)}
         if neutral_lookups and self.mtp:
             names = []
@@ -199,6 +198,12 @@ class Collector:
                 meta[KEY_NEUTRAL] = names
         return ImatrixData(in_sum2, counts, datasets=list(datasets), chunk_count=self.chunks, chunk_size=chunk_size,
                            metadata=meta)
+
+
+def _as_float32(sums: dict) -> tuple[dict, dict]:
+    """{name: (in_sum2, counts)} accumulated in float64 -> ({name: in_sum2}, {name: counts}) in float32."""
+    return ({k: v[0].astype(np.float32) for k, v in sums.items()},
+            {k: v[1].astype(np.float32) for k, v in sums.items()})
 
 
 def _accumulate(into: dict, entries: dict) -> None:

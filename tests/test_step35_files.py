@@ -89,7 +89,7 @@ def test_imatrix_covers_the_heads_llama_quantize_takes_it_and_our_q4_k_m_is_its_
     our imatrix and fails with it minus the heads' entries; our Q4_K_M with it is llama-quantize's file, byte for
     byte."""
     from mtp_jax import imatrix as IM
-    from mtp_jax.io.imatrix_gguf import ImatrixData, write_imatrix_gguf
+    from mtp_jax.io.imatrix_gguf import ImatrixData
     from mtp_jax.quant.gguf_quantize import quantize_gguf
 
     cfg = CFG.replace(**WIDE)
@@ -109,17 +109,11 @@ def test_imatrix_covers_the_heads_llama_quantize_takes_it_and_our_q4_k_m_is_its_
     trunk_only = ImatrixData({n: v for n, v in data.in_sum2.items() if int(n.split(".")[1]) < L},
                              {n: v for n, v in data.counts.items() if int(n.split(".")[1]) < L},
                              data.datasets, data.chunk_count, data.chunk_size)
-    for im, ok in ((data, True), (trunk_only, False)):
-        path = write_imatrix_gguf(im, tmp_path / f"imatrix-{ok}.gguf")
-        p = peer.run("llama-quantize", "--imatrix", path, model, tmp_path / f"iq2-{ok}.gguf", "IQ2_XXS", 1,
-                     timeout=300)
-        out = p.stderr + p.stdout.decode(errors="replace")
-        assert (p.returncode == 0) == ok, out[-3000:]
-        if not ok:
-            assert f"Missing importance matrix for tensor blk.{L}." in out
+    imatrix, out = peer.quantize_needs_imatrix(model, data, trunk_only, tmp_path)
+    assert f"Missing importance matrix for tensor blk.{L}." in out
     # our quantizer writes llama-quantize's bytes for this arch too (its type policy covers attn_gate, the heads)
     ours, ref = tmp_path / "q4km-ours.gguf", tmp_path / "q4km-llama.gguf"
-    quantize_gguf(model, ours, "Q4_K_M", imatrix=tmp_path / "imatrix-True.gguf", threads=1, progress=False)
-    p = peer.run("llama-quantize", "--imatrix", tmp_path / "imatrix-True.gguf", model, ref, "Q4_K_M", 1, timeout=300)
+    quantize_gguf(model, ours, "Q4_K_M", imatrix=imatrix, threads=1, progress=False)
+    p = peer.run("llama-quantize", "--imatrix", imatrix, model, ref, "Q4_K_M", 1, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert ours.read_bytes() == ref.read_bytes()

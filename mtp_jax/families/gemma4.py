@@ -45,7 +45,7 @@ from mtp_jax.io.validate import REQUIRED
 from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import at, mlp, moe, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
-from mtp_jax.model import select_logits, valid_mask
+from mtp_jax.model import output_weight, select_logits, valid_mask
 from mtp_jax.params import ArrayInfo, pytree_dataclass
 
 ARCH = "gemma4"
@@ -57,8 +57,35 @@ _NEG = -1e30
 BIG_FREQ_FACTOR = 1e30  # a rope_freqs entry this large stops its pair from turning (llama.cpp's converter)
 
 
+class LayerKinds:
+    """What a Gemma-4 target and its assistant share about their sliding and full layers (both configs have
+    ``layer_types``, the full layers' ``head_dim`` / ``num_key_value_heads`` / ``rope_theta`` /
+    ``partial_rotary_factor`` and the sliding ones' ``*_swa``)."""
+
+    def is_swa(self, layer: int) -> bool:
+        return self.layer_types[layer] == SWA
+
+    def dims(self, swa: bool) -> tuple[int, int]:
+        """(KV heads, head dim) of a sliding or full layer."""
+        return (self.num_key_value_heads_swa, self.head_dim_swa) if swa else (self.num_key_value_heads, self.head_dim)
+
+    @property
+    def rope_angles(self) -> int:
+        """Pairs that turn in a full layer (HF _compute_proportional_rope_parameters: int(factor * H // 2))."""
+        return int(self.partial_rotary_factor * self.head_dim // 2)
+
+    def rope_freqs(self, swa: bool) -> np.ndarray:
+        """[H/2] the turning frequency of each NeoX pair of a layer kind (proportional RoPE on full layers)."""
+        H = self.head_dim_swa if swa else self.head_dim
+        theta = self.rope_theta_swa if swa else self.rope_theta
+        inv = theta ** (-np.arange(0, H, 2, dtype=np.float64) / H)
+        if not swa:
+            inv[self.rope_angles:] = 0.0
+        return inv.astype(np.float32)
+
+
 @dataclass(frozen=True, kw_only=True)
-class Gemma4Config(ModelConfig):
+class Gemma4Config(ModelConfig, LayerKinds):
     """ModelConfig plus Gemma-4's fields. ``head_dim`` / ``num_key_value_heads`` / ``partial_rotary_factor`` /
     ``rope_theta`` describe the full-attention layers (HF global_head_dim, num_global_key_value_heads); the
     ``*_swa`` fields the sliding ones. ``assistant``: the MTP drafter attached to it (``Gemma4AssistantConfig``), which
@@ -115,9 +142,6 @@ class Gemma4Config(ModelConfig):
     def trunk_only(self) -> "Gemma4Config":
         return self.replace(assistant=None)
 
-    def is_swa(self, layer: int) -> bool:
-        return self.layer_types[layer] == SWA
-
     @property
     def first_shared(self) -> int:
         return self.num_hidden_layers - self.num_kv_shared_layers
@@ -125,33 +149,17 @@ class Gemma4Config(ModelConfig):
     def is_shared(self, layer: int) -> bool:
         return layer >= self.first_shared
 
-    def kv_source(self, layer: int) -> int:
-        """The layer whose cache ``layer`` attends with: itself, or for a KV-shared layer the last earlier layer of
-        its kind that has K/V (HF kv_sharing_modes)."""
-        if not self.is_shared(layer):
-            return layer
-        return max(i for i in range(self.first_shared) if self.is_swa(i) == self.is_swa(layer))
+    def last_with_kv(self, swa: bool) -> int | None:
+        """The last layer of a kind that computes K/V (HF kv_sharing_modes' "store" layer; None: there is none): the
+        cache KV-shared layers of that kind and the assistant's layers of that kind read."""
+        return max((i for i in range(self.first_shared) if self.is_swa(i) == swa), default=None)
 
-    def dims(self, swa: bool) -> tuple[int, int]:
-        """(KV heads, head dim) of a sliding or full layer."""
-        return (self.num_key_value_heads_swa, self.head_dim_swa) if swa else (self.num_key_value_heads, self.head_dim)
+    def kv_source(self, layer: int) -> int:
+        """The layer whose cache ``layer`` attends with: itself, or for a KV-shared layer last_with_kv of its kind."""
+        return self.last_with_kv(self.is_swa(layer)) if self.is_shared(layer) else layer
 
     def ffn_size(self, layer: int) -> int:
         return self.intermediate_size * (2 if self.use_double_wide_mlp and self.is_shared(layer) else 1)
-
-    def rope_freqs(self, swa: bool) -> np.ndarray:
-        """[H/2] the turning frequency of each NeoX pair of a layer kind (proportional RoPE on full layers)."""
-        H = self.head_dim_swa if swa else self.head_dim
-        theta = self.rope_theta_swa if swa else self.rope_theta
-        inv = theta ** (-np.arange(0, H, 2, dtype=np.float64) / H)
-        if not swa:
-            inv[self.rope_angles:] = 0.0
-        return inv.astype(np.float32)
-
-    @property
-    def rope_angles(self) -> int:
-        """Pairs that turn in a full layer (HF _compute_proportional_rope_parameters: int(factor * H // 2))."""
-        return int(self.partial_rotary_factor * self.head_dim // 2)
 
     def cache_dims(self):
         return (self.num_key_value_heads, self.head_dim), (self.num_key_value_heads, self.head_dim)
@@ -168,7 +176,7 @@ class Gemma4Config(ModelConfig):
             raise ValueError(f"num_kv_shared_layers must be in [0, num_hidden_layers={L}), got "
                              f"{self.num_kv_shared_layers}")
         for layer in range(self.first_shared, L):
-            if not any(self.is_swa(i) == self.is_swa(layer) for i in range(self.first_shared)):
+            if self.last_with_kv(self.is_swa(layer)) is None:
                 raise ValueError(f"KV-shared layer {layer} ({self.layer_types[layer]}) has no earlier layer of its "
                                  f"kind to take K/V from")
         for name in ("head_dim_swa", "num_key_value_heads_swa", "sliding_window"):
@@ -345,12 +353,13 @@ def layer_specs(cfg: Gemma4Config, moe_ffn: bool) -> list[Spec]:
 
 
 def nextn_specs(cfg: Gemma4Config) -> list[Spec]:
-    return []  # the target has no NextN blocks; the assistant's table is ASSISTANT_SPECS
+    return []  # the target has no NextN blocks; the assistant's tensors are gemma4_assistant.TOP / LAYER
 
 
-def constant_tensors(cfg: Gemma4Config) -> dict[str, np.ndarray]:
-    """Tensors a gemma4 GGUF holds that are functions of the config: ``rope_freqs`` (proportional RoPE's frequency
-    factors: 1 for the pairs that turn, BIG_FREQ_FACTOR for the others), when the model has a full layer."""
+def constant_tensors(cfg: LayerKinds) -> dict[str, np.ndarray]:
+    """Tensors a gemma4 (or gemma4-assistant) GGUF holds that are functions of the config: ``rope_freqs``
+    (proportional RoPE's frequency factors: 1 for the pairs that turn, BIG_FREQ_FACTOR for the others), when the
+    model has a full layer."""
     if all(cfg.is_swa(i) for i in range(cfg.num_hidden_layers)):
         return {}
     f = np.full(cfg.head_dim // 2, BIG_FREQ_FACTOR, np.float32)
@@ -373,8 +382,7 @@ def rope_pairs(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Arr
 
 def _unit_norm(x: jax.Array, eps: float) -> jax.Array:
     """RMS norm without a weight (V, the router input: Gemma4RMSNorm(with_scale=False), ggml_rms_norm)."""
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return rms_norm(x, jnp.ones((), jnp.float32), eps)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
@@ -442,16 +450,16 @@ def _attention(x, p: G4Attention, li, positions, cfg: Gemma4Config, swa: bool, m
     return y, kv, fresh, stats
 
 
-def _route(x: jax.Array, m: G4Moe, cfg: Gemma4Config, li) -> tuple[jax.Array, jax.Array]:
+def _route(x: jax.Array, m: G4Moe, cfg: Gemma4Config, li) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gemma4TextRouter: softmax over experts of proj(rms_norm(x) * scale / sqrt(D)), top-k renormalized, times the
     picked experts' scales (llama.cpp: the router logits gemma4.cpp builds, build_moe_ffn with softmax gating,
-    norm_w, and ffn_down_exps.scale). x [N, D] -> (idx [N, k], weights [N, k])."""
+    norm_w, and ffn_down_exps.scale). x [N, D] -> (idx [N, k], weights [N, k], the router's input [N, D])."""
     D = x.shape[-1]
     h = _unit_norm(x.astype(jnp.float32), cfg.rms_norm_eps) * at(m.router_scale, li).astype(jnp.float32) * D ** -0.5
     probs = jax.nn.softmax(linear(h, m.experts.router, li), axis=-1)
     w, idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
     w = w / w.sum(-1, keepdims=True)
-    return idx.astype(jnp.int32), w * at(m.expert_scale, li).astype(jnp.float32)[idx]
+    return idx.astype(jnp.int32), w * at(m.expert_scale, li).astype(jnp.float32)[idx], h
 
 
 def _ffn(x, p: G4Layer, li, cfg: Gemma4Config, mask, collect_stats: bool):
@@ -462,13 +470,12 @@ def _ffn(x, p: G4Layer, li, cfg: Gemma4Config, mask, collect_stats: bool):
     if p.moe is not None:
         m = p.moe
         B, T, D = x.shape
-        routing = _route(x.reshape(B * T, D), m, cfg, li)
+        idx, w, h = _route(x.reshape(B * T, D), m, cfg, li)
         e, e_stats = moe(rms_norm(x, at(m.pre_norm, li), eps), m.experts, cfg, mask, collect_stats, li, act="gelu",
-                         routing=routing)
+                         routing=(idx, w))
         f = rms_norm(f, at(m.post_norm_mlp, li), eps) + rms_norm(e, at(m.post_norm_moe, li), eps)
         if collect_stats:
-            h = _unit_norm(x, eps).astype(jnp.float32) * at(m.router_scale, li).astype(jnp.float32) * D ** -0.5
-            e_stats["ffn.router"] = sum_squares(h, mask)
+            e_stats["ffn.router"] = sum_squares(h.reshape(B, T, D), mask)
             stats |= {"moe.experts." + k[len("ffn."):]: v for k, v in e_stats.items()}
     return rms_norm(f, at(p.ffn_post_norm, li), eps), stats
 
@@ -528,18 +535,19 @@ def forward(params: Gemma4Params, tokens, cache: KVCache | None, cfg: Gemma4Conf
     lengths = None if cache is None else cache.lengths
     positions = (jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths)[:, None] + jnp.arange(T)[None, :]
     dt = compute_dtype(cfg.dtype)
-    x = params.embed[tokens].astype(dt) * jnp.asarray(cfg.hidden_size ** 0.5, dt)
-    ple = _per_layer_inputs(params, tokens, x, cfg)
+    x0 = params.embed[tokens].astype(dt) * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+    ple = _per_layer_inputs(params, tokens, x0, cfg)
     ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
     where = _where(cfg)
     produced: dict[int, tuple] = {}  # without a cache: each K/V layer's (k, v) for the layers that share it
     parts: dict[str, list] = {}
+    x = x0
     for layer in range(cfg.num_hidden_layers):
         s, j = where[layer]
         attr, swa, _ = KINDS[s]
         layers = getattr(params, attr)
         if cache is not None:
-            c, ci = cache_slot(cfg, layer)
+            c, ci = where[cfg.kv_source(layer)]  # cache_slot
             kv = (ks[c], vs[c], ci)
         else:
             kv = produced.get(cfg.kv_source(layer))
@@ -553,8 +561,7 @@ def forward(params: Gemma4Params, tokens, cache: KVCache | None, cfg: Gemma4Conf
         if collect_stats:
             parts.setdefault(attr, []).append(st)
     h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    w = (params.embed, True) if params.lm_head is None else (params.lm_head, False)
-    out = select_logits(w, h, n_valid, logits)
+    out = select_logits(output_weight(params), h, n_valid, logits)
     if out is not None and cfg.final_logit_softcapping:
         c = cfg.final_logit_softcapping
         out = jnp.tanh(out / c) * c
@@ -563,7 +570,7 @@ def forward(params: Gemma4Params, tokens, cache: KVCache | None, cfg: Gemma4Conf
         stats = {a: jax.tree.map(lambda *xs: jnp.stack(xs), *p) for a, p in parts.items()}
         top = {"lm_head": sum_squares(h, mask)}
         if ple is not None:  # the scaled embedding, as gemma4.cpp's per_layer_model_proj reads it
-            top["ple_model_proj"] = sum_squares(params.embed[tokens].astype(dt) * cfg.hidden_size ** 0.5, mask)
+            top["ple_model_proj"] = sum_squares(x0, mask)
         stats["top"] = top
     new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), cache.lengths + n_valid)
     return h, out, new_cache, stats
@@ -669,13 +676,7 @@ def config_to_hf(cfg: Gemma4Config) -> dict[str, Any]:
 def _kinds_metadata(meta: Metadata, n: int, swa: list[bool]) -> dict[str, Any]:
     """Head dims and KV heads of each kind (llama.cpp: key_length(_swa), per-layer head_count_kv)."""
     A = Keys.Attention
-    kv = meta.per_layer(A.HEAD_COUNT_KV, n, REQUIRED, 1)
-    by_kind = {s: sorted({k for k, t in zip(kv, swa) if t == s}) for s in (False, True)}
-    if any(len(v) > 1 for v in by_kind.values()):
-        raise meta.error(f"key {A.HEAD_COUNT_KV.format(arch=meta.arch)} = {kv}: the sliding layers, and the full "
-                         f"layers, must each share one KV head count")
-    kv_full = by_kind[False][0] if by_kind[False] else by_kind[True][0]
-    kv_swa = by_kind[True][0] if by_kind[True] else kv_full
+    kv_full, kv_swa = meta.per_kind(A.HEAD_COUNT_KV, n, swa, "KV head count", REQUIRED, 1)
     heads = meta.per_layer(A.HEAD_COUNT, n, REQUIRED, 1)
     if len(set(heads)) != 1:
         raise meta.error(f"key {A.HEAD_COUNT.format(arch=meta.arch)} = {heads}: per-layer query head counts are not "

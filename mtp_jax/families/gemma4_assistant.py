@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax import params as P
-from mtp_jax.families.gemma4 import (FULL, SWA, G4Attention, G4Layer, Gemma4Config, Gemma4Params, attend_cache,
-                                     cache_slot, forward, init_cache, rope_pairs, write_attention_keys)
+from mtp_jax.families.gemma4 import (FULL, SWA, G4Attention, G4Layer, Gemma4Config, Gemma4Params, LayerKinds,
+                                     _partial_factor, attend_cache, cache_slot, constant_tensors, forward, init_cache,
+                                     rope_pairs, write_attention_keys)
 from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import at, mlp, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
@@ -33,7 +34,7 @@ from mtp_jax.params import ArrayInfo, pytree_dataclass
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gemma4AssistantConfig:
+class Gemma4AssistantConfig(LayerKinds):
     """The MTP assistant (HF Gemma4AssistantForCausalLM, GGUF arch ``gemma4-assistant``): query-only layers that
     attend into the target's cache (a sliding layer into the target's last sliding layer with K/V, a full one into
     its last full one), so their head dims and KV heads are the target's; its own width, query heads and MLP.
@@ -80,19 +81,6 @@ class Gemma4AssistantConfig:
             raise ValueError(f"ordered embeddings: vocab_size {self.vocab_size} must be a multiple of num_centroids "
                              f"{self.num_centroids}, and 0 < centroid_top_k <= num_centroids")
 
-    def is_swa(self, layer: int) -> bool:
-        return self.layer_types[layer] == SWA
-
-    def dims(self, swa: bool) -> tuple[int, int]:
-        return (self.num_key_value_heads_swa, self.head_dim_swa) if swa else (self.num_key_value_heads, self.head_dim)
-
-    def rope_freqs(self, swa: bool) -> np.ndarray:
-        H = self.head_dim_swa if swa else self.head_dim
-        inv = (self.rope_theta_swa if swa else self.rope_theta) ** (-np.arange(0, H, 2, dtype=np.float64) / H)
-        if not swa:
-            inv[int(self.partial_rotary_factor * H // 2):] = 0.0
-        return inv.astype(np.float32)
-
     def check_target(self, target: "Gemma4Config") -> None:
         """The cache the assistant reads must be the target's: same dims per kind, a layer of each kind it uses."""
         if self.backbone_hidden_size != target.hidden_size or self.vocab_size != target.vocab_size:
@@ -103,7 +91,7 @@ class Gemma4AssistantConfig:
             if self.dims(swa) != target.dims(swa):
                 raise ValueError(f"the assistant's {kind} layers expect (KV heads, head dim) {self.dims(swa)}, the "
                                  f"target's are {target.dims(swa)}")
-            if not any(target.is_swa(i) == swa for i in range(target.first_shared)):
+            if target.last_with_kv(swa) is None:
                 raise ValueError(f"the assistant has {kind} layers but the target has no {kind} layer with K/V")
         if self.num_attention_heads % max(self.num_key_value_heads, self.num_key_value_heads_swa):
             raise ValueError("the assistant's query heads must be a multiple of the target's KV heads")
@@ -189,7 +177,7 @@ def assistant_forward(params: Gemma4Params, h, tokens, trunk: KVCache, positions
     for i in range(acfg.num_hidden_layers):
         attr, j = where[i]
         lp, swa = getattr(ap, attr), acfg.is_swa(i)
-        c, ci = cache_slot(cfg, max(b for b in range(cfg.first_shared) if cfg.is_swa(b) == swa))
+        c, ci = cache_slot(cfg, cfg.last_with_kv(swa))
         xn = rms_norm(x, at(lp.attn_norm, j), eps)
         N, H = lp.attn.wq.shape[-2:]
         q = linear(xn, lp.attn.wq.reshape(*lp.attn.wq.shape[:-2], -1), j).reshape(B, T, N, H)
@@ -286,18 +274,6 @@ class Assistant:
         _, logits, stats = assistant_forward(params, shift_hidden(h), tokens, cache, jnp.broadcast_to(
             jnp.arange(T)[None, :], (B, T)), self.cfg, collect_stats, valid_mask(T, n_valid))
         return [(logits, stats)]
-
-
-def assistant_init(key: jax.Array, acfg: Gemma4AssistantConfig, dtype: str = "float32", std: float = 0.02):
-    """Random assistant weights (P.init's initializers over assistant_abstract)."""
-    tree = assistant_abstract(acfg)
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, ArrayInfo))
-    keys = jax.random.split(key, len(leaves))
-    dt = jnp.dtype(dtype)
-    make = {"normal": lambda k, s: (std * jax.random.normal(k, s, jnp.float32)).astype(dt),
-            "ones": lambda k, s: jnp.ones(s, dt),
-            "permutation": lambda k, s: jax.random.permutation(k, s[0]).astype(jnp.int32)}
-    return jax.tree.unflatten(treedef, [make[i.init](k, i.shape) for k, i in zip(keys, leaves)])
 
 
 # ---- its GGUF (arch gemma4-assistant) ------------------------------------------------------------------------
@@ -411,21 +387,18 @@ def write_assistant_gguf(path, cfg: Gemma4Config, params, outtype: str = "f32", 
             x = np.asarray(_leaf(ap, attr, t))
             x = x if j is None else x[j]
             if t.path == ("ordering",):
-                y, ty = np.ascontiguousarray(x, np.int32), GGMLQuantizationType.I32
+                y = shaped = np.ascontiguousarray(x, np.int32)
+                ty = GGMLQuantizationType.I32
             else:
-                y = t.spec().to_gguf(x)
-                ty = qtype if (y.ndim >= 2 and not name.endswith("_norm.weight")) else GGMLQuantizationType.F32
-                y = _encode(y, ty)
-            shape = y.shape if ty in (GGMLQuantizationType.F32, GGMLQuantizationType.I32, GGMLQuantizationType.F16) \
-                else t.spec().to_gguf(x).shape
+                shaped = t.spec().to_gguf(x)
+                ty = t.spec().ggml_type(name, shaped.ndim, qtype)  # convert_hf_to_gguf's rule: 1-D and norms F32
+                y = _encode(shaped, ty)
+            shape = shaped.shape
             bs, ts = GGML_QUANT_SIZES[ty]
             w.add_tensor_info(name, shape, np.dtype(np.float32), math.prod(shape) // bs * ts, raw_dtype=ty)
             data.append(y)
-        if any(not acfg.is_swa(i) for i in range(L)):
-            f = np.full(acfg.head_dim // 2, 1e30, np.float32)
-            f[: int(acfg.partial_rotary_factor * acfg.head_dim // 2)] = 1.0
-            w.add_tensor_info("rope_freqs.weight", f.shape, np.dtype(np.float32), f.nbytes,
-                              raw_dtype=GGMLQuantizationType.F32)
+        for name, f in constant_tensors(acfg).items():
+            w.add_tensor_info(name, f.shape, np.dtype(np.float32), f.nbytes, raw_dtype=GGMLQuantizationType.F32)
             data.append(f)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -439,14 +412,6 @@ def write_assistant_gguf(path, cfg: Gemma4Config, params, outtype: str = "f32", 
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def is_assistant_gguf(path) -> bool:
-    from gguf import Keys
-
-    from mtp_jax.io.validate import open_reader, value
-
-    return value(open_reader(path), Keys.General.ARCHITECTURE, path) == ARCH
 
 
 def read_assistant_gguf(path, target: Gemma4Config, dtype: str | None = None, check_finite: bool = True):
@@ -467,10 +432,7 @@ def read_assistant_gguf(path, target: Gemma4Config, dtype: str | None = None, ch
     if get(L_.NEXTN_PREDICT_LAYERS, REQUIRED, 0, n) != n:
         raise meta.error(f"key {L_.NEXTN_PREDICT_LAYERS.format(arch=ARCH)} must equal block_count ({n})")
     swa = [bool(x) for x in meta.per_layer(A.SLIDING_WINDOW_PATTERN, n, REQUIRED, 0, 1)]
-    kv = meta.per_layer(A.HEAD_COUNT_KV, n, REQUIRED, 1)
-    kv_of = {s: sorted({k for k, t in zip(kv, swa) if t == s}) for s in (False, True)}
-    if any(len(v) > 1 for v in kv_of.values()):
-        raise meta.error(f"key {A.HEAD_COUNT_KV.format(arch=ARCH)} = {kv}: one KV head count per kind of layer")
+    kv_full, kv_swa = meta.per_kind(A.HEAD_COUNT_KV, n, swa, "KV head count", REQUIRED, 1)
     embd = meta.tensors.get("token_embd.weight")
     if embd is None or len(embd.shape) != 2:
         raise meta.error("missing tensor token_embd.weight (or not 2-D)")
@@ -479,11 +441,7 @@ def read_assistant_gguf(path, target: Gemma4Config, dtype: str | None = None, ch
     C = int(meta.tensors["masked_embd_centroids.weight"].shape[1]) if ordered else 2048
     H = get(A.KEY_LENGTH, REQUIRED, 2, 4096)
     H_swa = get(A.KEY_LENGTH_SWA, REQUIRED, 2, 4096)
-    rf = meta.tensors.get("rope_freqs.weight")
-    partial = target.partial_rotary_factor
-    if rf is not None:
-        f = np.asarray(rf.data, np.float32).reshape(-1)
-        partial = 2 * int((f == 1.0).sum()) / H
+    partial = _partial_factor(meta, H) if "rope_freqs.weight" in meta.tensors else target.partial_rotary_factor
     try:
         acfg = Gemma4AssistantConfig(
             hidden_size=Da, backbone_hidden_size=get(L_.EMBEDDING_LENGTH_OUT, REQUIRED, 1), num_hidden_layers=n,
@@ -493,27 +451,23 @@ def read_assistant_gguf(path, target: Gemma4Config, dtype: str | None = None, ch
             rope_theta=f32(get(R.FREQ_BASE, 1e6, 1e-30, math.inf)),
             rope_theta_swa=f32(get(R.FREQ_BASE_SWA, 1e4, 1e-30, math.inf)), partial_rotary_factor=partial,
             sliding_window=get(A.SLIDING_WINDOW, REQUIRED, 1), head_dim=H, head_dim_swa=H_swa,
-            num_key_value_heads=(kv_of[False] or kv_of[True])[0],
-            num_key_value_heads_swa=(kv_of[True] or kv_of[False])[0],
+            num_key_value_heads=kv_full, num_key_value_heads_swa=kv_swa,
             use_ordered_embeddings=ordered, num_centroids=C,
             centroid_top_k=get(f"{ARCH}.centroid_top_k", 32, 1, C) if ordered else 32)
         cfg = target.replace(assistant=acfg)
     except ValueError as e:
         raise meta.error(f"does not fit the target model: {e}") from None
-    template = assistant_abstract(acfg)
     dtype = dtype or target.dtype
-    leaves = {}
     tensors = {t.name: t for t in reader.tensors}
-    expected = {name for name, *_ in tensor_slots(acfg, template)} | {"rope_freqs.weight"}
+    expected = {name for name, *_ in tensor_slots(acfg, assistant_abstract(acfg))} | {"rope_freqs.weight"}
     for name in tensors.keys() - expected:
         raise meta.error(f"unexpected tensor {name}: not part of a {ARCH} model of {n} layers")
-    for name, t, attr, j in tensor_slots(acfg, template):
-        info = _leaf(template, attr, t)
-        shape = info.shape if j is None else info.shape[1:]
+
+    def fetch(name: str, t: _Tensor, shape: tuple[int, ...]) -> np.ndarray:
         g = tensors.get(name)
         if g is None:
             raise meta.error(f"missing tensor {name}")
-        want = tuple(t.spec().gguf_shape(tuple(shape)))
+        want = tuple(t.spec().gguf_shape(shape))
         got = tuple(int(d) for d in reversed(g.shape.tolist()))
         if got != want:
             raise meta.error(f"tensor {name} has shape {list(got)} (numpy order), expected {list(want)}")
@@ -523,24 +477,34 @@ def read_assistant_gguf(path, target: Gemma4Config, dtype: str | None = None, ch
             y = np.asarray(g.data, np.int32).reshape(-1)
             if not np.array_equal(np.sort(y), np.arange(V)):
                 raise meta.error(f"tensor {name} is not a permutation of the {V} token ids")
-            x = y
-        else:
-            if not dequantizable(g.tensor_type):
-                raise meta.error(f"tensor {name} has type {g.tensor_type.name}, which gguf-py cannot dequantize")
-            y = gguf.quants.dequantize(g.data, g.tensor_type).reshape(want)
-            if check_finite:
-                finite(np.asarray(y, np.float32), name, path)
-            x = t.spec().from_gguf(np.ascontiguousarray(y, np.float32), tuple(shape)).astype(dtype)
-        key = (attr, t.path)
+            return y
+        if not dequantizable(g.tensor_type):
+            raise meta.error(f"tensor {name} has type {g.tensor_type.name}, which gguf-py cannot dequantize")
+        y = gguf.quants.dequantize(g.data, g.tensor_type).reshape(want)
+        if check_finite:
+            finite(np.asarray(y, np.float32), name, path)
+        return t.spec().from_gguf(np.ascontiguousarray(y, np.float32), shape).astype(dtype)
+
+    return cfg, _assemble(acfg, fetch)
+
+
+def _assemble(acfg: Gemma4AssistantConfig, fetch) -> Gemma4AssistantParams:
+    """The assistant's params, each tensor from ``fetch(name, tensor, shape)`` (our layout; a stacked layer's
+    shape without its layer axis)."""
+    template = assistant_abstract(acfg)
+    leaves: dict = {}
+    for name, t, attr, j in tensor_slots(acfg, template):
+        info = _leaf(template, attr, t)
+        x = fetch(name, t, tuple(info.shape if j is None else info.shape[1:]))
         if j is None:
-            leaves[key] = x
+            leaves[(None, t.path)] = x
         else:
-            leaves.setdefault(key, np.empty(info.shape, x.dtype))[j] = x
+            leaves.setdefault((attr, t.path), np.empty(info.shape, x.dtype))[j] = x
     out = {attr: None if getattr(template, attr) is None else
            _fill(getattr(template, attr), {p: v for (a, p), v in leaves.items() if a == attr})
            for attr in ("swa_layers", "full_layers")}
     top = {t.path[0]: jnp.asarray(leaves[(None, t.path)]) if (None, t.path) in leaves else None for t in TOP}
-    return cfg, Gemma4AssistantParams(**top, **out)
+    return Gemma4AssistantParams(**top, **out)
 
 
 def _fill(template, by_path: dict) -> Any:
@@ -579,27 +543,20 @@ def assistant_config_from_hf(hf: dict, target: Gemma4Config, swa_keys: str = "tr
 
 def assistant_from_hf(sd: dict, acfg: Gemma4AssistantConfig, dtype: str = "float32") -> Gemma4AssistantParams:
     """An HF assistant state dict -> our params (KeyError naming a missing tensor)."""
-    template = assistant_abstract(acfg)
-    leaves: dict = {}
-    for _, t, attr, j in tensor_slots(acfg, template):
-        key = ".".join(t.path)
-        name = HF_NAMES[key] if attr is None else f"model.layers.{_layer_id(acfg, attr, j)}.{HF_NAMES[key]}"
-        if name not in sd:
-            raise KeyError(f"missing tensor {name}")
-        info = _leaf(template, attr, t)
-        shape = info.shape if j is None else info.shape[1:]
-        y = np.asarray(sd[name])
-        x = y.astype(np.int32) if t.path == ("ordering",) else \
-            t.spec().from_gguf(np.ascontiguousarray(y, np.float32), tuple(shape)).astype(dtype)
-        if j is None:
-            leaves[(None, t.path)] = x
-        else:
-            leaves.setdefault((attr, t.path), np.empty(info.shape, x.dtype))[j] = x
-    out = {attr: None if getattr(template, attr) is None else
-           _fill(getattr(template, attr), {p: v for (a, p), v in leaves.items() if a == attr})
-           for attr in ("swa_layers", "full_layers")}
-    top = {t.path[0]: jnp.asarray(leaves[(None, t.path)]) if (None, t.path) in leaves else None for t in TOP}
-    return Gemma4AssistantParams(**top, **out)
+    where = {name: (attr, j) for name, _, attr, j in tensor_slots(acfg, assistant_abstract(acfg))}
+
+    def fetch(name: str, t: _Tensor, shape: tuple[int, ...]) -> np.ndarray:
+        attr, j = where[name]
+        key = HF_NAMES[".".join(t.path)]
+        hf = key if attr is None else f"model.layers.{_layer_id(acfg, attr, j)}.{key}"
+        if hf not in sd:
+            raise KeyError(f"missing tensor {hf}")
+        y = np.asarray(sd[hf])
+        if t.path == ("ordering",):
+            return y.astype(np.int32)
+        return t.spec().from_gguf(np.ascontiguousarray(y, np.float32), shape).astype(dtype)
+
+    return _assemble(acfg, fetch)
 
 
 def _layer_id(acfg: Gemma4AssistantConfig, attr: str, j: int) -> int:

@@ -288,12 +288,7 @@ def config_from_gguf(meta: Metadata, dtype: str = "float32") -> Step35Config:
     if len(set(kv)) != 1:
         raise meta.error(f"key {A.HEAD_COUNT_KV.format(arch=ARCH)} = {kv}: per-layer KV head counts are not "
                          f"supported")
-    by_type = {t: sorted({h for h, s in zip(heads, swa) if s == t}) for t in (False, True)}
-    if any(len(v) > 1 for v in by_type.values()):
-        raise meta.error(f"key {A.HEAD_COUNT.format(arch=ARCH)} = {heads}: the full layers, and the sliding "
-                         f"layers, must each share one head count")
-    n_full = by_type[False][0] if by_type[False] else by_type[True][0]
-    n_swa = by_type[True][0] if by_type[True] else n_full
+    n_full, n_swa = meta.per_kind(A.HEAD_COUNT, n, swa, "head count", REQUIRED, 1)
     D = common["hidden_size"]
     head_dim = get(A.KEY_LENGTH, D // heads[0], 1)
     if get(A.VALUE_LENGTH, head_dim) != head_dim:

@@ -96,6 +96,18 @@ class Metadata:
                 raise self.error(f"key {name} holds {x!r}, expected values in [{lo}, {hi}]")
         return list(v[:n])
 
+    def per_kind(self, key: str, n: int, swa: list[bool], what: str, default: Any = None,
+                 lo: float = 0, hi: float = _U32) -> tuple[Any, Any]:
+        """A per-layer value (``per_layer``) that the full layers, and the sliding layers, must each share (``swa``:
+        each layer's kind) -> (full layers' value, sliding layers' value); a model of one kind gives it for both."""
+        v = self.per_layer(key, n, default, lo, hi)
+        by_kind = {s: sorted({x for x, t in zip(v, swa) if t == s}) for s in (False, True)}
+        if any(len(x) > 1 for x in by_kind.values()):
+            raise self.error(f"key {key.format(arch=self.arch)} = {v}: the full layers, and the sliding layers, must "
+                             f"each share one {what}")
+        full = (by_kind[False] or by_kind[True])[0]
+        return full, (by_kind[True] or [full])[0]
+
     def common(self, dtype: str, heads_per_layer: bool = False) -> dict[str, Any]:
         """ModelConfig's shared fields (MoE ones included: every family here has a MoE NextN block)."""
         L, A, T_ = Keys.LLM, Keys.Attention, Keys.Tokenizer
@@ -414,19 +426,17 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outt
     """
     if part not in ("all", "trunk", "mtp"):
         raise GGUFError(f"part must be 'all', 'trunk' or 'mtp', got {part!r}")
-    from mtp_jax import families
-
-    fam = families.of(cfg)
-    if fam.write_head is not None:  # the drafter is a model file of its own (another arch): part="mtp" writes it
-        if outtype not in OUTTYPES:
-            raise GGUFError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
-        if part == "mtp":
-            return fam.write_head(path, cfg, params, outtype, tokenizer)
-        cfg, params = cfg.trunk_only(), dataclasses.replace(params, nextn=None)
     if split_max_tensors < 0:
         raise GGUFError(f"split_max_tensors must be >= 0, got {split_max_tensors}")
     if outtype not in OUTTYPES:
         raise GGUFError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
+    from mtp_jax import families
+
+    fam = families.of(cfg)
+    if fam.write_head is not None:  # the drafter is a model file of its own (another arch): part="mtp" writes it
+        if part == "mtp":
+            return fam.write_head(path, cfg, params, outtype, tokenizer)
+        cfg, params = cfg.trunk_only(), dataclasses.replace(params, nextn=None)
     qtype, ftype = OUTTYPES[outtype]
     path = Path(path)
     if (params.nextn is not None) != cfg.has_mtp:

@@ -100,6 +100,21 @@ def logits_agree(model: Path, cfg, params, ids: list[int], tol: float) -> np.nda
     return theirs
 
 
+def quantize_needs_imatrix(model: Path, full, partial, tmp: Path, ftype: str = "IQ2_XXS") -> tuple[Path, str]:
+    """llama-quantize ``ftype`` of ``model`` succeeds with the imatrix ``full`` and fails with ``partial``
+    (io.imatrix_gguf.ImatrixData, written under ``tmp``; asserted) -> (the full imatrix's file, the failing run's
+    output, for the caller to check which tensor it missed)."""
+    from mtp_jax.io.imatrix_gguf import write_imatrix_gguf
+
+    outs = {}
+    for im, ok in ((full, True), (partial, False)):
+        path = write_imatrix_gguf(im, tmp / f"imatrix-{ok}.gguf")
+        p = run("llama-quantize", "--imatrix", path, model, tmp / f"{ftype}-{ok}.gguf", ftype, 1, timeout=300)
+        outs[ok] = p.stderr + p.stdout.decode(errors="replace")
+        assert (p.returncode == 0) == ok, outs[ok][-3000:]
+    return tmp / "imatrix-True.gguf", outs[False]
+
+
 def convert_hf(src: Path, dst: Path, outtype: str) -> subprocess.CompletedProcess:
     """The vendored convert_hf_to_gguf.py (with its own gguf-py). Our tiny test tokenizers have no entry in
     its table of known pre-tokenizer hashes (get_vocab_base_pre), so the driver answers "glm4", the name it
