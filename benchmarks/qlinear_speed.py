@@ -1,6 +1,6 @@
 """Speed of one weight matmul x[M, K] @ W[K, N] on CPU: the kernel reading GGUF-quantized weights in place
-(mtp_jax.qweight.QuantWeight through mtp_jax.linear) against the float kernel (F16/BF16/F32 weights in the
-model's [K, N] layout), and, with --xla, XLA's dequantize + dot (the path without the kernel).
+(mtp_jax.qweight.QuantWeight through mtp_jax.linear) against the float kernel (F16/BF16/F32 weights as [N, K]
+rows, the layout a GGUF's float matrices load in; --kn: also as [K, N] arrays), and, with --xla, XLA's dequantize + dot (the path without the kernel).
 
 Decoding at batch 1 is bound by reading the weights, so each type is timed on a stack of layers larger than the
 last-level cache (--min-mb, default 96 MiB), walked one layer per matmul inside one compiled loop (as a decode
@@ -47,11 +47,14 @@ def random_rows(qtype: str, lead: tuple[int, ...], k: int, rng: np.random.Genera
     return b.reshape(*lead, -1)
 
 
-def weight(qtype: str, layers: int, k: int, n: int, rng: np.random.Generator):
-    """(weight in the layout linear() takes with layer=i, its bytes per layer)."""
+def weight(qtype: str, layers: int, k: int, n: int, rng: np.random.Generator, kn: bool = False):
+    """(weight in the layout linear() takes with layer=i, its bytes per layer). A float type is a QuantWeight
+    of [N, K] rows (as a GGUF's float matrices load for the CPU kernel), or with ``kn`` a [K, N] array."""
     if qtype in FLOAT_TYPES:
-        w = jnp.asarray((rng.standard_normal((layers, k, n)) * 0.02).astype(np.float32)).astype(FLOAT_TYPES[qtype])
-        return w, w.nbytes // layers
+        shape = (layers, k, n) if kn else (layers, n, k)
+        w = jnp.asarray((rng.standard_normal(shape) * 0.02).astype(np.float32)).astype(FLOAT_TYPES[qtype])
+        nbytes = w.nbytes // layers
+        return (w if kn else QuantWeight((w,), (qtype,), (layers, k, n), 1, 1)), nbytes
     rows = jnp.asarray(random_rows(qtype, (layers, n), k, rng))
     return QuantWeight((rows,), (qtype,), (layers, k, n), 1, 1), rows.nbytes // layers
 
@@ -95,6 +98,8 @@ def main() -> None:
                     help="rounds over all the cases; each case reports its best call of all rounds (on a shared "
                          "machine, a busy moment then costs every case alike)")
     ap.add_argument("--xla", action="store_true", help="also time the XLA path (dequantize + dot) of each type")
+    ap.add_argument("--kn", action="store_true",
+                    help="also time the float types in the [K, N] layout (random-init / HF / orbax weights)")
     ap.add_argument("--hot", action="store_true",
                     help="also time the kernel on layer 0 read 64 times over (cache resident when it fits)")
     ap.add_argument("--out", default=str(RESULTS / "qlinear_speed.json"))
@@ -103,10 +108,12 @@ def main() -> None:
         raise SystemExit("the CPU kernels are not available here (MTP_JAX_KERNELS=0, or no compiler)")
     rng = np.random.default_rng(0)
     cases = []  # (row, call)
-    for qtype in args.types:
+    types = [(t, False) for t in args.types]
+    types += [(t, True) for t in args.types if t in FLOAT_TYPES and args.kn]
+    for qtype, kn in types:
         per_layer = weight(qtype, 1, args.k, args.n, rng)[1]
         layers = max(1, int(np.ceil(args.min_mb * 2**20 / per_layer)))
-        w, _ = weight(qtype, layers, args.k, args.n, rng)
+        w, _ = weight(qtype, layers, args.k, args.n, rng, kn)
         for m in args.m:
             # XLA hoists a loop-invariant dequantization out of the loop: no hot case for it
             for mode, path in [("cold", "kernel"), ("cold", "xla"), ("hot", "kernel")]:
@@ -114,7 +121,7 @@ def main() -> None:
                     continue
                 loop = 64 if mode == "hot" else layers
                 call = compiled_loop(w, loop, m, args.k, path == "xla", mode == "hot")
-                cases.append(({"type": qtype, "m": m, "mode": mode, "path": path, "matmuls": loop,
+                cases.append(({"type": qtype + ("/kn" if kn else ""), "m": m, "mode": mode, "path": path, "matmuls": loop,
                                "bytes_per_matrix": per_layer}, call))
     best = [float("inf")] * len(cases)
     for _ in range(args.rounds):
@@ -125,7 +132,7 @@ def main() -> None:
         row = {**row, "us_per_matmul": s * 1e6, "gb_s": row["bytes_per_matrix"] / s / 1e9,
                "gvalues_s": args.k * args.n / s / 1e9}
         rows.append(row)
-        print(f"{row['type']:7s} M={row['m']:<3d} {row['mode']:4s} {row['path']:6s} {s * 1e6:9.1f} us  "
+        print(f"{row['type']:8s} M={row['m']:<3d} {row['mode']:4s} {row['path']:6s} {s * 1e6:9.1f} us  "
               f"{row['gb_s']:7.2f} GB/s  {row['gvalues_s']:6.2f} Gvalues/s")
     meta = {"k": args.k, "n": args.n, "min_mb": args.min_mb, "repeats": args.repeats, "rounds": args.rounds,
             "jax": jax.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),

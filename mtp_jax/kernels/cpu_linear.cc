@@ -16,7 +16,8 @@
 // f32 operations in the same order, never fused (built with -ffp-contract=off; the products of an f16 scale
 // and small integers are exact in f32 anyway), e.g. Q4_K (d*sc)*q - dmin*m; then it goes through the same
 // trans=1 FMA chains as an f32 weight, so the result equals the f32 kernel's on the dequantized matrix bit for
-// bit. Every row of w is read once per 4 rows of x (values decoded in registers, 4 columns at a time).
+// bit. Every row of w is read once per 4 rows of x (values decoded in registers): for up to 4 rows one weight
+// row at a time (one sequential stream per thread), for more 4 columns at a time.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -28,6 +29,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -466,6 +468,14 @@ inline const QInfo* qinfo(int id) {
 constexpr int kPrefetchRows = 16;
 
 template <int WT>
+inline __m512 load16(const void* w, int64_t i) {
+  if (WT == kF32) return _mm512_loadu_ps(static_cast<const float*>(w) + i);
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+  if (WT == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int WT>
 inline __m512 load16(const void* w, int64_t i, __mmask16 m) {
   if (WT == kF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + i);
   __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i);
@@ -518,15 +528,21 @@ void cols_nk(const float* const* xr, const void* w, int64_t K, int64_t n, float*
   __m512 acc[MB][NN];
   for (int r = 0; r < MB; ++r)
     for (int c = 0; c < NN; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = lane_mask(K - k);
+  auto step = [&](int64_t k, auto full) {
+    const __mmask16 m = full ? __mmask16(0xffff) : lane_mask(K - k);
     __m512 wv[NN];
-    for (int c = 0; c < NN; ++c) wv[c] = load16<WT>(w, (n + c) * K + k, m);
+    for (int c = 0; c < NN; ++c) wv[c] = full ? load16<WT>(w, (n + c) * K + k) : load16<WT>(w, (n + c) * K + k, m);
+    if (NN > 1 && (WT == kF32 || (k & 31) == 0))  // the same line NN rows on (see cols_q)
+      for (int c = 0; c < NN; ++c)
+        _mm_prefetch(static_cast<const char*>(w) + ((n + c + NN) * K + k) * (WT == kF32 ? 4 : 2), _MM_HINT_T0);
     for (int r = 0; r < MB; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, xr[r] + k);
+      const __m512 xv = full ? _mm512_loadu_ps(xr[r] + k) : _mm512_maskz_loadu_ps(m, xr[r] + k);
       for (int c = 0; c < NN; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) step(k, std::true_type{});  // unmasked loads (masked ones cost extra uops)
+  if (k < K) step(k, std::false_type{});
   for (int r = 0; r < MB; ++r)
     for (int c = 0; c < NN; ++c) yr[r][n + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
@@ -535,6 +551,11 @@ void cols_nk(const float* const* xr, const void* w, int64_t K, int64_t n, float*
 // trans=0 work item: a block of columns, N / threads wide (at least 256): a thread streams long runs of each row
 // (runs shorter than a 4 KiB page restart the hardware prefetcher at every row: measured ~2x slower).
 constexpr int64_t kMinTileCols = 256;
+// trans=1 with at most this many rows of x per matrix: one weight row at a time, so that each thread reads one
+// sequential stream. On the machine this was tuned on (2-core EPYC VM), reading 2-4 rows side by side ran at
+// 9-17 GB/s against 25-33 GB/s for one (benchmarks/qlinear_speed.py, F16 and Q8_0 at 1024 x 1024); past it the
+// FMAs bound the time and 4 columns x 4 rows at a time reuse each load more.
+constexpr int64_t kFewRows = 4;
 constexpr int64_t kColsPerItem = 64;  // trans=1 work item: 64 output columns
 
 template <int WT>
@@ -562,13 +583,18 @@ void run_cols_nk(const float* const* xr, int64_t nr, const void* w, int64_t K, i
                  float* const* yr) {
 #ifdef MTP_AVX512
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
+  for (; nr > kFewRows && n + 4 <= n1; n += 4) {
     int64_t r = 0;
     for (; r + 4 <= nr; r += 4) cols_nk<WT, 4, 4>(xr + r, w, K, n, yr + r);
     for (; r < nr; ++r) cols_nk<WT, 1, 4>(xr + r, w, K, n, yr + r);
   }
-  for (; n < n1; ++n)
-    for (int64_t r = 0; r < nr; ++r) cols_nk<WT, 1, 1>(xr + r, w, K, n, yr + r);
+  for (; n < n1; ++n) {  // up to 4 rows of x (a decode, a verify): one weight row at a time (kFewRows)
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) cols_nk<WT, 4, 1>(xr + r, w, K, n, yr + r);
+    if (nr - r == 3) cols_nk<WT, 3, 1>(xr + r, w, K, n, yr + r);
+    if (nr - r == 2) cols_nk<WT, 2, 1>(xr + r, w, K, n, yr + r);
+    if (nr - r == 1) cols_nk<WT, 1, 1>(xr + r, w, K, n, yr + r);
+  }
 #else
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t r = 0; r < nr; ++r) {
@@ -624,15 +650,20 @@ void run_cols_q(const float* const* xr, int64_t nr, const uint8_t* w, int64_t K,
                 int64_t n1, float* const* yr) {
 #ifdef MTP_AVX512
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
+  for (; nr > kFewRows && n + 4 <= n1; n += 4) {
     int64_t r = 0;
     for (; r + 4 <= nr; r += 4) cols_q<T, 4, 4>(xr + r, w, K, rb, n, yr + r);
     if (nr - r == 3) cols_q<T, 3, 4>(xr + r, w, K, rb, n, yr + r);
     if (nr - r == 2) cols_q<T, 2, 4>(xr + r, w, K, rb, n, yr + r);
     if (nr - r == 1) cols_q<T, 1, 4>(xr + r, w, K, rb, n, yr + r);
   }
-  for (; n < n1; ++n)
-    for (int64_t r = 0; r < nr; ++r) cols_q<T, 1, 1>(xr + r, w, K, rb, n, yr + r);
+  for (; n < n1; ++n) {  // up to 4 rows of x: one GGUF row at a time (kFewRows)
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) cols_q<T, 4, 1>(xr + r, w, K, rb, n, yr + r);
+    if (nr - r == 3) cols_q<T, 3, 1>(xr + r, w, K, rb, n, yr + r);
+    if (nr - r == 2) cols_q<T, 2, 1>(xr + r, w, K, rb, n, yr + r);
+    if (nr - r == 1) cols_q<T, 1, 1>(xr + r, w, K, rb, n, yr + r);
+  }
 #else
   thread_local std::vector<float> row;
   row.resize(K);
