@@ -323,6 +323,17 @@ def is_quant(x: Any) -> bool:
     return isinstance(x, QuantWeight)
 
 
+def float_arrays(tree: Any) -> Any:
+    """The pytree with every QuantWeight of float types only (a GGUF's float matrices kept as [N, K] rows for the
+    CPU kernel) turned back into an array of its logical layout and its own float dtype; block types stay."""
+    def one(x):
+        if not is_quant(x) or not all(t in FLOAT_TYPES for t in x.types):
+            return x
+        return x.dequantized().astype(jnp.result_type(*(g.dtype for g in x.groups)))
+
+    return jax.tree.map(one, tree, is_leaf=is_quant)
+
+
 class HostLayout:
     """Host buffers a QuantWeight is loaded into: one per type group, filled tensor by tensor (``slot``) and then
     put on the device (``build``). ``types``: the ggml type of each tensor in stack order (one for an unstacked

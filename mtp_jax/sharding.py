@@ -108,8 +108,9 @@ def shard_params(params: P.Params, cfg: ModelConfig, mesh: Mesh, rules: Mapping[
                  placement: Placement = ()) -> P.Params:
     """Params placed on the mesh; generate() and speculative.generate() then put rows and caches on it too."""
     from mtp_jax.io import tree  # noqa: PLC0415
-    from mtp_jax.qweight import is_quant  # noqa: PLC0415
+    from mtp_jax.qweight import float_arrays, is_quant  # noqa: PLC0415
 
+    params = float_arrays(params)  # float matrices kept as GGUF rows for the CPU kernel: arrays, sharded as such
     if any(is_quant(x) for x in jax.tree.leaves(params, is_leaf=is_quant)):
         raise ValueError("sharding weights kept in a GGUF block format is not supported yet: load the model with "
                          "--dequantize (quantized=\"dequantize\") to decode it on several devices")

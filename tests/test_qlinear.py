@@ -229,3 +229,40 @@ def test_model_verify_block_equals_single_decodes(tmp_path):
         _, lg, step_cache, _ = M.forward_jit(params, jnp.asarray([[r[t]] for r in rows]), step_cache, cfg)
         singles.append(np.asarray(lg[:, 0]))
     np.testing.assert_array_equal(np.asarray(block), np.stack(singles, 1))
+
+
+def test_f16_gguf_loads_float_rows():
+    """With the kernels, load_model keeps an F16 GGUF's matrices as GGUF [N, K] rows (a QuantWeight of type F16,
+    the layout the kernel reads fastest) and nothing else (norms, the router, the embedding table stay arrays);
+    turned back into arrays they are the dequantizing reader's arrays exactly; the logits agree with the [K, N]
+    path up to f32 summation order; a verify block of 1..4 tokens on a batch of 1 or 3 rows gives the logits of
+    single-token decodes bit for bit."""
+    from mtp_jax.cli import default_model  # noqa: PLC0415
+    from mtp_jax.io.gguf import read_gguf  # noqa: PLC0415
+    from mtp_jax.io.load import load_model  # noqa: PLC0415
+
+    cfg, params, _ = load_model(default_model())
+    _, ref = read_gguf(default_model())
+    wq = params.moe_layers.attn.wq
+    assert qweight.is_quant(wq) and wq.types == ("F16",) and wq.groups[0].shape[-1] == wq.k
+    assert qweight.is_quant(params.moe_layers.ffn.gate) and qweight.is_quant(params.lm_head)
+    assert not qweight.is_quant(params.moe_layers.ffn.router) and not qweight.is_quant(params.embed)
+    assert not qweight.is_quant(params.moe_layers.attn_norm)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)) and a.dtype == b.dtype, qweight.float_arrays(params),
+                        ref)
+    assert all(jax.tree.leaves(same))
+    rows = np.random.default_rng(14).integers(1, cfg.vocab_size, (3, 12)).tolist()
+    _, lg_rows, _, _ = M.forward_jit(params, jnp.asarray(rows), kvcache.init_trunk_cache(cfg, 3, 16), cfg)
+    _, lg_ref, _, _ = M.forward_jit(ref, jnp.asarray(rows), kvcache.init_trunk_cache(cfg, 3, 16), cfg)
+    np.testing.assert_allclose(np.asarray(lg_rows), np.asarray(lg_ref), atol=1e-4, rtol=1e-4)
+    for B in (1, 3):
+        for T in (1, 2, 4):
+            cache_ = kvcache.init_trunk_cache(cfg, B, 32)
+            _, _, cache_, _ = M.forward_jit(params, jnp.asarray([r[:8] for r in rows[:B]]), cache_, cfg)
+            step_cache = jax.tree.map(jnp.copy, cache_)
+            _, block, _, _ = M.forward_jit(params, jnp.asarray([r[8: 8 + T] for r in rows[:B]]), cache_, cfg)
+            singles = []
+            for t in range(8, 8 + T):
+                _, lg, step_cache, _ = M.forward_jit(params, jnp.asarray([[r[t]] for r in rows[:B]]), step_cache, cfg)
+                singles.append(np.asarray(lg[:, 0]))
+            np.testing.assert_array_equal(np.asarray(block), np.stack(singles, 1), err_msg=f"B={B} T={T}")

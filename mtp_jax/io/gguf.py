@@ -34,6 +34,7 @@ from mtp_jax.io.split import open_model_files
 from mtp_jax.io.table import Slot, plan, stacks
 from mtp_jax.io.tokenizer import Tokenizer, TokenizerError
 from mtp_jax.io.validate import REQUIRED, GGUFError, dequantizable, open_reader, value
+from mtp_jax.quant.policy import name_allows_quantization
 
 OUTTYPES = {  # --outtype -> (tensor type of the big weights, general.file_type)
     "f32": (GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -289,7 +290,8 @@ def mtp_only(cfg: ModelConfig, params: Any) -> Any:
 
 
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
-              check_finite: bool = True, quantized: str = "dequantize") -> tuple[ModelConfig, P.Params]:
+              check_finite: bool = True, quantized: str = "dequantize",
+              float_rows: bool = False) -> tuple[ModelConfig, P.Params]:
     """A GGUF of a registered family (or the first file of a split one) -> (ModelConfig, Params of jax arrays in ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
@@ -299,19 +301,23 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     type gguf-py dequantizes is accepted. The file is validated (mtp_jax.io.validate, config_from_gguf,
     check_tensors) before anything is allocated; ``check_finite`` refuses NaN/Inf weights. ``quantized="keep"``
     keeps the weights of the block types the graph dequantizes in their GGUF format (qweight.QuantWeight,
-    dequantized next to each matmul); "dequantize" converts every tensor to ``dtype`` here. Raises GGUFError
+    dequantized next to each matmul); "dequantize" converts every tensor to ``dtype`` here. ``float_rows`` (with
+    "keep", when ``dtype`` is the file's own): the F16/BF16/F32 matrices llama-quantize would quantize stay in
+    GGUF's [out, in] rows too (a QuantWeight of a float type), the layout the CPU kernel reads fastest at a few
+    rows of x (mtp_jax/kernels/cpu_linear.cc, kFewRows); they are not transposed at load. Raises GGUFError
     naming the file (and the key or tensor) for bad input.
     """
     path = Path(path)
     files = open_model_files(path)
     reader = files.whole()  # a split model's tensors from all its files
+    float_rows = float_rows and dtype in (None, _default_dtype(reader, path))
     dtype = dtype or _default_dtype(reader, path)
     cfg = config_from_gguf(reader, path, dtype)
     held = check_tensors(reader, cfg, path)
     template = held if load_mtp else dataclasses.replace(held, nextn=None)
     tensors = {t.name: (i, t) for i, t in files.tensors}
     dt = np.dtype(dtype)
-    kept = _kept_quantized(cfg, template, tensors) if quantized == "keep" else {}
+    kept = _kept_quantized(cfg, template, tensors, float_rows) if quantized == "keep" else {}
     bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt)
             for leaf in tree.leaf_paths(template) if leaf not in kept}
     mms = []
@@ -353,9 +359,10 @@ def _raw(mm: mmap.mmap, t: Any) -> np.ndarray:
     return data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type))
 
 
-def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict) -> dict:
+def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict, float_rows: bool = False) -> dict:
     """leaf -> qweight.HostLayout for every weight matrix or table with a tensor of a block type the graph
-    dequantizes (qweight.DEQUANTIZERS); other leaves (and types only the host dequantizes) load as floats."""
+    dequantizes (qweight.DEQUANTIZERS), and with ``float_rows`` every float matrix (not a table) whose tensors
+    llama-quantize would quantize; other leaves (and types only the host dequantizes) load as floats."""
     by_leaf: dict = {}
     for slot in plan(cfg, template):
         by_leaf.setdefault(slot.leaf, []).append(slot)
@@ -363,7 +370,9 @@ def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict) -> dict
     for leaf, slots in by_leaf.items():
         types = [tensors[s.name][1].tensor_type.name for s in slots]
         spec = slots[0].spec
-        if (spec.n_in is None and not spec.table) or not any(t in qweight.DEQUANTIZERS for t in types):
+        as_rows = (float_rows and spec.n_in is not None
+                   and all(name_allows_quantization(cfg.family, s.name) for s in slots))
+        if (spec.n_in is None and not spec.table) or not (as_rows or any(t in qweight.DEQUANTIZERS for t in types)):
             continue
         if not all(t in qweight.SUPPORTED for t in types):
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 
+from mtp_jax import kernels
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig, load_config
 from mtp_jax.io.gguf import GGUFError, read_gguf, read_tokenizer
@@ -79,7 +80,8 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
         return (*attach_head(cfg, params, head_cfg, head, mtp_head), tok)
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
     if kind == "gguf":
-        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite, quantized=quantized)
+        cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite, quantized=quantized,
+                                float_rows=kernels.use_cpu_kernels())
         return cfg, params, _gguf_tokenizer(spec)
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)

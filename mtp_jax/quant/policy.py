@@ -332,8 +332,13 @@ def allows_quantization(opts: QuantOptions, arch: str, t: TensorDesc) -> bool:
         return False
     if t.name == "output.weight" and not opts.quantize_output_tensor:
         return False
+    return name_allows_quantization(arch, t.name)
+
+
+def name_allows_quantization(arch: str, name: str) -> bool:
+    """The name part of tensor_allows_quantization: not a norm, a router or one of the listed small tensors."""
     banned = _NOT_QUANTIZED + (_NOT_QUANTIZED_GLM5_NEXT if arch == "glm5-next" else ())
-    return not any(s in t.name for s in banned)
+    return not any(s in name for s in banned)
 
 
 def _requires_imatrix_type(t: GGMLQuantizationType, ftype: LlamaFileType) -> bool:
