@@ -1,6 +1,7 @@
 """Speed of one weight matmul x[M, K] @ W[K, N] on CPU: the kernel reading GGUF-quantized weights in place
 (mtp_jax.qweight.QuantWeight through mtp_jax.linear) against the float kernel (F16/BF16/F32 weights as [N, K]
-rows, the layout a GGUF's float matrices load in; --kn: also as [K, N] arrays), and, with --xla, XLA's dequantize + dot (the path without the kernel).
+rows, the layout a GGUF's float matrices load in; --kn: also as [K, N] arrays), and, with --xla, XLA's
+dequantize + dot (the path without the kernel).
 
 Decoding at batch 1 is bound by reading the weights, so each type is timed on a stack of layers larger than the
 last-level cache (--min-mb, default 96 MiB), walked one layer per matmul inside one compiled loop (as a decode
@@ -121,7 +122,8 @@ def main() -> None:
                     continue
                 loop = 64 if mode == "hot" else layers
                 call = compiled_loop(w, loop, m, args.k, path == "xla", mode == "hot")
-                cases.append(({"type": qtype + ("/kn" if kn else ""), "m": m, "mode": mode, "path": path, "matmuls": loop,
+                cases.append(({"type": qtype + ("/kn" if kn else ""), "m": m, "mode": mode, "path": path,
+                               "matmuls": loop,
                                "bytes_per_matrix": per_layer}, call))
     best = [float("inf")] * len(cases)
     for _ in range(args.rounds):
