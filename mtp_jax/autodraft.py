@@ -11,8 +11,10 @@ Two rules (speculative.py applies them every step):
   tokens yields E(k) = 1 + r_0 + r_0 r_1 + ... tokens for v[k+1] + h[k+1] + (k-1) h[1] + o decodes. When
   even k+1 tokens per step (every draft accepted) cannot pay for that, generate() runs the plain loop. Else
   the first WARMUP_STEPS steps draft one token; after that the loop drafts the k that maximizes
-  E(k) / cost(k), and once the best ratio is below 1 it switches to plain decode steps for the rest of the
-  call.
+  E(k) / cost(k). When the best ratio is below 1 it runs a stretch of plain decode steps (PROBE_FIRST, doubling
+  each time up to PROBE_MAX), then probes: it drafts one token for WARMUP_STEPS steps again, then decides after
+  each step as before. A few unlucky
+  warm-up steps thus cost a stretch, not the call, and a head that never pays costs one step per stretch.
 
 ``measure_costs`` times the pieces once per (model, batch, k_max) on the device in use (compiled loops of
 each piece on a cache, as inside the real loops) and keeps the result for the process.
@@ -33,7 +35,9 @@ from mtp_jax.kvcache import init_trunk_cache
 from mtp_jax.kvquant import KVTypes
 from mtp_jax.model import forward
 
-WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may give up on drafting
+WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may stop drafting (and per probe)
+PROBE_FIRST = 8  # plain decode steps after drafting first stops paying, before a probe drafts again
+PROBE_MAX = 128  # the stretch doubles after each probe that does not pay, up to this
 
 
 @partial(jax.jit, static_argnames=("cfg", "T", "head", "n"))

@@ -142,7 +142,8 @@ def make_plan(cfg: ModelConfig, mesh_sizes: dict[str, int], batch: int = 1, ctx:
         stops = np.asarray(plain.stop_array(cfg, None, None))
         args = (params, rows((batch, prompt), jnp.int32), rows((batch,), jnp.int32), trunk, draft,
                 rep(jax.eval_shape(lambda: jax.random.key(0))), rows((batch,), jnp.int32),
-                rep(jax.ShapeDtypeStruct(stops.shape, stops.dtype)), rep(jax.ShapeDtypeStruct((2, K + 2), jnp.float32)))
+                rep(jax.ShapeDtypeStruct(stops.shape, stops.dtype)), rep(jax.ShapeDtypeStruct((2, K + 2), jnp.float32)),
+                (rep(jax.ShapeDtypeStruct((K,), jnp.int32)),) * 2)
         c = speculative._Static(cfg, Sampling(), K, ctx - prompt - K - 1, False, False)
         t0 = time.perf_counter()
         compiled = speculative._spec_loop.lower(*args, c=c).compile()

@@ -55,7 +55,10 @@ class SpecState:
     hist: Any  # [K+1] accepted-draft count histogram over (active row, speculative step)
     pos_acc: Any  # [K] times draft position i was accepted
     reached: Any  # [K] times draft position i was verified with every earlier draft accepted
-    plain: Any  # [] bool: auto mode gave up drafting; the remaining steps are plain decode steps
+    plain: Any  # [] bool: auto mode stopped drafting; plain decode steps until the next probe
+    plain_left: Any  # [] plain decode steps before auto mode probes drafting again
+    probe_until: Any  # [] auto mode drafts one token and does not stop before this step (warm-up, probes)
+    gap: Any  # [] the plain stretch after the next time drafting does not pay (doubles each time)
     plain_steps: Any  # [] steps run as plain decode steps
     trace: Any  # None, or dict of [max_steps, B, ...] buffers
 
@@ -209,7 +212,9 @@ def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, draft, stops,
         pend_h=keep(hv, st.pend_h),
         n_pend=keep(n_acc + 1, st.n_pend),
         out=out, n_out=n_out, done=done, step=st.step + 1, rng=st.rng, hist=hist, pos_acc=pos_acc, reached=reached,
-        plain=st.plain, plain_steps=st.plain_steps + plain_step, trace=trace,
+        plain=st.plain, plain_left=st.plain_left, probe_until=st.probe_until, gap=st.gap,
+        plain_steps=st.plain_steps + plain_step,
+        trace=trace,
     )
 
 
@@ -224,7 +229,7 @@ def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState)
     last = _newest(st)
     if c.auto:
         k, _ = autodraft.choose(st.pos_acc, st.reached, costs, K)
-        k = jnp.where(st.step < autodraft.WARMUP_STEPS, 1, k)  # probe with one draft: the cheapest way to learn
+        k = jnp.where(st.step < st.probe_until, 1, k)  # warm up / probe with one draft: the cheapest way to learn
         with jax.named_scope("draft"):
             drafts, q, n_draft, draft = _draft_auto(params, st, k_draft, k, c)
         with jax.named_scope("verify"):
@@ -238,9 +243,11 @@ def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState)
     with jax.named_scope("accept"):
         n_acc, nxt = verify_drafts(k_acc, logits, q, drafts, c.sampling, n_draft=n_draft if c.auto else None)
     new = dataclasses.replace(_finish(st, drafts, n_draft, n_acc, nxt, hv, trunk, draft, stops, max_new, c), rng=rng)
-    if c.auto:  # with this step's outcome counted: give up drafting when even the best k does not pay
+    if c.auto:  # with this step's outcome counted: stop drafting for a stretch when even the best k does not pay
         _, ratio = autodraft.choose(new.pos_acc, new.reached, costs, K)
-        new = dataclasses.replace(new, plain=(new.step >= autodraft.WARMUP_STEPS) & (ratio < 1.0))
+        stop = (new.step >= new.probe_until) & (ratio < 1.0)
+        new = dataclasses.replace(new, plain=stop, plain_left=jnp.where(stop, new.gap, 0),
+                                  gap=jnp.where(stop, jnp.minimum(2 * new.gap, autodraft.PROBE_MAX), new.gap))
     return new
 
 
@@ -255,11 +262,11 @@ def _plain_step(params: Params, stops, max_new, c: _Static, st: SpecState) -> Sp
     hv = jnp.pad(hv, ((0, 0), (0, K), (0, 0)))
     new = _finish(st, jnp.zeros((B, K), jnp.int32), zeros, zeros, nxt, hv, trunk, st.draft, stops, max_new, c,
                   plain_step=True)
-    return dataclasses.replace(new, rng=rng)
+    return dataclasses.replace(new, rng=rng, plain_left=st.plain_left - 1)
 
 
 @partial(jax.jit, static_argnames=("c",), donate_argnames=("trunk", "draft"))
-def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_new, stops, costs,
+def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_new, stops, costs, prior,
                c: _Static):
     cfg, K = c.cfg, c.num_draft
     B = tokens.shape[0]
@@ -280,13 +287,25 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_
         trunk=trunk, draft=draft, pend_tok=pend_tok, pend_h=pend_h, n_pend=jnp.ones((B,), jnp.int32),
         out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
         done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
-        step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=jnp.zeros((K,), jnp.int32),
-        reached=jnp.zeros((K,), jnp.int32), plain=jnp.bool_(False), plain_steps=jnp.int32(0), trace=trace,
+        step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=prior[0],
+        reached=prior[1], plain=jnp.bool_(False), plain_left=jnp.int32(0),
+        probe_until=jnp.int32(autodraft.WARMUP_STEPS),
+        gap=jnp.int32(autodraft.PROBE_FIRST), plain_steps=jnp.int32(0), trace=trace,
     )
     running = lambda s: (s.step < c.out_len) & ~jnp.all(s.done)  # noqa: E731
-    st = jax.lax.while_loop(lambda s: running(s) & ~s.plain, partial(_spec_step, params, stops, max_new, costs, c), st)
-    if c.auto:  # drafting stopped paying: the rest as plain decode steps (a second loop, not a cond in the first)
-        st = jax.lax.while_loop(running, partial(_plain_step, params, stops, max_new, c), st)
+    drafting = lambda s: running(s) & ~s.plain  # noqa: E731
+    spec_step = partial(_spec_step, params, stops, max_new, costs, c)
+    st = jax.lax.while_loop(drafting, spec_step, st)
+    if c.auto:  # drafting stopped paying: a stretch of plain decode steps, then a probe (drafting again, decided
+        # anew after each step), as loops inside a loop: a cond would copy the KV caches into its branches
+
+        def stretch(s: SpecState) -> SpecState:
+            s = jax.lax.while_loop(lambda s: running(s) & (s.plain_left > 0),
+                                   partial(_plain_step, params, stops, max_new, c), s)
+            probe = dataclasses.replace(s, plain=jnp.bool_(False), probe_until=s.step + autodraft.WARMUP_STEPS)
+            return jax.lax.while_loop(drafting, spec_step, probe)
+
+        st = jax.lax.while_loop(running, stretch, st)
     return st.out, st.n_out, st.trunk, st.draft, st.step, st.hist, st.pos_acc, st.reached, st.plain_steps, st.trace
 
 
@@ -312,6 +331,7 @@ def generate(
     max_draft: int = AUTO_MAX_DRAFT,
     costs: np.ndarray | None = None,
     cache_types: KVTypes = KVTypes(),
+    acceptance_prior: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> plain.GenerateResult:
     """MTP speculative decoding of a batch of prompts. ``num_draft=0`` is plain decoding.
 
@@ -323,7 +343,9 @@ def generate(
     accepted count, emitted ids), written on the host after the loop; ``True`` keeps it in the result only.
     A row's first token comes from the prefill; the trace's emitted ids are the rest of its output.
     ``stats`` of the result: accept_hist (0..K), per-position acceptance rate, mean tokens per step,
-    trunk forwards (prefill + verify steps), plain_steps (auto mode after it stopped drafting).
+    trunk forwards (prefill + verify steps), plain_steps (auto mode while drafting did not pay).
+    ``acceptance_prior``: (accepted, reached) counts per draft position that auto mode starts from, e.g. an
+    earlier result's ``stats["accepted_per_pos"], stats["reached_per_pos"]`` (the counts this call measured).
     ``cache_types``: the trunk's (k, v) and the drafter's (k_draft, v_draft) KV cache types. ``return_cache``:
     the trunk cache in ``stats["cache"]``, the drafter's state in ``stats["draft_cache"]``.
     """
@@ -363,6 +385,14 @@ def generate(
                       "accept_rate_given_reached": [0.0] * K, "mean_accepted": 0.0, "mean_tokens_per_step": 1.0,
                       "trunk_forwards": longest, "row_steps": 0, "plain_steps": max(longest - 1, 0)}
         return res
+    prior = np.zeros((2, K), np.int32)
+    if acceptance_prior is not None:
+        a = np.asarray(acceptance_prior, np.int64)
+        if a.ndim != 2 or a.shape[0] != 2 or (a < 0).any() or (a[0] > a[1]).any():
+            raise ValueError("acceptance_prior must be (accepted, reached) counts per draft position, "
+                             "0 <= accepted <= reached")
+        n = min(K, a.shape[1])
+        prior[:, :n] = a[:, :n]
     c = _Static(cfg, sampling, K, max_new_tokens, draft_sampling, bool(trace), auto, p_min)
     mesh = sharding.mesh_of(params)  # sharded params: rows and caches go on the same mesh (rows on data)
     toks, n_valid, budget, trunk, draft = sharding.place_rows(
@@ -372,8 +402,9 @@ def generate(
     t0 = time.perf_counter()
     out, n_out, trunk, draft, steps, hist, pos_acc, reached, plain_steps, tr = sharding.run_synced(
         _spec_loop, params, toks, n_valid, trunk, draft, jax.random.key(seed), budget,
-        jnp.asarray(plain.stop_array(cfg, eos_ids, stop)), costs, c=c)
+        jnp.asarray(plain.stop_array(cfg, eos_ids, stop)), costs, (jnp.asarray(prior[0]), jnp.asarray(prior[1])), c=c)
     out, n_out, hist, pos_acc, reached, tr = sharding.to_host((out, n_out, hist, pos_acc, reached, tr))
+    pos_acc, reached = np.asarray(pos_acc) - prior[0], np.asarray(reached) - prior[1]  # this call's counts
     seconds = time.perf_counter() - t0
     rows = [out[b, : n_out[b]].tolist() for b in range(B)]
     row_steps = int(hist.sum())
@@ -382,6 +413,8 @@ def generate(
         "accept_hist": hist.tolist(),
         "accept_rate_per_pos": (np.asarray(pos_acc) / max(row_steps, 1)).tolist(),
         "accept_rate_given_reached": (np.asarray(pos_acc) / np.maximum(np.asarray(reached), 1)).tolist(),
+        "accepted_per_pos": pos_acc.tolist(),
+        "reached_per_pos": reached.tolist(),
         "mean_accepted": float((hist * np.arange(K + 1)).sum() / max(row_steps, 1)),
         "mean_tokens_per_step": float((hist * (np.arange(K + 1) + 1)).sum() / max(row_steps, 1)),
         "trunk_forwards": int(steps) + 1,

@@ -50,15 +50,34 @@ def test_auto_decodes_plain_from_the_start_when_no_acceptance_could_pay():
     assert res.stats["row_steps"] == 0 and res.stats["plain_steps"] == 29 and res.stats["trunk_forwards"] == 30
 
 
-def test_auto_gives_up_drafting_when_the_measured_acceptance_cannot_pay():
-    """A step drafting k costs 1 + 0.95 k decodes here: it pays only if nearly every draft is accepted."""
+def test_auto_stops_drafting_when_the_measured_acceptance_cannot_pay():
+    """A step drafting k costs 1 + 0.95 k decodes here: it pays only if nearly every draft is accepted. After the
+    warm-up, plain stretches of 8 then 16 steps, each followed by a probe that drafts for WARMUP_STEPS steps."""
     costs = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * np.array([[1.0], [0.95]], np.float32)
     costs[1, 0] = 0.0
     assert bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT))
     ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=30, eos_ids=[]).tokens
     res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costs, max_new_tokens=30, eos_ids=[])
     assert res.tokens == ref
-    assert res.stats["plain_steps"] > 0 and 0 < res.stats["row_steps"] <= autodraft.WARMUP_STEPS * len(PROMPTS)
+    steps = res.stats["trunk_forwards"] - 1
+    assert res.stats["plain_steps"] >= autodraft.PROBE_FIRST * 3 // 2  # most steps are plain ones
+    probes = (steps - res.stats["plain_steps"]) // autodraft.WARMUP_STEPS - 1  # each drafts WARMUP_STEPS steps
+    assert probes in (1, 2) and steps - res.stats["plain_steps"] == (probes + 1) * autodraft.WARMUP_STEPS
+
+
+def test_auto_drafts_again_after_an_unlucky_warm_up():
+    """A head whose first drafts are accepted 3 times in 4, costs under which drafting one token pays when more
+    than 0.6 of them are, and a prior of 4 rejections at the first position: after the warm-up the estimate is
+    below 0.6, so the loop stops drafting; the probe after 8 plain steps (3 steps drafting one token) lifts it
+    above, and the loop drafts from then on."""
+    costs = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * np.array([[1.0], [0.6]], np.float32)
+    costs[1, 0] = 0.0
+    ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=60, eos_ids=[]).tokens
+    res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costs, max_new_tokens=60, eos_ids=[],
+                      acceptance_prior=([0], [4]))
+    assert res.tokens == ref
+    assert res.stats["plain_steps"] == autodraft.PROBE_FIRST
+    assert res.stats["trunk_forwards"] - 1 - res.stats["plain_steps"] > 2 * autodraft.WARMUP_STEPS + 1
 
 
 def test_auto_on_a_model_without_a_head_decodes_plain():

@@ -236,15 +236,15 @@ def test_draft_and_verify_run_inside_the_while_body(auto):
     c = SP._Static(CFG, Sampling(), 3, 16, False, False, auto=auto, p_min=0.5 if auto else 0.0)
     args = (PARAMS, jnp.asarray(tokens), jnp.asarray(lens), kvcache.init_trunk_cache(CFG, B, S),
             kvcache.init_nextn_cache(CFG, B, S), jax.random.key(0), jnp.full((B,), 16, jnp.int32),
-            jnp.asarray([-1], jnp.int32), jnp.ones((2, 5), jnp.float32))
+            jnp.asarray([-1], jnp.int32), jnp.ones((2, 5), jnp.float32), (jnp.zeros(3, jnp.int32),) * 2)
     hlo = SP._spec_loop.lower(*args, c=c).compile().as_text()
     assert hlo.count("HloModule") == 1  # one executable
     comps, entry = _hlo_computations(hlo)
     loops = [ln for ln in comps[entry] if " while(" in ln and 'op_name="jit(_spec_loop)/while"' in ln]
-    # the speculative loop is one while in the entry computation (auto: then a plain loop for when drafting
-    # stops paying)
+    # the speculative loop is one while in the entry computation (auto: then a loop of plain stretches and
+    # probes, with loops of plain steps and of speculative steps inside, for when drafting stops paying)
     assert len(loops) == (2 if auto else 1)
-    inside = _reachable(comps, re.search(r"body=%([\w.\-]+)", loops[0]).group(1))
+    inside = set().union(*(_reachable(comps, re.search(r"body=%([\w.\-]+)", lp).group(1)) for lp in loops))
 
     def ops(scope: str, kinds: str, within: set[str]) -> list[str]:
         return [ln for n in within for ln in comps[n]
