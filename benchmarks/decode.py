@@ -82,8 +82,10 @@ def bandwidth_gbs(mb: int = 256) -> dict:
 def weight_bytes_per_token(params, cfg) -> float:
     from mtp_jax.params import param_counts
 
+    from mtp_jax.qweight import is_quant
+
     wq = (params.moe_layers if params.moe_layers is not None else params.dense_layers).attn.wq
-    itemsize = np.dtype(wq.groups[0].dtype if hasattr(wq, "groups") else wq.dtype).itemsize  # float rows: QuantWeight
+    itemsize = np.dtype(wq.groups[0].dtype if is_quant(wq) else wq.dtype).itemsize  # a GGUF's float rows: QuantWeight
     return param_counts(cfg)["active_per_token"] * itemsize
 
 

@@ -55,8 +55,7 @@ class SpecState:
     hist: Any  # [K+1] accepted-draft count histogram over (active row, speculative step)
     pos_acc: Any  # [K] times draft position i was accepted
     reached: Any  # [K] times draft position i was verified with every earlier draft accepted
-    plain: Any  # [] bool: auto mode stopped drafting; plain decode steps until the next probe
-    plain_left: Any  # [] plain decode steps before auto mode probes drafting again
+    plain_until: Any  # [] auto mode stopped drafting: plain decode steps until this step, then a probe
     probe_until: Any  # [] auto mode drafts one token and does not stop before this step (warm-up, probes)
     gap: Any  # [] the plain stretch after the next time drafting does not pay (doubles each time)
     plain_steps: Any  # [] steps run as plain decode steps
@@ -212,7 +211,7 @@ def _finish(st: SpecState, drafts, n_draft, n_acc, nxt, hv, trunk, draft, stops,
         pend_h=keep(hv, st.pend_h),
         n_pend=keep(n_acc + 1, st.n_pend),
         out=out, n_out=n_out, done=done, step=st.step + 1, rng=st.rng, hist=hist, pos_acc=pos_acc, reached=reached,
-        plain=st.plain, plain_left=st.plain_left, probe_until=st.probe_until, gap=st.gap,
+        plain_until=st.plain_until, probe_until=st.probe_until, gap=st.gap,
         plain_steps=st.plain_steps + plain_step,
         trace=trace,
     )
@@ -246,7 +245,7 @@ def _spec_step(params: Params, stops, max_new, costs, c: _Static, st: SpecState)
     if c.auto:  # with this step's outcome counted: stop drafting for a stretch when even the best k does not pay
         _, ratio = autodraft.choose(new.pos_acc, new.reached, costs, K)
         stop = (new.step >= new.probe_until) & (ratio < 1.0)
-        new = dataclasses.replace(new, plain=stop, plain_left=jnp.where(stop, new.gap, 0),
+        new = dataclasses.replace(new, plain_until=jnp.where(stop, new.step + new.gap, new.plain_until),
                                   gap=jnp.where(stop, jnp.minimum(2 * new.gap, autodraft.PROBE_MAX), new.gap))
     return new
 
@@ -262,7 +261,7 @@ def _plain_step(params: Params, stops, max_new, c: _Static, st: SpecState) -> Sp
     hv = jnp.pad(hv, ((0, 0), (0, K), (0, 0)))
     new = _finish(st, jnp.zeros((B, K), jnp.int32), zeros, zeros, nxt, hv, trunk, st.draft, stops, max_new, c,
                   plain_step=True)
-    return dataclasses.replace(new, rng=rng, plain_left=st.plain_left - 1)
+    return dataclasses.replace(new, rng=rng)
 
 
 @partial(jax.jit, static_argnames=("c",), donate_argnames=("trunk", "draft"))
@@ -288,21 +287,20 @@ def _spec_loop(params: Params, tokens, n_valid, trunk: KVCache, draft, rng, max_
         out=jnp.zeros((B, c.out_len + K + 1), jnp.int32).at[:, 0].set(first), n_out=live.astype(jnp.int32),
         done=~live | plain.is_stop(first, stops) | (max_new <= 1) | (trunk.lengths + K + 1 > trunk.size),
         step=jnp.int32(0), rng=rng, hist=jnp.zeros((K + 1,), jnp.int32), pos_acc=prior[0],
-        reached=prior[1], plain=jnp.bool_(False), plain_left=jnp.int32(0),
-        probe_until=jnp.int32(autodraft.WARMUP_STEPS),
+        reached=prior[1], plain_until=jnp.int32(0), probe_until=jnp.int32(autodraft.WARMUP_STEPS),
         gap=jnp.int32(autodraft.PROBE_FIRST), plain_steps=jnp.int32(0), trace=trace,
     )
     running = lambda s: (s.step < c.out_len) & ~jnp.all(s.done)  # noqa: E731
-    drafting = lambda s: running(s) & ~s.plain  # noqa: E731
+    drafting = lambda s: running(s) & (s.step >= s.plain_until)  # noqa: E731
     spec_step = partial(_spec_step, params, stops, max_new, costs, c)
     st = jax.lax.while_loop(drafting, spec_step, st)
     if c.auto:  # drafting stopped paying: a stretch of plain decode steps, then a probe (drafting again, decided
         # anew after each step), as loops inside a loop: a cond would copy the KV caches into its branches
 
         def stretch(s: SpecState) -> SpecState:
-            s = jax.lax.while_loop(lambda s: running(s) & (s.plain_left > 0),
+            s = jax.lax.while_loop(lambda s: running(s) & (s.step < s.plain_until),
                                    partial(_plain_step, params, stops, max_new, c), s)
-            probe = dataclasses.replace(s, plain=jnp.bool_(False), probe_until=s.step + autodraft.WARMUP_STEPS)
+            probe = dataclasses.replace(s, probe_until=s.step + autodraft.WARMUP_STEPS)
             return jax.lax.while_loop(drafting, spec_step, probe)
 
         st = jax.lax.while_loop(running, stretch, st)
@@ -411,8 +409,8 @@ def generate(
     stats = {
         "num_draft": "auto" if auto else K,
         "accept_hist": hist.tolist(),
-        "accept_rate_per_pos": (np.asarray(pos_acc) / max(row_steps, 1)).tolist(),
-        "accept_rate_given_reached": (np.asarray(pos_acc) / np.maximum(np.asarray(reached), 1)).tolist(),
+        "accept_rate_per_pos": (pos_acc / max(row_steps, 1)).tolist(),
+        "accept_rate_given_reached": (pos_acc / np.maximum(reached, 1)).tolist(),
         "accepted_per_pos": pos_acc.tolist(),
         "reached_per_pos": reached.tolist(),
         "mean_accepted": float((hist * np.arange(K + 1)).sum() / max(row_steps, 1)),

@@ -310,8 +310,9 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     path = Path(path)
     files = open_model_files(path)
     reader = files.whole()  # a split model's tensors from all its files
-    float_rows = float_rows and dtype in (None, _default_dtype(reader, path))
-    dtype = dtype or _default_dtype(reader, path)
+    own = _default_dtype(reader, path)
+    float_rows = float_rows and dtype in (None, own)
+    dtype = dtype or own
     cfg = config_from_gguf(reader, path, dtype)
     held = check_tensors(reader, cfg, path)
     template = held if load_mtp else dataclasses.replace(held, nextn=None)

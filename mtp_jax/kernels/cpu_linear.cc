@@ -532,9 +532,6 @@ void cols_nk(const float* const* xr, const void* w, int64_t K, int64_t n, float*
     const __mmask16 m = full ? __mmask16(0xffff) : lane_mask(K - k);
     __m512 wv[NN];
     for (int c = 0; c < NN; ++c) wv[c] = full ? load16<WT>(w, (n + c) * K + k) : load16<WT>(w, (n + c) * K + k, m);
-    if (NN > 1 && (WT == kF32 || (k & 31) == 0))  // the same line NN rows on (see cols_q)
-      for (int c = 0; c < NN; ++c)
-        _mm_prefetch(static_cast<const char*>(w) + ((n + c + NN) * K + k) * (WT == kF32 ? 4 : 2), _MM_HINT_T0);
     for (int r = 0; r < MB; ++r) {
       const __m512 xv = full ? _mm512_loadu_ps(xr[r] + k) : _mm512_maskz_loadu_ps(m, xr[r] + k);
       for (int c = 0; c < NN; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
