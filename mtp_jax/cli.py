@@ -27,14 +27,15 @@ def _parse_ids(text: str) -> list[list[int]]:
     return rows
 
 
-def _load_model(args):
-    """(cfg, params, tokenizer or None) from --model (or --config: random weights seeded by --weights-seed)."""
+def _load_model(args, mesh=None, placement=()):
+    """(cfg, params, tokenizer or None) from --model (or --config: random weights seeded by --weights-seed);
+    ``mesh``, ``placement``: as load_model takes them."""
     from mtp_jax.io.load import load_model
 
     drafting = getattr(args, "num_draft", "auto") != 0  # plain decoding never reads the MTP tensors
     return load_model(args.model or args.config or default_model(), seed=args.weights_seed, load_mtp=drafting,
                       check_finite=not args.no_check_finite, quantized="dequantize" if args.dequantize else "keep",
-                      mtp_head=getattr(args, "mtp_head", None))
+                      mtp_head=getattr(args, "mtp_head", None), mesh=mesh, placement=placement)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -146,8 +147,9 @@ def _start_devices(args) -> None:
         jax.config.update("jax_num_cpu_devices", args.devices)
 
 
-def _place(args, cfg, params):
-    """Params on a mesh of --devices devices (default: all devices of all processes), rows and caches follow."""
+def _mesh_for(args):
+    """config -> the mesh of --devices devices (default: all devices of all processes), or None for one device:
+    the model is read straight into its shards (load_model's ``mesh``); rows and caches follow the params."""
     import jax
 
     from mtp_jax import sharding
@@ -155,11 +157,7 @@ def _place(args, cfg, params):
     n = args.devices or len(jax.devices())
     if n > len(jax.devices()):
         raise ValueError(f"--devices {n}: only {len(jax.devices())} devices are visible")
-    if n == 1:
-        return params
-    mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh, n, cfg))
-    placement = [(pattern, "replicated") for pattern in args.replicate or ()]
-    return sharding.shard_params(params, cfg, mesh, placement=placement)
+    return lambda cfg: None if n == 1 else sharding.make_mesh(**sharding.parse_mesh(args.mesh, n, cfg))
 
 
 def cmd_generate(args) -> int:
@@ -169,8 +167,8 @@ def cmd_generate(args) -> int:
 
     cache_types = _cache_types(args)
     _start_devices(args)
-    cfg, params, tok = _load_model(args)
-    params = _place(args, cfg, params)
+    placement = [(pattern, "replicated") for pattern in args.replicate or ()]
+    cfg, params, tok = _load_model(args, _mesh_for(args), placement)
     if args.prompt is not None:
         if tok is None:
             raise ValueError("--prompt needs a model with a tokenizer we read (a GGUF or HF model with a byte-level "

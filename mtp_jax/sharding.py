@@ -184,3 +184,9 @@ def run_synced(fn: Any, *args: Any, **static: Any) -> Any:
 
 
 run_synced.calls = 0
+
+
+def mesh_for_config(mesh: Any, cfg: ModelConfig) -> Mesh | None:
+    """A Mesh, None, or a function of the config returning one of those (a mesh chosen from the config, e.g. its
+    expert count, before the model is read) -> the Mesh or None."""
+    return mesh if mesh is None or isinstance(mesh, Mesh) else mesh(cfg)

@@ -7,7 +7,8 @@ The family of a file is its ``general.architecture``; its metadata keys are read
 
 Reading memory-maps the file and copies each tensor once, straight into its (64-byte aligned) slot of the
 stacked parameter array, which ``jax.device_put`` then adopts without a copy on CPU; the mapped pages of a
-tensor are released once it is copied, so peak host memory stays near the size of the parameters.
+tensor are released once it is copied, so peak host memory stays near the size of the parameters. On a device
+mesh each process reads only its own devices' shards (``read_gguf(mesh=)``), holding those and one tensor.
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ def mtp_only(cfg: ModelConfig, params: Any) -> Any:
 
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
               check_finite: bool = True, quantized: str = "dequantize",
-              float_rows: bool = False) -> tuple[ModelConfig, P.Params]:
+              float_rows: bool = False, mesh: Any = None, placement: Any = ()) -> tuple[ModelConfig, P.Params]:
     """A GGUF of a registered family (or the first file of a split one) -> (ModelConfig, Params of jax arrays in ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
@@ -304,7 +305,10 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     dequantized next to each matmul); "dequantize" converts every tensor to ``dtype`` here. ``float_rows`` (with
     "keep", when ``dtype`` is the file's own): the F16/BF16/F32 matrices llama-quantize would quantize stay in
     GGUF's [out, in] rows too (a QuantWeight of a float type), the layout the CPU kernel reads fastest at a few
-    rows of x (mtp_jax/kernels/cpu_linear.cc, kFewRows); they are not transposed at load. Raises GGUFError
+    rows of x (mtp_jax/kernels/cpu_linear.cc, kFewRows); they are not transposed at load. ``mesh`` (a Mesh, or
+    a function of the config returning one or None): every leaf is read straight into its shards on the mesh
+    (sharding.param_shardings with ``placement``, weights as floats in ``dtype``), each process reading only its
+    own devices' parts, so host memory never holds the whole model (``_read_into_shards``). Raises GGUFError
     naming the file (and the key or tensor) for bad input.
     """
     path = Path(path)
@@ -318,29 +322,28 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     template = held if load_mtp else dataclasses.replace(held, nextn=None)
     tensors = {t.name: (i, t) for i, t in files.tensors}
     dt = np.dtype(dtype)
-    kept = _kept_quantized(cfg, template, tensors, float_rows) if quantized == "keep" else {}
-    bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt)
-            for leaf in tree.leaf_paths(template) if leaf not in kept}
     mms = []
     for p in files.paths:  # the mappings are left to the GC: a GGUFError's traceback may hold views of them
         with open(p, "rb") as f:
             mms.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    read = _TensorReader(files.paths, mms, tensors, check_finite)
+    from mtp_jax import sharding  # noqa: PLC0415
+
+    mesh = sharding.mesh_for_config(mesh, cfg)
+    if mesh is not None:
+        shardings = sharding.param_shardings(cfg, mesh, placement=placement, template=template)
+        return cfg, _read_into_shards(cfg, template, shardings, dt, read)
+    kept = _kept_quantized(cfg, template, tensors, float_rows) if quantized == "keep" else {}
+    bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt)
+            for leaf in tree.leaf_paths(template) if leaf not in kept}
     for slot in plan(cfg, template):
-        i, t = tensors[slot.name]
         if slot.leaf in kept:
-            raw = _raw(mms[i], t)
-            if check_finite:
-                validate.check_finite(_source(mms[i], t), slot.name, files.paths[i])
             dst = kept[slot.leaf].slot(slot.index)
-            np.copyto(dst, raw.reshape(dst.shape))
+            np.copyto(dst, read.raw(slot).reshape(dst.shape))
         else:
             dst = bufs[slot.leaf] if slot.index is None else bufs[slot.leaf][slot.index]
-            src = _source(mms[i], t)
-            if check_finite:
-                validate.check_finite(src, slot.name, files.paths[i])
-            np.copyto(dst, slot.spec.from_gguf(src, dst.shape), casting="unsafe")
-            del src
-        _release(mms[i], t)
+            np.copyto(dst, read(slot, dst.shape), casting="unsafe")
+        read.release(slot)
     leaves = []
     for leaf in tree.leaf_paths(template):
         if leaf in kept:
@@ -348,6 +351,72 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
         else:
             leaves.append(jax.device_put(bufs[leaf]))
     return cfg, tree.build(template, leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorReader:
+    """A model's tensors by name from its files' mappings: ``(slot, shape)`` -> the tensor in our layout at
+    ``shape`` (a view of the mapping for F32/F16/BF16, dequantized otherwise), finite-checked when asked;
+    ``release(slot)`` drops its mapped pages again (they stay in the page cache)."""
+
+    paths: list[Path]
+    mms: list[mmap.mmap]
+    tensors: dict[str, tuple[int, Any]]
+    check_finite: bool
+
+    def __call__(self, slot: Slot, shape: tuple[int, ...]) -> np.ndarray:
+        i, t = self.tensors[slot.name]
+        src = _source(self.mms[i], t)
+        if self.check_finite:
+            validate.check_finite(src, slot.name, self.paths[i])
+        return slot.spec.from_gguf(src, shape)
+
+    def raw(self, slot: Slot) -> np.ndarray:
+        """The tensor as stored (``_raw``), finite-checked on its values when asked."""
+        i, t = self.tensors[slot.name]
+        if self.check_finite:
+            validate.check_finite(_source(self.mms[i], t), slot.name, self.paths[i])
+        return _raw(self.mms[i], t)
+
+    def release(self, slot: Slot) -> None:
+        i, t = self.tensors[slot.name]
+        _release(self.mms[i], t)
+
+
+Bounds = tuple[tuple[int, int], ...]  # [start, stop) per dimension of one shard
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> Bounds:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _read_into_shards(cfg: ModelConfig, template: P.Params, shardings: Any, dt: np.dtype,
+                      read: _TensorReader) -> P.Params:
+    """Each leaf assembled from this process' device shards (jax.make_array_from_single_device_arrays): every
+    tensor of the leaf is read from the mapping once, each distinct shard copies its part of it (a view: only
+    those rows of an F16/BF16/F32 tensor are paged in), and the tensor's pages are released. Host memory holds
+    this process' shards plus one tensor; devices holding the same part share one host buffer."""
+    slots: dict = {}
+    for slot in plan(cfg, template):
+        slots.setdefault(slot.leaf, []).append(slot)
+    leaves = []
+    for leaf in tree.leaf_paths(template):
+        shape, where = tree.get(template, leaf).shape, tree.get(shardings, leaf)
+        on_device = where.addressable_devices_indices_map(shape)  # device -> index (slices) of its shard
+        parts = {b: _aligned_empty(tuple(hi - lo for lo, hi in b), dt)
+                 for b in {_bounds(idx, shape) for idx in on_device.values()}}
+        for slot in slots[leaf]:
+            whole = read(slot, shape if slot.index is None else shape[1:])
+            for b, buf in parts.items():
+                if slot.index is None:
+                    np.copyto(buf, whole[tuple(slice(*r) for r in b)], casting="unsafe")
+                elif b[0][0] <= slot.index < b[0][1]:  # a stack's layer inside this shard's range
+                    np.copyto(buf[slot.index - b[0][0]], whole[tuple(slice(*r) for r in b[1:])], casting="unsafe")
+            del whole
+            read.release(slot)
+        arrays = [jax.device_put(parts[_bounds(idx, shape)], d) for d, idx in on_device.items()]
+        leaves.append(jax.make_array_from_single_device_arrays(shape, where, arrays))
+    return tree.build(template, leaves)
 
 
 def _raw(mm: mmap.mmap, t: Any) -> np.ndarray:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -58,7 +59,8 @@ def attach_head(cfg: ModelConfig, params: P.Params, head_cfg: ModelConfig, head:
 
 def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, load_mtp: bool = True,
                seed: int = 0, check_finite: bool = True, quantized: str = "keep",
-               mtp_head: str | os.PathLike | None = None) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
+               mtp_head: str | os.PathLike | None = None, mesh: Any = None,
+               placement: Any = ()) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
     """(cfg, params, tokenizer or None) from a GGUF file, an HF directory, an orbax checkpoint, or a config
     (ModelConfig, YAML, HF config.json, or a bundled config name) with random weights drawn with ``seed``.
 
@@ -67,32 +69,47 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
     ``check_finite`` refuses a GGUF with NaN/Inf weights (GGUFError naming the tensor). ``quantized``: "keep" a
     GGUF's quantized weights in their block format (mtp_jax.qweight) or "dequantize" them to ``dtype`` at load.
     ``mtp_head``: take the NextN blocks from this model file instead (e.g. an MTP-only GGUF beside a trunk-only
-    one, as llama.cpp's converter writes them with --mtp / --no-mtp); ignored when ``load_mtp`` is False."""
+    one, as llama.cpp's converter writes them with --mtp / --no-mtp); ignored when ``load_mtp`` is False.
+    ``mesh`` (a Mesh, or a function of the config returning one or None) places the params on it
+    (sharding.param_shardings with ``placement``): a GGUF or orbax checkpoint is read straight into each
+    device's shards, so no process holds the whole model; other sources are placed after loading. Weights go on
+    a mesh as floats (a quantized GGUF is dequantized to ``dtype``)."""
     if mtp_head is not None and load_mtp:
-        cfg, params, tok = load_model(spec, dtype, False, seed, check_finite, quantized)
+        cfg, params, tok = load_model(spec, dtype, False, seed, check_finite, quantized, mesh=mesh,
+                                      placement=placement)
         from mtp_jax import families
 
         fam = families.of(cfg)
         if fam.read_head is not None:  # a drafter model of its own (Gemma-4's assistant)
             cfg, head = fam.read_head(mtp_head, cfg.trunk_only(), cfg.dtype, check_finite)
-            return cfg, dataclasses.replace(params, nextn=head), tok
-        head_cfg, head, _ = load_model(mtp_head, cfg.dtype, True, seed, check_finite, quantized)
+            return cfg, _placed(dataclasses.replace(params, nextn=head), cfg, mesh, placement), tok
+        head_cfg, head, _ = load_model(mtp_head, cfg.dtype, True, seed, check_finite, quantized, mesh=mesh,
+                                       placement=placement)
         return (*attach_head(cfg, params, head_cfg, head, mtp_head), tok)
     kind = "config" if isinstance(spec, ModelConfig) else source_kind(spec)
     if kind == "gguf":
         cfg, params = read_gguf(spec, dtype=dtype, load_mtp=load_mtp, check_finite=check_finite, quantized=quantized,
-                                float_rows=kernels.use_cpu_kernels())
+                                float_rows=kernels.use_cpu_kernels(), mesh=mesh, placement=placement)
         return cfg, params, _gguf_tokenizer(spec)
+    if kind == "orbax":
+        return load_orbax(spec, dtype=dtype, load_mtp=load_mtp, mesh=mesh, placement=placement)
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)
         has_tok = (Path(spec) / "tokenizer.json").is_file()
-        return cfg, params, Tokenizer.from_hf(spec) if has_tok else None
-    if kind == "orbax":
-        return load_orbax(spec, dtype=dtype, load_mtp=load_mtp)
+        return cfg, _placed(params, cfg, mesh, placement), Tokenizer.from_hf(spec) if has_tok else None
     cfg = spec if isinstance(spec, ModelConfig) else load_config(spec)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     params = P.init(jax.random.key(seed), cfg)
-    return cfg, params if load_mtp else dataclasses.replace(params, nextn=None), None
+    params = params if load_mtp else dataclasses.replace(params, nextn=None)
+    return cfg, _placed(params, cfg, mesh, placement), None
+
+
+def _placed(params: P.Params, cfg: ModelConfig, mesh: Any, placement: Any) -> P.Params:
+    """params on the mesh (``mesh`` as load_model takes it), or as they are."""
+    from mtp_jax import sharding  # noqa: PLC0415
+
+    mesh = sharding.mesh_for_config(mesh, cfg)
+    return params if mesh is None else sharding.shard_params(params, cfg, mesh, placement=placement)
 
 
 def _gguf_tokenizer(path) -> Tokenizer | None:

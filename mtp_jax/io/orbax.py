@@ -66,13 +66,16 @@ def load_orbax(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool
                placement: Any = ()) -> tuple[ModelConfig, P.Params, Tokenizer | None]:
     """-> (cfg, params of jax arrays, tokenizer or None). ``dtype`` None keeps the saved dtype. ``mesh``: restore
     each parameter straight into its shards on the mesh (sharding.param_shardings with ``placement``), so no
-    process holds a whole copy first."""
+    process holds a whole copy first; a function of the config may stand for the mesh."""
     path = Path(path)
     if not is_checkpoint(path):
         raise OrbaxError(f"{path}: not an mtp_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
     cfg = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
+    from mtp_jax import sharding  # noqa: PLC0415  (sharding imports nothing of io)
+
+    mesh = sharding.mesh_for_config(mesh, cfg)
     with ocp.StandardCheckpointer() as ckpt:
         meta = dict(ckpt.metadata((path / PARAMS).absolute()).item_metadata)
         present = {k for k in tree.NEXTN_OPTIONAL if f"nextn.0.{k}" in meta}
@@ -87,8 +90,6 @@ def load_orbax(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool
             flat = ckpt.restore((path / PARAMS).absolute())
             leaves = [jax.device_put(np.asarray(flat[tree.key(leaf)], cfg.dtype)) for leaf in paths]
         else:
-            from mtp_jax import sharding  # noqa: PLC0415
-
             shardings = sharding.param_shardings(cfg, mesh, placement=placement, template=template)
             target = {tree.key(leaf): jax.ShapeDtypeStruct(meta[tree.key(leaf)].shape, meta[tree.key(leaf)].dtype,
                                                            sharding=tree.get(shardings, leaf)) for leaf in paths}
