@@ -50,8 +50,15 @@ class GenerateResult:
 def best_of(run, repeats: int) -> GenerateResult:
     """Call ``run`` once to compile, then ``repeats`` more times; the result with the least wall time (with
     ``repeats`` 0, the first call's, compile time included)."""
-    first = run()
-    return min((run() for _ in range(repeats)), key=lambda r: r.seconds, default=first)
+    return best_of_each([run], repeats)[0]
+
+
+def best_of_each(runs: Sequence[Any], repeats: int) -> list[GenerateResult]:
+    """best_of for several runs timed against each other: each called once to compile, then ``repeats`` rounds
+    that call them in turn, so a slow spell of a shared machine falls on all of them alike."""
+    firsts = [run() for run in runs]
+    rounds = [[run() for run in runs] for _ in range(repeats)]
+    return [min((r[i] for r in rounds), key=lambda r: r.seconds, default=first) for i, first in enumerate(firsts)]
 
 
 def stop_array(cfg: ModelConfig, eos_ids: Sequence[int] | None, stop: Sequence[int] | None) -> np.ndarray:

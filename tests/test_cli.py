@@ -64,3 +64,20 @@ def test_params_json(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "mtp_jax.cli", "--help"], capture_output=True, text=True, check=True)
     assert "generate" in out.stdout and "quantize" in out.stdout
+
+
+def test_best_of_each_times_runs_in_alternation_and_keeps_each_fastest():
+    """generate --compare times MTP and plain decoding in turn (a slow spell of the machine hits both)."""
+    from types import SimpleNamespace
+
+    from mtp_jax.generate import best_of, best_of_each
+
+    calls = []
+
+    def run(name, seconds):
+        it = iter(seconds)
+        return lambda: calls.append(name) or SimpleNamespace(seconds=next(it))
+
+    a, b = best_of_each([run("a", [9, 3, 5]), run("b", [8, 6, 2])], repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"] and (a.seconds, b.seconds) == (3, 2)
+    assert best_of(run("c", [1, 7]), repeats=0).seconds == 1  # no repeats: the compiling call's result
