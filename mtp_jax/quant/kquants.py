@@ -4,8 +4,9 @@
 ``quantize_row_qN_K_impl`` row by row otherwise; the two are different algorithms, mirrored here by the
 ``_ref``/``_impl`` branches of each class. Superblocks are independent, so rows are flattened into
 superblocks f32[B, 256] and processed in chunks; the sub-block searches work in the element-major layout
-of ``primitives`` (``xt``: f32[n, B*k], element i of sub-block j of superblock b at ``[i, b*k + j]``) and the
-per-superblock steps on [k, B] arrays (reductions over axis 0 are the fast ones).
+of ``primitives`` (``xt``: f32[n, B*k], element i of sub-block j of superblock b at ``[i, b*k + j]``), the
+per-superblock steps on [k, B] arrays (reductions over axis 0 are the fast ones) and the final
+requantization (``_requant``) on the superblocks as they are.
 """
 
 from __future__ import annotations
@@ -49,12 +50,6 @@ def _per_block(a: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(-1, k).T)
 
 
-def _flat_blocks(Lt: np.ndarray) -> np.ndarray:
-    """Element-major levels [n, B*k] -> [B, 256] in element order."""
-    n = Lt.shape[0]
-    return Lt.reshape(n, -1, QK_K // n).transpose(1, 2, 0).reshape(-1, QK_K)
-
-
 def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: _Imatrix, factor: float) -> np.ndarray:
     """``qw[l] * sqrtf(sigma2 + x[l]*x[l])``, sigma2 = factor*sum_x2/QK_K per superblock.
 
@@ -71,20 +66,24 @@ def _impl_weights(xb: np.ndarray, xt: np.ndarray, qw: _Imatrix, factor: float) -
     return w
 
 
-def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L) -> np.ndarray:
+def _requant(xb: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: int, L) -> np.ndarray:
     """Final pass: ``l = clamp(nearest_int((x + dm)/d), lo, hi) - lo``, skipping sub-blocks with d == 0.
 
-    xt f32[n, B]; d, dm f32[B]; L u8[n, B] the search-stage levels, kept where d == 0 (stale, as in C), or
-    a function giving them for some columns (``L(cols) -> u8[n, len(cols)]``), called only if needed.
+    xb f32[B, 256] with k sub-blocks each; d, dm f32[B*k] (sub-block j of block b at b*k + j, as in ``xt``);
+    L u8[n, B*k] the element-major search-stage levels, kept where d == 0 (stale, as in C), or a function
+    giving them for some sub-blocks (``L(cols) -> u8[n, len(cols)]``), called only if needed -> u8[B, 256].
+    Runs on the superblocks as they are, so the levels come out in element order (the Q6_K profile: the
+    u8 transpose from the element-major layout cost more than this whole pass).
     Uses the exact nearest_int: with a huge offset against a tiny range, (x + dm)/d can pass 2^22.
     """
-    q = np.empty_like(xt)
-    with np.errstate(divide="ignore", invalid="ignore"):  # d == 0 columns are replaced below
+    xs = xb.reshape(d.size, -1)  # [B*k, n]
+    q = np.empty_like(xs)
+    with np.errstate(divide="ignore", invalid="ignore"):  # d == 0 sub-blocks are replaced below
         if dm is not None:
-            np.add(xt, dm, out=q)
-            np.divide(q, d, out=q)
+            np.add(xs, dm[:, None], out=q)
+            np.divide(q, d[:, None], out=q)
         else:
-            np.divide(xt, d, out=q)
+            np.divide(xs, d[:, None], out=q)
         l = nearest_int_inplace(q)
     _clip(l, lo, hi, out=l)
     if lo:
@@ -92,8 +91,8 @@ def _requant(xt: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int, hi: 
     out = l.astype(np.uint8)
     skip = np.flatnonzero(d == 0)
     if skip.size:
-        out[:, skip] = L(skip) if callable(L) else L[:, skip]
-    return out
+        out[skip] = (L(skip) if callable(L) else L[:, skip]).T
+    return out.reshape(xb.shape)
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -232,9 +231,9 @@ def _quantize_q45_k(xb: np.ndarray, qw: _Imatrix | None, nmax: int):
             lm = np.minimum(63, lm)
     packed = _pack_scale_min_k4(ls, lm)  # [B, 12]
     sc_q, m_q = _unpack_scale_min_k4(packed)
-    xt = _subblocks(xb, 32)
-    L = _requant(xt, _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, _stale_qkx(xt, res, nmax))
-    return _flat_blocks(L), d, dmin, packed
+    xt = xb.reshape(-1, 32).T  # [32, B*8], a view: the stale sub-blocks only are gathered from it
+    L = _requant(xb, _sub_scale(d, sc_q), _sub_scale(dmin, m_q), 0, nmax, _stale_qkx(xt, res, nmax))
+    return L, d, dmin, packed
 
 
 @register
@@ -277,9 +276,18 @@ class Q5_K(_KQuant):
 @register
 class Q6_K(_KQuant):
     """quantize_q6_K: make_qx_quants(16, 32, rmse_type 1) per 16 values with weights x^2 (ref, no imatrix)
-    or the raw imatrix (quantize_row_q6_K_impl: no sigma^2 term); int8 scales by -128/max_scale."""
+    or the raw imatrix (quantize_row_q6_K_impl: no sigma^2 term); int8 scales by -128/max_scale.
+
+    Profile (line timings, 4096-column rows, one thread): make_qx_quants' 19 tries were 30% level passes
+    (multiply, rint, clamp) and 28% sums (two einsums), its per-try selection on one 4K-sub-block piece 12%
+    (mostly call overhead), the requantization with its u8 transpose back to element order 7%. Now the
+    selection runs once per chunk, four tries skip the clamp and the requantization works in element
+    order: the tries' element passes are ~70% of the time, at NumPy's cost per pass (a piece's four
+    64K-value arrays fill L2; longer rows or pieces measured slower).
+    """
 
     qtype = GGMLQuantizationType.Q6_K
+    chunk = 1024  # four search pieces: make_qx_search's selection runs once on their 16K sub-blocks
 
     @classmethod
     def quantize_blocks(cls, xb, qw):
@@ -297,10 +305,10 @@ class Q6_K(_KQuant):
         def stale(cols):  # the search's levels, for sub-blocks whose scale code is 0
             return qx_levels(xt[:, cols], iscales[cols], zero16[cols], 32)
 
-        L = _flat_blocks(_requant(xt, dd, None, -32, 31, stale))
+        L = _requant(xb, dd, None, -32, 31, stale)  # [B, 256]
         # element 128h + 32k + l, four levels (< 64) per little-endian word: the byte-wise shifts and masks
         # below never carry into a neighbouring byte, and NumPy's uint32 ops are far cheaper than uint8 ones
-        q = np.ascontiguousarray(L).view("<u4").reshape(B, 2, 4, 8)
+        q = L.view("<u4").reshape(B, 2, 4, 8)
         lo4, two = np.uint32(0x0F0F0F0F), np.uint32(0x03030303)
         ql = (q[:, :, :2] & lo4) | ((q[:, :, 2:] & lo4) << 4)  # ql[64h + 32k + l] = q[h,k] | q[h,k+2] << 4
         hi = (q >> 4) & two  # the top 2 bits of each level
@@ -368,13 +376,12 @@ class Q3_K(_KQuant):
             scales, iscales, zero16, sw = _search(xb, qw, _search_q3_k_impl)
             d, Ls = make_qx_quants(_per_block(scales, 16), 32, 1, _per_block(sw, 16))
             scale_bytes = _pack_q3_scales(Ls)
-        xt = _subblocks(xb, 16)  # [16, B*16]
         if qw is not None:  # the search's levels, needed only for sub-blocks whose scale code is 0
 
             def stale(cols):
-                return qx_levels(xt[:, cols], iscales[cols], zero16[cols], 4)
+                return qx_levels(xb.reshape(-1, 16)[cols].T, iscales[cols], zero16[cols], 4)
 
-        Lb = _flat_blocks(_requant(xt, _sub_scale(d, _unpack_q3_scales(scale_bytes)), None, -4, 3, stale))  # 0..7
+        Lb = _requant(xb, _sub_scale(d, _unpack_q3_scales(scale_bytes)), None, -4, 3, stale)  # 0..7
         hmask = np.bitwise_or.reduce((Lb >> 2).reshape(B, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
         return np.concatenate([hmask, _pack_2bit(Lb & 3), scale_bytes, fp16_bytes(d)], axis=-1)
 
@@ -423,6 +430,5 @@ class Q2_K(_KQuant):
         scale_bytes = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # [16, B]
         dd = _sub_scale(d, (scale_bytes & 0xF).astype(F32))
         dm = _sub_scale(dmin, (scale_bytes >> 4).astype(F32))
-        xt = _subblocks(xb, 16)
-        Lb = _flat_blocks(_requant(xt, dd, dm, 0, 3, _stale_qkx(xt, res, 3)))
+        Lb = _requant(xb, dd, dm, 0, 3, _stale_qkx(xb.reshape(-1, 16).T, res, 3))
         return np.concatenate([scale_bytes.T, _pack_2bit(Lb), fp16_bytes(d), fp16_bytes(dmin)], axis=-1)

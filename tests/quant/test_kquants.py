@@ -158,6 +158,43 @@ def test_single_superblock(ggml, tname):
             _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
 
 
+def _q6_k_edges(seed: int, many_zeros: bool) -> np.ndarray:
+    """f32[48, N] for the Q6_K search (make_qx_quants(16, 32)): zero rows / sub-blocks (with many, more than
+    1/16 of the sub-blocks, make_qx_search only searches the others), negative values, and ties: sub-blocks
+    with max |x| = 1 and x = (k + 1/2)/32, at rounding midpoints for C's first iscale (-32/max = -+32,
+    exact), and +1/-1 pairs, which hit 31.5 (rounded to 32, clamped to 31) at is = -5 but at most 31.4
+    from is = -6 down (the tries searched without a clamp)."""
+    rng = np.random.default_rng(seed)
+    x = _normal(rng, 48)
+    x[5::4] = -np.abs(x[5::4])  # all-negative rows
+    mid = ((rng.integers(-32, 32, (48, N // 16, 16)) + 0.5) / 32).astype(np.float32)  # [row, sub-block, i]
+    mid[:, :, 0] = rng.choice(np.float32([1, -1]), (48, N // 16))  # the max of each sub-block, |x| = 1
+    mid[:, ::3, 1] = -mid[:, ::3, 0]  # +a and -a: the first is C's max
+    tie = rng.random((48, N // 16)) < 0.3
+    x.reshape(48, -1, 16)[tie] = mid[tie]
+    x[1, 16:32] = 0  # one all-zero sub-block
+    x[2, 64:96] *= 1e-16  # below GROUP_MAX_EPS: C's all-zero early out too
+    if many_zeros:
+        x[0] = 0  # an all-zero row
+        x[3::3, 256:512] = 0  # whole superblocks
+        x[4::2, 512:640] = 0  # runs of sub-blocks
+    return x
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("imatrix", [None, "gamma", "zeros"])
+@pytest.mark.parametrize("many_zeros", [False, True])
+def test_q6_k_search_edges(ggml, many_zeros, imatrix):
+    qtype = GGMLQuantizationType.Q6_K
+    seed = 60 + many_zeros
+    x = _q6_k_edges(seed, many_zeros)
+    im = _imatrix(imatrix, seed)
+    _assert_same(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype)
+    if many_zeros:  # make_qx_search's compacted search: the zero blocks are more than 1/16
+        zero = np.abs(x.reshape(-1, 16)).max(axis=1) < 1e-15
+        assert zero.mean() > 1 / 16, zero.mean()
+
+
 # ---------------------------------------------------------------------------------------- primitives (no oracle)
 
 
@@ -213,3 +250,30 @@ def test_search_pieces_do_not_change_results(fn, monkeypatch):
     for a, b, c in zip(whole, cut, cut1):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
         np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8))
+
+
+def test_qx_sums_tries_without_clamp():
+    """make_qx_search's sums skip the clamp for is <= -6 (|iscale*x| <= 31.4): they must equal C's clamped
+    sums for all 19 tries, with +-max pairs (31.5 exactly at is = -5 for a power-of-two max) and midpoints."""
+    from mtp_jax.quant import primitives
+    from mtp_jax.quant.kquants import _subblocks
+
+    F32 = np.float32
+    for many_zeros in (False, True):
+        x = _subblocks(_q6_k_edges(62, many_zeros).reshape(-1, 256), 16)  # [16, B]
+        mx = primitives.signed_absmax(x)[0]
+        mx = np.where(np.abs(mx) < primitives.GROUP_MAX_EPS, F32(1), mx)
+        iscales = np.divide(-(F32(32) + F32(0.1) * primitives._QX_TRIES)[:, None], mx)  # [19, B]
+        for w in (None, np.random.default_rng(1).gamma(0.7, 2.0, x.shape).astype(F32)):
+            sumlx, suml2 = primitives._qx_sums(x, w, iscales, 32, 1)
+            ww = x * x if w is None else w
+            r = np.rint(x[None] * iscales[:, None])  # [19, 16, B]
+            assert (r[primitives._QX_TRIES == -5] == 32).any()  # the clamp at is = -5 matters
+            l = np.clip(r, F32(-32), F32(31))
+            lx = np.zeros_like(iscales)
+            l2 = np.zeros_like(iscales)
+            for i in range(16):  # C's order: s += w*x*l, s += w*l*l
+                lx = lx + (ww[i] * x[i]) * l[:, i]
+                l2 = l2 + (ww[i] * l[:, i]) * l[:, i]
+            np.testing.assert_array_equal(sumlx, lx)
+            np.testing.assert_array_equal(suml2, l2)
