@@ -41,6 +41,19 @@ bound by the ~250 element operations per group (term table, gathers, first minim
 each, while C's scalar loop is cheap for so few candidates; IQ1's split scores are ~12 operations per
 candidate. Types with many candidates per group (IQ2_XS) beat C; the others would need fewer element
 operations than we found a way to do in pure NumPy.
+
+Second round (issue 19, IQ3 first). Profile (line_profiler and perf_counter sections of ``_snap`` on one
+IQ3_XXS piece, 256 superblocks, 31 tries, ~410K off-grid groups, 8.1 candidates each, ~110 ns per group):
+the neighbour search was ~80% of IQ3_XXS (IQ3_S ~75%); inside it ~40% went to the per-batch sort and
+its permutations (argsort, scattering group ids and scales to slots and the results back), ~25% to the
+term tables, ~15% to the gathered sums, ~12% to the first minimum. The term table cost ~29 ns per slot in
+the pipeline against ~10 ns when repeated on the same arrays: fresh temporaries per step (page faults,
+cold cache), not arithmetic. 32K-group batches also left W = 4 with ~33% padded slots (one call for the
+piece: W = 16, ~7%) and paid ~14 size classes of per-step overhead per batch. Changes: one search per
+``_snap`` call, its counting sort (``_slots``) in cache-sized batches with a running count per key and no
+permutation compositions; values and weights gathered per step; every per-step temporary in scratch
+arrays; C's ``d2 = 0`` start dropped (it only changes the sign of a zero, which no comparison sees). The
+IQ2/IQ1 types share the code; their neighbour search had few batches and gains little.
 """
 
 from __future__ import annotations
@@ -71,9 +84,9 @@ F = np.float32
 _CHUNK = 256  # superblocks per piece (times the type's ``chunks``)
 _MAGIC2 = F(25165824.0)  # v + 2*12582912 has the mantissa bits of 0.5*v + 12582912 (C's nearest_int)
 _TILE_CANDS = 1 << 16  # padded candidates per step of the neighbour search (its temporaries stay in the cache)
+_TILE_SLOTS = 1 << 13  # and groups (slots) per step
 _FLT_MAX = np.finfo(F).max
-_NB_BATCH = {"iq3xxs": 1 << 15, "iq3s": 1 << 15}  # groups per neighbour search call (default 1 << 20):
-# IQ3's many off-grid groups with few candidates each run faster in batches whose temporaries stay small
+_SORT_BATCH = 1 << 15  # groups per step of the neighbour search's counting sort (its arrays stay in the cache)
 
 
 # ------------------------------------------------------------------------------- grids and neighbours
@@ -226,12 +239,14 @@ def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np
     scale; qv f32[V, nlev] level value tables, qsel [M] the group's table (None: table 0). The result is the
     first neighbour minimizing C's ``d2 += w*diff*diff`` (diff = s*q - x, sequential over the n values).
 
-    The groups are sorted by key (a radix sort of int16 ranks) into tiles of W groups of one key (W = 4, 8
-    or 16: wide, but with little padding for the keys' group counts). A tile's term table (C's
-    ``(w*diff)*diff`` for every value and level, the first ``prefix`` values already summed in C order for
-    every level combination) has rows of W floats, so each candidate of the key costs n - prefix + 1 row
-    gathers and additions (in C order) for all W groups at once, and the first minimum is a few passes over
-    [Kp, slots]. The tiles run in steps of about _TILE_CANDS padded candidates per size class. Groups whose
+    The groups are sorted by key (``_slots``: a counting sort of int16 ranks) into tiles of W groups of one
+    key (W = 4, 8 or 16: wide, but with little padding for the keys' group counts; all tries of a piece come
+    in one call, so few keys end in a partial tile). A tile's term table (C's ``(w*diff)*diff`` for every
+    value and level, the first ``prefix`` values already summed in C order for every level combination) has
+    rows of W floats, so each candidate of the key costs n - prefix + 1 row gathers and additions (in C
+    order) for all W groups at once, and the first minimum is a few passes over [Kp, slots]. The tiles run
+    in steps of at most _TILE_CANDS padded candidates and _TILE_SLOTS groups per size class, each gathering
+    its groups' values and weights, every temporary in scratch arrays allocated once per call. Groups whose
     least distance is NaN or not below FLT_MAX (NaN weights; C ignores NaN and aborts on the latter) go
     through the C loop (``_best_neighbours``).
     """
@@ -241,70 +256,95 @@ def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np
     if not M:
         return np.empty(0, np.int32)
     rank = np.take(t.rank, u)
-    order = np.argsort(rank.view(np.uint16), kind="stable")                              # radix sort
     cnt = np.bincount(rank, minlength=t.nkeys)
     per_key = M / np.count_nonzero(cnt)
     W = 16 if per_key >= 24 else 8 if per_key >= 8 else 4  # tile width: wide enough, little padding
     tiles = -(-cnt // W)
     tstart = np.cumsum(tiles) - tiles
-    slot = np.take(tstart * W - (np.cumsum(cnt) - cnt), np.take(rank, order))            # sorted group -> slot
-    slot += np.arange(M)
     S = int(tstart[-1] + tiles[-1]) * W
-    g = np.zeros(S, np.intp)  # padding slots: group 0, results ignored
-    g[slot] = np.take(gid, order)
-    xs, ws = np.take(xg, g, axis=1), np.take(wg, g, axis=1)                               # [n, S]
+    dest = _slots(rank, tstart * W)                                                      # group -> slot
+    g = np.zeros(S, np.intp)  # padding slots: group 0, scale 0, results ignored
+    g[dest] = gid
     ss = np.zeros(S, F)
-    ss[slot] = np.take(s, order)
+    ss[dest] = s
     if qsel is None:
         q0 = qv[0][:, None]
     else:
         qs = np.zeros(S, np.intp)
-        qs[slot] = np.take(qsel, order)
+        qs[dest] = qsel
     tile_rank = np.repeat(np.arange(t.nkeys, dtype=np.intp), tiles)
     res, least = np.empty(S, np.int32), np.empty(S, F)
-    for r0, r1, Kp, codes, nbs in t.classes:
+    n1, hp = n - p + 1, max(p, n - p)
+    steps = [max(1, min(_TILE_CANDS // Kp, _TILE_SLOTS) // W) for _, _, Kp, _, _ in t.classes]  # tiles per step
+    ns_max = max(steps) * W
+    cands = max(st * W * c[2] for st, c in zip(steps, t.classes))                    # padded candidates per step
+    # scratch, reused by every step (fresh temporaries cost page faults and cache misses)
+    xw = np.empty((2, n, ns_max), F)
+    lv, tab, tw = np.empty(nlev * ns_max, F), np.empty(rows * ns_max, F), np.empty(hp * nlev * ns_max, F)
+    hd, comb = np.empty(p * nlev * ns_max, F), np.empty((2, nlev ** (p - 1) * ns_max), F)  # first p values' terms, sums
+    rows_at, terms = np.empty(n1 * cands // W, np.intp), np.empty(n1 * cands, F)
+    d2b, eqb = np.empty(cands, F), np.empty(cands, bool)
+    for (r0, r1, Kp, codes, nbs), step in zip(t.classes, steps):
         a, b = int(tstart[r0]), int(tstart[r1 - 1] + tiles[r1 - 1])
-        step = max(1, _TILE_CANDS // (Kp * W))
         wd = np.arange(Kp, 0, -1, dtype=np.int8 if Kp < 128 else np.int16)[:, None]
         nbs = nbs.reshape(-1)
         for c0 in range(a, b, step):
             c1 = min(b, c0 + step)
             nt, sl = c1 - c0, slice(c0 * W, c1 * W)
             ns = nt * W
-            xsc, wsc = xs[:, sl], ws[:, sl]
-            lvc = ss[sl] * (q0 if qsel is None else np.take(qv, qs[sl], axis=0).T)           # s*q [nlev, ns]
-            table = np.empty((rows, ns), F)
-            tw = np.empty((max(p, n - p), nlev, ns), F)
-            for dst, lo, hi in ((table[nlev**p:].reshape(n - p, nlev, ns), p, n),
-                                (table[:nlev].reshape(1, nlev, ns) if p == 1 else np.empty((p, nlev, ns), F), 0, p)):
+            xsc, wsc = (np.take(v, g[sl], axis=1, out=o.reshape(-1)[:n * ns].reshape(n, ns), mode="clip")
+                        for v, o in zip((xg, wg), xw))                                     # [n, ns]
+            lvc = lv[:nlev * ns].reshape(nlev, ns)                                        # s*q [nlev, ns]
+            np.multiply(ss[sl], q0 if qsel is None else np.take(qv, qs[sl], axis=0).T, out=lvc)
+            table = tab[:rows * ns].reshape(rows, ns)
+            head = table[:nlev].reshape(1, nlev, ns) if p == 1 else hd[:p * nlev * ns].reshape(p, nlev, ns)
+            for dst, lo, hi in ((table[nlev**p:].reshape(n - p, nlev, ns), p, n), (head, 0, p)):
                 np.subtract(lvc, xsc[lo:hi, None], out=dst)                                 # diff = s*q - x
-                dst *= np.multiply(wsc[lo:hi, None], dst, out=tw[:hi - lo])                 # (w*diff)*diff
-            head = dst
-            head[0] += F(0)  # C starts d2 at +0
+                dst *= np.multiply(wsc[lo:hi, None], dst, out=tw[:(hi - lo) * nlev * ns].reshape(-1, nlev, ns))
+            # C starts d2 at +0; starting from the first term instead changes at most the sign of a zero
             part = head[0]
             for i in range(1, p):  # row of (l_0..l_i) = sum l_k nlev^k
-                dst = table[:nlev**(i + 1)] if i == p - 1 else np.empty((nlev**(i + 1), ns), F)
+                dst = table[:nlev**(i + 1)] if i == p - 1 else comb[i % 2, :nlev**(i + 1) * ns].reshape(-1, ns)
                 np.add(part[None], head[i][:, None], out=dst.reshape(nlev, -1, ns))
                 part = dst
             kl = tile_rank[c0:c1] - r0
-            R = np.take(codes, kl, axis=0).transpose(1, 2, 0) * nt                           # [n', Kp, nt]
+            R = rows_at[:n1 * Kp * nt].reshape(n1, Kp, nt)
+            np.multiply(np.take(codes, kl, axis=0).transpose(1, 2, 0), nt, out=R)           # [n', Kp, nt]
             R += np.arange(nt)
-            d2 = np.add.reduce(np.take(table.reshape(rows * nt, W), R, axis=0), axis=0)   # [Kp, nt, W], C order
-            d2 = d2.reshape(Kp, ns)
+            G = np.take(table.reshape(rows * nt, W), R, axis=0, out=terms[:n1 * Kp * ns].reshape(n1, Kp, nt, W),
+                        mode="clip")
+            d2 = np.add.reduce(G, axis=0, out=d2b[:Kp * ns].reshape(Kp, nt, W)).reshape(Kp, ns)  # C order
             m = np.min(d2, axis=0, out=least[sl])
-            eq = np.equal(d2, m)
-            k = np.max(np.multiply(eq.view(np.int8), wd), axis=0).astype(np.intp)        # Kp - the first minimum
+            eq = np.equal(d2, m, out=eqb[:Kp * ns].reshape(Kp, ns))
+            eq = eq.view(np.int8) if Kp < 128 else eq
+            k = np.max(np.multiply(eq, wd, out=eq if Kp < 128 else None), axis=0).astype(np.intp)  # Kp - first min
             k = np.subtract(np.repeat(kl * Kp + Kp, W), k)
             np.take(nbs, k, out=res[sl], mode="clip")  # (no minimum, NaN: replaced below)
-    out = np.empty(M, np.int32)
-    out[order] = np.take(res, slot)
-    fail = ~(np.take(least, slot) < _FLT_MAX)  # NaN, or nothing below FLT_MAX
+    out = np.take(res, dest)
+    fail = ~(np.take(least, dest) < _FLT_MAX)  # NaN, or nothing below FLT_MAX
     if fail.any():
-        f = order[fail]
+        f = np.flatnonzero(fail)
         gf = gid[f]
         qf = qv[0][:, None] if qsel is None else qv[qsel[f]].T
         out[f] = _best_neighbours(grid, u[f], xg[:, gf], wg[:, gf], s[f], qf)
     return out
+
+
+def _slots(rank: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """A stable counting sort: rank i16[M] (keys 0..K-1), base [K] -> slot intp[M] = base[rank[m]] plus the
+    number of earlier m' of the same rank. Radix-sorts batches of _SORT_BATCH (cache-sized) separately; a
+    running count per key carries over from batch to batch."""
+    M = len(rank)
+    dest = np.empty(M, np.intp)
+    nxt = base.astype(np.intp)                                                          # next free slot per key
+    for b in range(0, M, _SORT_BATCH):
+        r = rank[b:b + _SORT_BATCH]
+        d = dest[b:b + _SORT_BATCH]
+        d[np.argsort(r.view(np.uint16), kind="stable")] = np.arange(len(r))              # place in the sorted batch
+        c = np.bincount(r, minlength=len(base))
+        d += np.take(nxt - (np.cumsum(c) - c), r)
+        nxt += c
+    return dest
 
 
 def _best_neighbours(grid: _Grid, u: np.ndarray, x: np.ndarray, w: np.ndarray, scale: np.ndarray,
@@ -417,11 +457,7 @@ def _snap(name: str, u: np.ndarray, search: np.ndarray, scale: np.ndarray, xg: n
         gs.append(g)
         scs.append(np.take(scale.reshape(-1, S)[t], np.take(col, g)))
     f, g, sc = np.concatenate(fs), np.concatenate(gs), np.concatenate(scs)
-    batch = _NB_BATCH.get(name, 1 << 20)
-    for b in range(0, f.size, batch):  # batches: bounded temporaries, reused memory
-        e = slice(b, b + batch)
-        gi.reshape(-1)[f[e]] = _neighbours(name, np.take(u, f[e]), g[e], sc[e], xg, wg, qv,
-                                           None if qsel is None else qsel[g[e]])
+    gi.reshape(-1)[f] = _neighbours(name, np.take(u, f), g, sc, xg, wg, qv, None if qsel is None else qsel[g])
     return gi, off
 
 

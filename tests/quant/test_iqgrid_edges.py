@@ -112,7 +112,7 @@ def test_negative_imatrix_raises(qtype):
 @pytest.mark.peer
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_piece_boundaries(ggml, qtype, monkeypatch):
-    """Row counts that no piece size divides (1, 7, 33 rows), with tiny pieces, neighbour batches, tile
+    """Row counts that no piece size divides (1, 7, 33 rows), with tiny pieces, counting-sort batches, tile
     steps and split-search steps, so that every loop of the fast paths ends mid-row and mid-key."""
     rng = np.random.default_rng(int(qtype) + 100)
     im = rng.gamma(0.5, 1.0, COLS).astype(F)
@@ -120,7 +120,7 @@ def test_piece_boundaries(ggml, qtype, monkeypatch):
     x[5, 40:90] = 0.5                                                             # ties inside a piece
     refs = {r: ggml.ggml_quantize(x[:r], qtype, im) for r in (1, 7, 33)}
     monkeypatch.setattr(iqgrid, "_CHUNK", 3)
-    monkeypatch.setattr(iqgrid, "_NB_BATCH", {name: 37 for name in iqgrid._GRID_SPECS})
+    monkeypatch.setattr(iqgrid, "_SORT_BATCH", 37)
     monkeypatch.setattr(iqgrid, "_TILE_CANDS", 200)
     monkeypatch.setattr(iqgrid, "_SPLIT_COLS", 5)
     for r, ref in refs.items():
