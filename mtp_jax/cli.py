@@ -386,15 +386,26 @@ def cmd_params(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import dataclasses
+
     import jax
 
-    jax.config.update("jax_platforms", "cpu")  # fake CPU devices stand in for the accelerators
-    jax.config.update("jax_num_cpu_devices", args.devices)
-    from mtp_jax import plan, sharding
-    from mtp_jax.config import load_config
+    from mtp_jax import kvquant, plan  # importing starts no backend: the device count is set after the checks
 
     if args.devices < 1 or args.batch < 1:
         raise ValueError("--devices and --batch must be >= 1")
+    weights = plan.weight_type(args.weights)
+    kvquant.check_type(args.cache_type, "--cache-type")
+    kvquant.check_type(args.cache_type_draft, "--cache-type-draft")
+    draft = args.cache_type_draft or args.cache_type
+    shorthand = {"k": args.cache_type, "v": args.cache_type, "k_draft": draft, "v_draft": draft}
+    types = _cache_types(args)  # -ctk / -ctv / -ctkd / -ctvd win over the shorthands
+    types = kvquant.KVTypes(**{f: t or shorthand[f] for f, t in dataclasses.asdict(types).items()})
+    jax.config.update("jax_platforms", "cpu")  # fake CPU devices stand in for the accelerators
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    from mtp_jax import sharding
+    from mtp_jax.config import load_config
+
     cfg = load_config(args.config)
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
@@ -402,7 +413,7 @@ def cmd_plan(args) -> int:
     print(f"mtp-jax plan: compiling the speculative loop of {args.config} on {args.devices} fake devices ...",
           file=sys.stderr, flush=True)
     p = plan.make_plan(cfg, mesh, batch=args.batch, ctx=args.ctx, prompt=args.prompt, num_draft=args.num_draft,
-                       name=args.config)
+                       name=args.config, weights=weights, cache_types=types)
     print(json.dumps(p.to_dict()) if args.json else plan.describe(p))
     return 0
 
@@ -563,6 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-draft", "-K", type=int, default=3, help="drafts per step (default 3)")
     pl.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                     help="weight and activation dtype (default: the config's)")
+    pl.add_argument("--weights", default=None, metavar="TYPE",
+                    help="keep the weights in a ggml block type (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, "
+                         "q6_k, iq4_nl, iq4_xs, tq2_0): the matrices and tables llama-quantize --pure TYPE quantizes "
+                         "(its row-size fallbacks included), dequantized next to each matmul (default: --dtype)")
+    _add_cache_type_args(pl)
+    pl.add_argument("--cache-type", default=None, metavar="TYPE",
+                    help="K and V of every cache, trunk and MTP head (default: --dtype; -ctk, -ctv, -ctkd, -ctvd win)")
+    pl.add_argument("--cache-type-draft", default=None, metavar="TYPE",
+                    help="K and V of the MTP head's cache (-ctkd / -ctvd win)")
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.set_defaults(func=cmd_plan)
 

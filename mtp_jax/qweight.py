@@ -18,6 +18,7 @@ operations in the same order, so a weight dequantized in the graph equals the ho
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from mtp_jax.io import table, tree
+from mtp_jax.quant import policy
 
 QK_K = 256
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
@@ -307,10 +311,13 @@ class QuantWeight:
 
 
 def layer_dense(w: Any, li: jax.Array | int | None, dtype=jnp.float32) -> jax.Array:
-    """Layer li of a stacked weight in its logical layout without the layer axis: a quantized one's blocks
-    dequantized in the graph to ``dtype`` (e.g. for XLA's grouped matmuls); a float leaf is just indexed."""
-    if li is None or not is_quant(w):
+    """Layer li of a stacked weight in its logical layout without the layer axis (li None: an unstacked weight,
+    such as the NextN block's, whole): a quantized one's blocks dequantized in the graph to ``dtype`` (e.g. for
+    XLA's grouped matmuls); a float leaf is just indexed."""
+    if not is_quant(w):
         return w if li is None else w[li]
+    if li is None and not w.table:
+        return w.dequantized().astype(dtype)
     if w.table or w.n_lead < 1:
         raise ValueError(f"layer_dense: a stacked matrix is needed, got a quantized weight of shape {w.shape}")
     m = w.layer(li, lambda a, j, t: dequantize(a[j], t))  # [*lead[1:], N, K]
@@ -321,6 +328,65 @@ def layer_dense(w: Any, li: jax.Array | int | None, dtype=jnp.float32) -> jax.Ar
 
 def is_quant(x: Any) -> bool:
     return isinstance(x, QuantWeight)
+
+
+def rows_shape(shape: tuple[int, ...], n_lead: int, n_in: int | None, qtype: str) -> tuple[int, ...]:
+    """[*lead, N, row_bytes]: the GGUF rows in ``qtype`` of a weight of logical ``shape`` (QuantWeight's n_lead,
+    n_in; n_in None: a table [rows, D])."""
+    k = shape[-1] if n_in is None else math.prod(shape[n_lead: n_lead + n_in])
+    bs, ts = block(qtype)
+    return (*shape[:n_lead], math.prod(shape[n_lead:]) // k, k // bs * ts)
+
+
+def pure_types(cfg: Any, template: Any, qtype: str) -> dict[tuple, tuple[str, int, int | None]]:
+    """leaf path -> (ggml type, n_lead, n_in) of every weight matrix and table that ``llama-quantize --pure`` to
+    ``qtype`` gives a block type: mtp_jax.quant.policy's choice, its row-size fallbacks included (Q4_K rows of
+    1408 values become Q5_0; a leaf that falls back to F16 stays float). ``template``: the model's ArrayInfo tree
+    (io.tree.template). Every tensor of a stack gets the same type (same row size, same name rule)."""
+    slots = [s for s in table.plan(cfg, template) if s.spec.n_in is not None or s.spec.table]
+    descs = []
+    for s in slots:
+        shape = tree.get(template, s.leaf).shape[s.index is not None:]  # one tensor's
+        descs.append(policy.TensorDesc(s.name, tuple(reversed(s.spec.gguf_shape(shape))), GGMLQuantizationType.F32))
+    model = policy.ModelInfo(cfg.family, cfg.num_hidden_layers + cfg.num_nextn_predict_layers,
+                             cfg.num_nextn_predict_layers)
+    log = logging.getLogger(policy.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # no line per fallback tensor (llama-quantize's log); the caller reports types
+    try:
+        plans = policy.plan_tensors(model, descs, policy.QuantOptions(policy.FTYPES[qtype], pure=True))
+    finally:
+        log.setLevel(level)
+    types = {p.name: p.type.name for p in plans}
+    return {s.leaf: (types[s.name], (s.index is not None) + s.spec.batch, s.spec.n_in) for s in slots
+            if types[s.name] in DEQUANTIZERS}
+
+
+def quantize_weight(x: Any, qtype: str, n_lead: int, n_in: int | None) -> QuantWeight:
+    """A float weight in our layout -> a QuantWeight of its GGUF rows in ``qtype``, quantized on the host by
+    mtp_jax.quant (ggml's bytes, as llama-quantize writes them)."""
+    from mtp_jax.quant import registry  # noqa: PLC0415
+
+    x = np.asarray(x, np.float32)
+    lead = x.shape[:n_lead]
+    if n_in is None:
+        m = x  # a table: its rows as they are
+    else:
+        m = np.swapaxes(x.reshape(*lead, math.prod(x.shape[n_lead: n_lead + n_in]), -1), -1, -2)  # [*lead, N, K]
+    return QuantWeight((jnp.asarray(registry.quantize(m, qtype)),), (qtype,), x.shape, n_lead, n_in)
+
+
+def quantize_params(cfg: Any, params: Any, qtype: str) -> Any:
+    """``params`` with the weights ``pure_types`` picks quantized in memory: what writing a GGUF, quantizing it
+    with llama-quantize --pure ``qtype`` and reading it back with quantized="keep" gives."""
+    template = tree.template_of(cfg, params)
+    kept = pure_types(cfg, template, qtype)
+
+    def one(path):
+        x = tree.get(params, path)
+        return quantize_weight(x, *kept[path]) if path in kept else x
+
+    return tree.build(template, [one(p) for p in tree.leaf_paths(template)])
 
 
 def float_arrays(tree: Any) -> Any:

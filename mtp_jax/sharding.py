@@ -7,6 +7,7 @@ replicated. So one rules table serves every model size and mesh shape.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -84,38 +85,59 @@ def tensor_name(path: tuple) -> str:
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES,
-                    placement: Placement = (), template: Any = None) -> Any:
+                    placement: Placement = (), template: Any = None, params: Any = None) -> Any:
     r"""NamedSharding per leaf, same tree as the params. ``placement``: the first pattern that matches a tensor's
     name (``tensor_name``, re.fullmatch) decides it: "replicated", or None for the logical-axis rules; e.g.
     ``[(r"mtp\..*", "replicated")]`` keeps the MTP head whole on every device. ``template``: the tree of
-    ArrayInfo to follow (default params.abstract(cfg))."""
+    ArrayInfo to follow (default params.abstract(cfg)). ``params``: where it holds a QuantWeight, that leaf's
+    sharding is the QuantWeight with a NamedSharding per group (``quant_spec``), so jax.tree.map pairs them."""
+    from mtp_jax.qweight import is_quant  # noqa: PLC0415
+
     pats = [(re.compile(p), how) for p, how in placement]
     for _, how in placement:
         if how not in ("replicated", None):
             raise ValueError(f"placement must be 'replicated' or None, got {how!r}")
 
-    def one(path, i: P.ArrayInfo) -> NamedSharding:
-        name = tensor_name(path)
-        how = next((h for pat, h in pats if pat.fullmatch(name)), None)
-        spec = PartitionSpec() if how == "replicated" else spec_for(i.shape, i.axes, mesh, rules)
-        return NamedSharding(mesh, spec)
+    def one(path, i: P.ArrayInfo, x: Any = None) -> Any:
+        how = next((h for pat, h in pats if pat.fullmatch(tensor_name(path))), None)
+        if how == "replicated":
+            spec = PartitionSpec()
+        elif is_quant(x):
+            spec = quant_spec(x, i.axes, mesh, rules)
+        else:
+            spec = spec_for(i.shape, i.axes, mesh, rules)
+        named = NamedSharding(mesh, spec)
+        return dataclasses.replace(x, groups=(named,) * len(x.groups)) if is_quant(x) else named
 
     template = P.abstract(cfg) if template is None else template
-    return jax.tree_util.tree_map_with_path(one, template, is_leaf=lambda x: isinstance(x, P.ArrayInfo))
+    trees = (template,) if params is None else (template, params)
+    return jax.tree_util.tree_map_with_path(one, *trees, is_leaf=lambda x: isinstance(x, P.ArrayInfo))
+
+
+def quant_spec(w: Any, axes: tuple[str | None, ...], mesh: Mesh,
+               rules: Mapping[str, str | None] = RULES) -> PartitionSpec:
+    """The spec of each group of a QuantWeight ([*lead, N, row_bytes], mtp_jax/qweight.py) from the logical
+    ``axes`` of the float leaf it stands for, by the same rules: lead dims (experts, layers) as there, the rows N
+    (the output dims merged) on the mesh axis of the outermost output dim that has one, row_bytes (the ggml blocks
+    of the inputs) never split, so the mesh axis an input dim would take is left to the outputs. A stack split by
+    type (``layer_map``) keeps its groups' first dim (their own layer counts) whole."""
+    ins = range(w.ndim - 1, w.ndim) if w.table else range(w.n_lead, w.n_lead + w.n_in)
+    spec = spec_for(w.shape, tuple(None if j in ins else a for j, a in enumerate(axes)), mesh, rules)
+    rows = next((a for j, a in enumerate(spec) if j >= w.n_lead and j not in ins and a), None)
+    lead = tuple(spec[: w.n_lead])
+    lead = (None, *lead[1:]) if w.layer_map is not None else lead
+    return PartitionSpec(*lead, rows, None)
 
 
 def shard_params(params: P.Params, cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, str | None] = RULES,
                  placement: Placement = ()) -> P.Params:
     """Params placed on the mesh; generate() and speculative.generate() then put rows and caches on it too."""
     from mtp_jax.io import tree  # noqa: PLC0415
-    from mtp_jax.qweight import float_arrays, is_quant  # noqa: PLC0415
+    from mtp_jax.qweight import float_arrays  # noqa: PLC0415
 
     params = float_arrays(params)  # float matrices kept as GGUF rows for the CPU kernel: arrays, sharded as such
-    if any(is_quant(x) for x in jax.tree.leaves(params, is_leaf=is_quant)):
-        raise ValueError("sharding weights kept in a GGUF block format is not supported yet: load the model with "
-                         "--dequantize (quantized=\"dequantize\") to decode it on several devices")
-    shardings = param_shardings(cfg, mesh, rules, placement, tree.template_of(cfg, params))
-    return jax.tree.map(place, params, shardings)
+    shardings = param_shardings(cfg, mesh, rules, placement, tree.template_of(cfg, params), params)
+    return jax.tree.map(place, params, shardings)  # a QuantWeight's groups each by its own sharding
 
 
 def mesh_of(params: Any) -> Mesh | None:

@@ -151,15 +151,6 @@ def test_reshape_keeps_inputs_and_outputs_apart():
         q[jnp.zeros((2,), jnp.int32)]
 
 
-def test_sharding_quantized_weights_is_refused(f32_model):
-    from mtp_jax import sharding
-
-    cfg, params = read_gguf(_quantized(f32_model, "Q8_0"), dtype="float32", quantized="keep")
-    mesh = sharding.make_mesh(**sharding.parse_mesh(None, 2, cfg))
-    with pytest.raises(ValueError, match="--dequantize"):
-        sharding.shard_params(params, cfg, mesh)
-
-
 def test_xla_path_reads_a_mixed_type_stack(f32_model):
     """Without the CPU kernels (the path accelerators take), a prefill routes enough tokens for XLA's grouped
     matmuls over the whole layer's experts: a stack mixing Q4_K and Q6_K layers is dequantized per layer there."""

@@ -184,3 +184,35 @@ def test_sharded_gguf_load_keeps_each_process_below_half_the_file(tmp_path):
         assert r["held"] < 0.35 * size  # each process holds its quarter of the experts and half of the rest
         assert r["peak_rss"] < 0.5 * size + 256 * 2**20, r
         assert r["peak_rss"] - r["peak_rss_before"] < r["held"] + 128 * 2**20, r
+
+
+@pytest.mark.parametrize("qtype,mesh", [("Q8_0", dict(data=2, expert=2)), ("Q4_K", dict(model=4))],
+                         ids=["q8_0-data2xexpert2", "q4_k-model4"])
+def test_quantized_weights_sharded_decode_as_on_one_device(qtype, mesh):
+    """Weights kept in GGUF blocks (llama-quantize --pure's types, quantized in memory) placed on the mesh: experts
+    on ``expert``, output rows on ``model``, the blocks of the inputs never split; greedy plain and MTP tokens equal
+    the same quantized model's on one device. Q4_K blocks need 256-value input rows: a wider tiny config."""
+    from mtp_jax import qweight
+    from tests.helpers import numpy_init
+
+    cfg, params = CFG, PARAMS
+    if qtype == "Q4_K":
+        cfg = tiny_config(hidden_size=256, head_dim=64, intermediate_size=256, moe_intermediate_size=256,
+                          num_hidden_layers=2, n_routed_experts=4)
+        params = numpy_init(cfg, std=0.08, bias_noise=0.05)
+    params = qweight.quantize_params(cfg, params, qtype)
+    assert qweight.is_quant(params.moe_layers.ffn.gate) and params.moe_layers.ffn.gate.types == (qtype,)
+    want = generate(params, cfg, PROMPTS, max_new_tokens=8, eos_ids=[]).tokens
+    placed = sharding.shard_params(params, cfg, sharding.make_mesh(**mesh))
+    gate, down = placed.moe_layers.ffn.gate.groups[0], placed.moe_layers.ffn.down.groups[0]  # [L, E, N, row_bytes]
+    L, E, N, rb = gate.shape
+    shard = lambda x: x.addressable_shards[0].data.shape  # noqa: E731
+    if "expert" in mesh:  # the expert stacks really split: each device holds half of the experts
+        assert shard(gate) == (L, E // 2, N, rb) and shard(down) == (L, E // 2, *down.shape[2:])
+    else:  # gate's rows (moe_mlp) split 4 ways; down's inputs are moe_mlp, never split: its rows (embed) whole
+        assert shard(gate) == (L, E, N // 4, rb) and down.sharding.is_fully_replicated
+        head = placed.lm_head.groups[0]  # [V, row_bytes]: vocab rows
+        assert shard(head) == (head.shape[0] // 4, head.shape[1])
+    assert sharding.sharded_fraction(placed) > 0.2
+    assert generate(placed, cfg, PROMPTS, max_new_tokens=8, eos_ids=[]).tokens == want
+    assert speculative.generate(placed, cfg, PROMPTS, num_draft=2, max_new_tokens=8, eos_ids=[]).tokens == want
