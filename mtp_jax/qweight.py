@@ -368,12 +368,38 @@ def quantize_weight(x: Any, qtype: str, n_lead: int, n_in: int | None) -> QuantW
     from mtp_jax.quant import registry  # noqa: PLC0415
 
     x = np.asarray(x, np.float32)
-    lead = x.shape[:n_lead]
+    return QuantWeight((jnp.asarray(registry.quantize(gguf_rows(x, n_lead, n_in), qtype)),), (qtype,), x.shape,
+                       n_lead, n_in)
+
+
+def gguf_rows(x: Any, n_lead: int, n_in: int | None) -> Any:
+    """A weight in our layout (numpy or jax) -> its GGUF rows [*lead, N, K]; a table ([rows, D]) as it is."""
     if n_in is None:
-        m = x  # a table: its rows as they are
-    else:
-        m = np.swapaxes(x.reshape(*lead, math.prod(x.shape[n_lead: n_lead + n_in]), -1), -1, -2)  # [*lead, N, K]
-    return QuantWeight((jnp.asarray(registry.quantize(m, qtype)),), (qtype,), x.shape, n_lead, n_in)
+        return x
+    lead = x.shape[:n_lead]
+    return x.reshape(*lead, math.prod(x.shape[n_lead: n_lead + n_in]), -1).swapaxes(-1, -2)
+
+
+def float_rows(cfg: Any, params: Any) -> Any:
+    """``params`` with the float matrices llama-quantize would quantize (policy.name_allows_quantization on every
+    tensor of the leaf) as QuantWeights of their float type in GGUF's [N, K] rows: the layout the CPU kernel
+    reads fastest at a few rows of x (mtp_jax/kernels/cpu_linear.cc, kFewRows), as read_gguf(float_rows=True)
+    loads a GGUF's. Tables, norms, routers and QuantWeights stay as they are."""
+    template = tree.template_of(cfg, params)
+    slots: dict = {}
+    for s in table.plan(cfg, template):
+        slots.setdefault(s.leaf, []).append(s)
+    names = {jnp.dtype(t): name for name, t in FLOAT_TYPES.items()}
+
+    def one(path):
+        x, ss = tree.get(params, path), slots.get(path, [])
+        if (not ss or ss[0].spec.n_in is None or is_quant(x) or getattr(x, "dtype", None) not in names
+                or not all(policy.name_allows_quantization(cfg.family, s.name) for s in ss)):
+            return x
+        n_lead, n_in = (ss[0].index is not None) + ss[0].spec.batch, ss[0].spec.n_in
+        return QuantWeight((jnp.asarray(gguf_rows(x, n_lead, n_in)),), (names[x.dtype],), x.shape, n_lead, n_in)
+
+    return tree.build(template, [one(path) for path in tree.leaf_paths(template)])
 
 
 def quantize_params(cfg: Any, params: Any, qtype: str) -> Any:
@@ -404,24 +430,26 @@ class HostLayout:
     """Host buffers a QuantWeight is loaded into: one per type group, filled tensor by tensor (``slot``) and then
     put on the device (``build``). ``types``: the ggml type of each tensor in stack order (one for an unstacked
     leaf); ``gguf_shape``: one tensor's numpy shape [*batch, out, in] (a table [rows, D]); ``n_lead`` and
-    ``n_in`` as QuantWeight has them."""
+    ``n_in`` as QuantWeight has them. ``allocate`` False: only the layout (``shapes``, ``where``), for a reader
+    that fills each device's shard of the groups itself (io/gguf.py, read_gguf's ``mesh``)."""
 
     def __init__(self, types: list[str], gguf_shape: tuple[int, ...], stacked: bool, n_lead: int,
-                 n_in: int | None):
+                 n_in: int | None, allocate: bool = True):
         self.stacked, self.types, self.n_lead, self.n_in = stacked, tuple(dict.fromkeys(types)), n_lead, n_in
         self.where = []  # tensor -> (group, index in group)
         counts = dict.fromkeys(self.types, 0)
         for t in types:
             self.where.append((self.types.index(t), counts[t]))
             counts[t] += 1
-        self.bufs = []
+        self.shapes = []  # (shape, dtype) of each group
         for t in self.types:
             if t in FLOAT_TYPES:
                 shape, dt = gguf_shape, np.dtype(FLOAT_TYPES[t])
             else:
                 bs, ts = block(t)
                 shape, dt = (*gguf_shape[:-1], gguf_shape[-1] // bs * ts), np.dtype(np.uint8)
-            self.bufs.append(np.empty(((counts[t],) if stacked else ()) + shape, dt))
+            self.shapes.append((((counts[t],) if stacked else ()) + shape, dt))
+        self.bufs = [np.empty(shape, dt) for shape, dt in self.shapes] if allocate else []
 
     def slot(self, index: int | None) -> np.ndarray:
         """The buffer one tensor's bytes (or floats) go into."""
@@ -430,6 +458,9 @@ class HostLayout:
 
     def build(self, shape: tuple[int, ...], put=jax.device_put) -> QuantWeight:
         """The device QuantWeight of logical ``shape`` (the float leaf's)."""
+        return self.weight(tuple(put(b) for b in self.bufs), shape)
+
+    def weight(self, groups: tuple[Any, ...], shape: tuple[int, ...]) -> QuantWeight:
+        """The QuantWeight of logical ``shape`` with these group arrays (or ShapeDtypeStructs)."""
         layer_map = tuple(self.where) if len(self.types) > 1 else None
-        return QuantWeight(tuple(put(b) for b in self.bufs), self.types, tuple(shape), self.n_lead, self.n_in,
-                           layer_map)
+        return QuantWeight(groups, self.types, tuple(shape), self.n_lead, self.n_in, layer_map)

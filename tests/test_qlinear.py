@@ -266,3 +266,27 @@ def test_f16_gguf_loads_float_rows():
                 _, lg, step_cache, _ = M.forward_jit(params, jnp.asarray([[r[t]] for r in rows[:B]]), step_cache, cfg)
                 singles.append(np.asarray(lg[:, 0]))
             np.testing.assert_array_equal(np.asarray(block), np.stack(singles, 1), err_msg=f"B={B} T={T}")
+
+
+def test_random_weights_load_as_float_rows_like_a_gguf(tmp_path):
+    """load_model gives random-init, HF and orbax weights the same [N, K] rows layout as a GGUF's (float_rows):
+    the same leaves become rows as for the GGUF written from them, float_arrays gives the weights back exactly,
+    and the logits agree with the [K, N] path up to f32 summation order. With --dequantize (quantized=
+    "dequantize") they stay arrays."""
+    from mtp_jax.io.gguf import write_gguf  # noqa: PLC0415
+    from mtp_jax.io.load import load_model  # noqa: PLC0415
+
+    cfg, params, _ = load_model("glm4moe-tiny")
+    _, plain, _ = load_model("glm4moe-tiny", quantized="dequantize")
+    assert not any(qweight.is_quant(x) for x in jax.tree.leaves(plain, is_leaf=qweight.is_quant))
+    write_gguf(tmp_path / "m.gguf", cfg, plain, outtype="f32")
+    _, from_gguf, _ = load_model(tmp_path / "m.gguf")
+    rows = lambda p: jax.tree.map(qweight.is_quant, p, is_leaf=qweight.is_quant)  # noqa: E731
+    assert rows(params) == rows(from_gguf) and qweight.is_quant(params.moe_layers.attn.wq)
+    assert params.moe_layers.attn.wq.types == ("F32",) and not qweight.is_quant(params.embed)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), qweight.float_arrays(params), plain)
+    assert all(jax.tree.leaves(same))
+    toks = jnp.asarray(np.random.default_rng(3).integers(1, cfg.vocab_size, (2, 9)))
+    _, lg_rows, _, _ = M.forward_jit(params, toks, kvcache.init_trunk_cache(cfg, 2, 16), cfg)
+    _, lg_ref, _, _ = M.forward_jit(plain, toks, kvcache.init_trunk_cache(cfg, 2, 16), cfg)
+    np.testing.assert_allclose(np.asarray(lg_rows), np.asarray(lg_ref), atol=1e-4, rtol=1e-4)

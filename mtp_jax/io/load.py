@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from mtp_jax import kernels
+from mtp_jax import kernels, qweight, sharding
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig, load_config
 from mtp_jax.io.gguf import GGUFError, read_gguf, read_tokenizer
@@ -72,8 +72,9 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
     one, as llama.cpp's converter writes them with --mtp / --no-mtp); ignored when ``load_mtp`` is False.
     ``mesh`` (a Mesh, or a function of the config returning one or None) places the params on it
     (sharding.param_shardings with ``placement``): a GGUF or orbax checkpoint is read straight into each
-    device's shards, so no process holds the whole model; other sources are placed after loading. Weights go on
-    a mesh as floats (a quantized GGUF is dequantized to ``dtype``)."""
+    device's shards, so no process holds the whole model (a GGUF's quantized weights in their blocks with
+    ``quantized`` "keep"); other sources are placed after loading. On one device with the CPU kernels and
+    ``quantized`` "keep", every source's float matrices come as GGUF rows (qweight.float_rows), as a GGUF's do."""
     if mtp_head is not None and load_mtp:
         cfg, params, tok = load_model(spec, dtype, False, seed, check_finite, quantized, mesh=mesh,
                                       placement=placement)
@@ -82,7 +83,7 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
         fam = families.of(cfg)
         if fam.read_head is not None:  # a drafter model of its own (Gemma-4's assistant)
             cfg, head = fam.read_head(mtp_head, cfg.trunk_only(), cfg.dtype, check_finite)
-            return cfg, _placed(dataclasses.replace(params, nextn=head), cfg, mesh, placement), tok
+            return cfg, _ready(dataclasses.replace(params, nextn=head), cfg, mesh, placement, quantized), tok
         head_cfg, head, _ = load_model(mtp_head, cfg.dtype, True, seed, check_finite, quantized, mesh=mesh,
                                        placement=placement)
         return (*attach_head(cfg, params, head_cfg, head, mtp_head), tok)
@@ -92,24 +93,27 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
                                 float_rows=kernels.use_cpu_kernels(), mesh=mesh, placement=placement)
         return cfg, params, _gguf_tokenizer(spec)
     if kind == "orbax":
-        return load_orbax(spec, dtype=dtype, load_mtp=load_mtp, mesh=mesh, placement=placement)
+        cfg, params, tok = load_orbax(spec, dtype=dtype, load_mtp=load_mtp, mesh=mesh, placement=placement)
+        on_mesh = sharding.mesh_for_config(mesh, cfg) is not None  # restored into its shards already
+        return cfg, params if on_mesh else _ready(params, cfg, None, (), quantized), tok
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)
         has_tok = (Path(spec) / "tokenizer.json").is_file()
-        return cfg, _placed(params, cfg, mesh, placement), Tokenizer.from_hf(spec) if has_tok else None
+        return cfg, _ready(params, cfg, mesh, placement, quantized), Tokenizer.from_hf(spec) if has_tok else None
     cfg = spec if isinstance(spec, ModelConfig) else load_config(spec)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     params = P.init(jax.random.key(seed), cfg)
     params = params if load_mtp else dataclasses.replace(params, nextn=None)
-    return cfg, _placed(params, cfg, mesh, placement), None
+    return cfg, _ready(params, cfg, mesh, placement, quantized), None
 
 
-def _placed(params: P.Params, cfg: ModelConfig, mesh: Any, placement: Any) -> P.Params:
-    """params on the mesh (``mesh`` as load_model takes it), or as they are."""
-    from mtp_jax import sharding  # noqa: PLC0415
-
+def _ready(params: P.Params, cfg: ModelConfig, mesh: Any, placement: Any, quantized: str) -> P.Params:
+    """params on the mesh (``mesh`` as load_model takes it); on one device with the CPU kernels and ``quantized``
+    "keep", in the layout the kernels read fastest (``float_rows``), as a GGUF's load gives them."""
     mesh = sharding.mesh_for_config(mesh, cfg)
-    return params if mesh is None else sharding.shard_params(params, cfg, mesh, placement=placement)
+    if mesh is not None:
+        return sharding.shard_params(params, cfg, mesh, placement=placement)
+    return qweight.float_rows(cfg, params) if kernels.use_cpu_kernels() and quantized == "keep" else params
 
 
 def _gguf_tokenizer(path) -> Tokenizer | None:
