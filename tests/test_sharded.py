@@ -146,7 +146,8 @@ def test_gguf_reads_straight_into_shards(tmp_path, reference, outtype):
         res = speculative.generate(params, cfg, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[])
         assert res.tokens == reference
     # load_model takes a function of the config for the mesh, as the CLI passes it
-    _, placed, _ = load_model(path, mesh=lambda c: sharding.make_mesh(model=4), load_mtp=False)
+    _, placed, _ = load_model(path, mesh=lambda c: sharding.make_mesh(model=4), load_mtp=False,
+                              quantized="dequantize")
     assert placed.nextn is None and placed.moe_layers.ffn.gate.sharding.spec[-1] == "model"
 
 
@@ -216,3 +217,31 @@ def test_quantized_weights_sharded_decode_as_on_one_device(qtype, mesh):
     assert sharding.sharded_fraction(placed) > 0.2
     assert generate(placed, cfg, PROMPTS, max_new_tokens=8, eos_ids=[]).tokens == want
     assert speculative.generate(placed, cfg, PROMPTS, num_draft=2, max_new_tokens=8, eos_ids=[]).tokens == want
+
+
+def test_quantized_gguf_reads_straight_into_shards_in_its_blocks(tmp_path):
+    """read_gguf(quantized="keep", mesh=) keeps a Q4_K_M file's blocks (stacks mixing Q4_K and Q6_K layers
+    included), each device reading its experts / output rows: the same groups and shardings as shard_params of
+    the one-device read, and the same greedy tokens."""
+    import numpy as np
+
+    from mtp_jax import qweight
+    from mtp_jax.io.gguf import read_gguf, write_gguf
+    from mtp_jax.quant.gguf_quantize import quantize_gguf
+    from tests.helpers import numpy_init
+
+    cfg = tiny_config(hidden_size=256, head_dim=64, intermediate_size=256, moe_intermediate_size=256,
+                      num_hidden_layers=3, n_routed_experts=4)
+    write_gguf(tmp_path / "m.gguf", cfg, numpy_init(cfg, std=0.08, bias_noise=0.05), outtype="f32")
+    quantize_gguf(tmp_path / "m.gguf", tmp_path / "q.gguf", "Q4_K_M")
+    mesh = sharding.make_mesh(data=2, expert=2)
+    cfg, one = read_gguf(tmp_path / "q.gguf", quantized="keep")
+    _, params = read_gguf(tmp_path / "q.gguf", quantized="keep", mesh=mesh)
+    down = params.moe_layers.ffn.down
+    assert qweight.is_quant(down) and len(down.types) == 2 and down.layer_map is not None  # Q4_K and Q6_K layers
+    want = sharding.shard_params(one, cfg, mesh)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params)):
+        assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not down.groups[0].sharding.is_fully_replicated
+    ref = generate(one, cfg, PROMPTS, max_new_tokens=8, eos_ids=[]).tokens
+    assert speculative.generate(params, cfg, PROMPTS, num_draft=2, max_new_tokens=8, eos_ids=[]).tokens == ref

@@ -307,8 +307,9 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
     GGUF's [out, in] rows too (a QuantWeight of a float type), the layout the CPU kernel reads fastest at a few
     rows of x (mtp_jax/kernels/cpu_linear.cc, kFewRows); they are not transposed at load. ``mesh`` (a Mesh, or
     a function of the config returning one or None): every leaf is read straight into its shards on the mesh
-    (sharding.param_shardings with ``placement``, weights as floats in ``dtype``), each process reading only its
-    own devices' parts, so host memory never holds the whole model (``_read_into_shards``). Raises GGUFError
+    (sharding.param_shardings with ``placement``; with "keep", block-type weights stay in their GGUF blocks, split
+    along experts and output rows, float matrices are arrays), each process reading only its own devices' parts,
+    so host memory never holds the whole model (``_read_into_shards``). Raises GGUFError
     naming the file (and the key or tensor) for bad input.
     """
     path = Path(path)
@@ -331,8 +332,12 @@ def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool 
 
     mesh = sharding.mesh_for_config(mesh, cfg)
     if mesh is not None:
-        shardings = sharding.param_shardings(cfg, mesh, placement=placement, template=template)
-        return cfg, _read_into_shards(cfg, template, shardings, dt, read)
+        kept = _kept_quantized(cfg, template, tensors, allocate=False) if quantized == "keep" else {}
+        layout = tree.build(template, [kept[leaf].weight(tuple(jax.ShapeDtypeStruct(*s) for s in kept[leaf].shapes),
+                                                          tree.get(template, leaf).shape) if leaf in kept
+                                       else tree.get(template, leaf) for leaf in tree.leaf_paths(template)])
+        shardings = sharding.param_shardings(cfg, mesh, placement=placement, template=template, params=layout)
+        return cfg, _read_into_shards(cfg, template, shardings, dt, read, kept)
     kept = _kept_quantized(cfg, template, tensors, float_rows) if quantized == "keep" else {}
     bufs = {leaf: _aligned_empty(tree.get(template, leaf).shape, dt)
             for leaf in tree.leaf_paths(template) if leaf not in kept}
@@ -383,39 +388,60 @@ class _TensorReader:
         _release(self.mms[i], t)
 
 
-Bounds = tuple[tuple[int, int], ...]  # [start, stop) per dimension of one shard
+class _Shards:
+    """One global array assembled from this process' device shards (jax.make_array_from_single_device_arrays): a
+    host buffer per distinct shard (devices holding the same part share one), filled tensor by tensor."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, where: Any):
+        self.shape, self.where = shape, where
+        self.on_device = where.addressable_devices_indices_map(shape)  # device -> index (slices) of its shard
+        self.parts = {b: _aligned_empty(tuple(hi - lo for lo, hi in b), dtype)
+                      for b in {self._bounds(idx) for idx in self.on_device.values()}}
+
+    def _bounds(self, index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:  # [start, stop) per dimension
+        return tuple(s.indices(n)[:2] for s, n in zip(index, self.shape))
+
+    def fill(self, row: int | None, x: np.ndarray) -> None:
+        """``x``: the whole array (``row`` None) or row ``row`` of its leading (stack) axis; each shard copies its
+        part (from a view of the mapping, only those pages are read)."""
+        for b, buf in self.parts.items():
+            if row is None:
+                np.copyto(buf, x[tuple(slice(*r) for r in b)], casting="unsafe")
+            elif b[0][0] <= row < b[0][1]:
+                np.copyto(buf[row - b[0][0]], x[tuple(slice(*r) for r in b[1:])], casting="unsafe")
+
+    def array(self) -> jax.Array:
+        arrays = [jax.device_put(self.parts[self._bounds(idx)], d) for d, idx in self.on_device.items()]
+        return jax.make_array_from_single_device_arrays(self.shape, self.where, arrays)
 
 
-def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> Bounds:
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
-
-
-def _read_into_shards(cfg: ModelConfig, template: P.Params, shardings: Any, dt: np.dtype,
-                      read: _TensorReader) -> P.Params:
-    """Each leaf assembled from this process' device shards (jax.make_array_from_single_device_arrays): every
-    tensor of the leaf is read from the mapping once, each distinct shard copies its part of it (a view: only
-    those rows of an F16/BF16/F32 tensor are paged in), and the tensor's pages are released. Host memory holds
-    this process' shards plus one tensor; devices holding the same part share one host buffer."""
+def _read_into_shards(cfg: ModelConfig, template: P.Params, shardings: Any, dt: np.dtype, read: _TensorReader,
+                      kept: dict) -> P.Params:
+    """Each leaf assembled from this process' device shards (``_Shards``): every tensor is read from the mapping
+    once, each distinct shard copies its part, and the tensor's pages are released, so host memory holds this
+    process' shards plus one tensor. Leaves in ``kept`` (qweight.HostLayout, unallocated) keep their GGUF blocks:
+    each type group is a sharded array of rows (``shardings`` holds a QuantWeight of shardings there)."""
     slots: dict = {}
     for slot in plan(cfg, template):
         slots.setdefault(slot.leaf, []).append(slot)
     leaves = []
     for leaf in tree.leaf_paths(template):
         shape, where = tree.get(template, leaf).shape, tree.get(shardings, leaf)
-        on_device = where.addressable_devices_indices_map(shape)  # device -> index (slices) of its shard
-        parts = {b: _aligned_empty(tuple(hi - lo for lo, hi in b), dt)
-                 for b in {_bounds(idx, shape) for idx in on_device.values()}}
-        for slot in slots[leaf]:
-            whole = read(slot, shape if slot.index is None else shape[1:])
-            for b, buf in parts.items():
-                if slot.index is None:
-                    np.copyto(buf, whole[tuple(slice(*r) for r in b)], casting="unsafe")
-                elif b[0][0] <= slot.index < b[0][1]:  # a stack's layer inside this shard's range
-                    np.copyto(buf[slot.index - b[0][0]], whole[tuple(slice(*r) for r in b[1:])], casting="unsafe")
-            del whole
-            read.release(slot)
-        arrays = [jax.device_put(parts[_bounds(idx, shape)], d) for d, idx in on_device.items()]
-        leaves.append(jax.make_array_from_single_device_arrays(shape, where, arrays))
+        if leaf in kept:
+            lay = kept[leaf]
+            groups = [_Shards(s, d, w) for (s, d), w in zip(lay.shapes, where.groups)]
+            for slot in slots[leaf]:
+                g, j = lay.where[slot.index or 0]
+                one = lay.shapes[g][0][lay.stacked:]  # one tensor's rows [*batch, N, row_bytes]
+                groups[g].fill(j if lay.stacked else None, read.raw(slot).reshape(one))
+                read.release(slot)
+            leaves.append(lay.weight(tuple(x.array() for x in groups), shape))
+        else:
+            out = _Shards(shape, dt, where)
+            for slot in slots[leaf]:
+                out.fill(slot.index, read(slot, shape if slot.index is None else shape[1:]))
+                read.release(slot)
+            leaves.append(out.array())
     return tree.build(template, leaves)
 
 
@@ -429,7 +455,8 @@ def _raw(mm: mmap.mmap, t: Any) -> np.ndarray:
     return data.reshape(gguf.quant_shape_to_byte_shape(shape, t.tensor_type))
 
 
-def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict, float_rows: bool = False) -> dict:
+def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict, float_rows: bool = False,
+                    allocate: bool = True) -> dict:
     """leaf -> qweight.HostLayout for every weight matrix or table with a tensor of a block type the graph
     dequantizes (qweight.DEQUANTIZERS), and with ``float_rows`` every float matrix (not a table) whose tensors
     llama-quantize would quantize; other leaves (and types only the host dequantizes) load as floats."""
@@ -448,7 +475,7 @@ def _kept_quantized(cfg: ModelConfig, template: P.Params, tensors: dict, float_r
             continue
         stacked = slots[0].index is not None
         kept[leaf] = qweight.HostLayout(types, _gguf_shape(template, slots[0]), stacked, stacked + spec.batch,
-                                        spec.n_in)
+                                        spec.n_in, allocate)
     return kept
 
 
