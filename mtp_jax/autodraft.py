@@ -9,7 +9,8 @@ Two rules (speculative.py applies them every step):
   and the measured cost of a verify of T tokens, v[T], of a head forward over T pairs, h[T], and of the
   step's own work o (sampling, acceptance, bookkeeping), all in units of one plain decode step, drafting k
   tokens yields E(k) = 1 + r_0 + r_0 r_1 + ... tokens for v[k+1] + h[k+1] + (k-1) h[1] + o decodes. When
-  even k+1 tokens per step (every draft accepted) cannot pay for that, generate() runs the plain loop. Else
+  no k would pay even at a good head's acceptance (PLAUSIBLE_ACCEPTANCE per position), generate() runs the
+  plain loop. Else
   the first WARMUP_STEPS steps draft one token; after that the loop drafts the k that maximizes
   E(k) / cost(k). When the best ratio is below 1 it runs a stretch of plain decode steps (PROBE_FIRST, doubling
   each time up to PROBE_MAX), then probes: it drafts one token for WARMUP_STEPS steps again, then decides after
@@ -38,6 +39,9 @@ from mtp_jax.model import forward
 WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may stop drafting (and per probe)
 PROBE_FIRST = 8  # plain decode steps after drafting first stops paying, before a probe drafts again
 PROBE_MAX = 128  # the stretch doubles after each probe that does not pay, up to this
+PLAUSIBLE_ACCEPTANCE = 0.8  # drafting is tried (warm-up, probes) only if it would pay at this acceptance per
+# position, a good head's: where even that cannot pay for the steps (the embedded model's steps cost ~3 decodes for
+# K=1 on a 2-core CPU), a warm-up and probes only lose time, and the plain loop runs from the start
 
 
 @partial(jax.jit, static_argnames=("cfg", "T", "head", "n"))
@@ -88,7 +92,8 @@ def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 6
                   cache_types: KVTypes = KVTypes()) -> np.ndarray:
     """[2, k_max + 2] float32 in units of one plain decode step: row 0 = verify cost v[T], row 1 = head cost
     h[T], T = 1..k_max+1; [1, 0] = the speculative step's own cost beyond its pieces (sampling, acceptance,
-    bookkeeping: measured as a K=1 speculative run against a plain run, both compiled loops); [0, 0] unused.
+    bookkeeping over its k_max + 1 padded positions: measured as the auto loop drafting one token a step against
+    a plain run, both compiled loops timed in turn); [0, 0] unused.
     Every piece runs on caches of ``cache_types``."""
     from mtp_jax import generate as plain  # noqa: PLC0415  (speculative imports this module)
     from mtp_jax import speculative  # noqa: PLC0415
@@ -101,8 +106,12 @@ def measure_costs(params, cfg: ModelConfig, batch: int, k_max: int, ctx: int = 6
         h = [0.0] + [piece(T, True) / t1 for T in range(1, k_max + 2)]
         prompts, n = [[1] * 8] * batch, 32
         common = dict(max_new_tokens=n, eos_ids=[], cache_types=cache_types)
-        base = plain.best_of(lambda: plain.generate(params, cfg, prompts, **common), 2)
-        spec = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=1, **common), 2)
+        one = np.full((2, k_max + 2), 1e9, np.float32)  # costs under which the auto loop drafts one token a step
+        one[:, :3] = [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+        base, spec = plain.best_of_each([
+            lambda: plain.generate(params, cfg, prompts, **common),
+            lambda: speculative.generate(params, cfg, prompts, num_draft="auto", max_draft=k_max, costs=one, **common)],
+            3)
         step = spec.seconds / spec.stats["trunk_forwards"] / (base.seconds / n)
         h[0] = max(0.0, step - v[2] - h[2])
         _COSTS[key] = np.array([v, h], np.float32)
@@ -115,9 +124,12 @@ def step_costs(costs: jax.Array, k_max: int) -> jax.Array:
     return costs[0, k + 1] + costs[1, k + 1] + (k - 1) * costs[1, 1] + costs[1, 0]
 
 
-def can_pay(costs: jax.Array, k_max: int) -> jax.Array:
-    """Whether drafting can beat plain decoding at all: with every draft accepted, k+1 tokens per step."""
-    return jnp.any(jnp.arange(2, k_max + 2) / step_costs(costs, k_max) > 1.0)
+def can_pay(costs: jax.Array, k_max: int, acceptance: float | None = None) -> jax.Array:
+    """Whether drafting is worth trying: some k = 1..k_max beats plain decoding when each draft is accepted with
+    probability ``acceptance`` (default PLAUSIBLE_ACCEPTANCE), E(k) = 1 + r + ... + r^k tokens per step."""
+    r = PLAUSIBLE_ACCEPTANCE if acceptance is None else acceptance
+    e = jnp.cumsum(r ** jnp.arange(k_max + 1.0))[1:]  # [k_max] E(k)
+    return jnp.any(e / step_costs(costs, k_max) > 1.0)
 
 
 def expected_tokens(acc: jax.Array, reached: jax.Array) -> jax.Array:

@@ -215,6 +215,10 @@ def cmd_generate(args) -> int:
         print(f"plain baseline: {base.num_tokens} tokens in {base.seconds * 1e3:.1f} ms = "
               f"{base.num_tokens / base.seconds:.1f} tok/s; speedup {base.seconds / res.seconds * res.num_tokens / base.num_tokens:.2f}x"
               f"{'; outputs identical' if base.tokens == res.tokens else ''}")
+        if res.stats.get("plain_loop"):
+            print("(auto decoded with the plain loop: on this model and machine a head step costs more than even a "
+                  "good head's accepted drafts would save, so both runs are the same loop and the ratio is timing "
+                  "noise)")
     return 0
 
 

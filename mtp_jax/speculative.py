@@ -374,14 +374,15 @@ def generate(
     if auto and costs is None:
         costs = autodraft.measure_costs(params, cfg, B, K, cache_types=cache_types)
     costs = jnp.asarray(np.ones((2, K + 2), np.float32) if costs is None else costs, jnp.float32)
-    if auto and not bool(autodraft.can_pay(costs, K)):  # no acceptance could pay: the plain loop itself
+    if auto and not bool(autodraft.can_pay(costs, K)):  # not even a good head would pay: the plain loop
         res = plain.generate(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                              stop=stop, seed=seed, cache_size=cache_size, return_cache=return_cache,
                              cache_types=cache_types)
         longest = max(map(len, res.tokens))
         res.stats |= {"num_draft": "auto", "accept_hist": [0] * (K + 1), "accept_rate_per_pos": [0.0] * K,
                       "accept_rate_given_reached": [0.0] * K, "mean_accepted": 0.0, "mean_tokens_per_step": 1.0,
-                      "trunk_forwards": longest, "row_steps": 0, "plain_steps": max(longest - 1, 0)}
+                      "trunk_forwards": longest, "row_steps": 0, "plain_steps": max(longest - 1, 0),
+                      "plain_loop": True}
         return res
     prior = np.zeros((2, K), np.int32)
     if acceptance_prior is not None:

@@ -48,14 +48,29 @@ def test_auto_decodes_plain_from_the_start_when_no_acceptance_could_pay():
     res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costly, max_new_tokens=30, eos_ids=[])
     assert res.tokens == ref  # the plain loop itself runs (autodraft.can_pay is False)
     assert res.stats["row_steps"] == 0 and res.stats["plain_steps"] == 29 and res.stats["trunk_forwards"] == 30
+    assert res.stats["plain_loop"]
+
+
+def test_auto_tries_drafting_only_where_a_good_head_would_pay():
+    """K=1 costing 2 decodes (the embedded model's steps cost about 3 on a 2-core CPU): even a head accepted 0.8 of
+    the time (1.8 tokens a step) would not pay, so auto does not warm up at all; at 1.5 decodes it would, a head
+    accepted half of the time would not."""
+    costs = np.full((2, SP.AUTO_MAX_DRAFT + 2), 1e9, np.float32)
+    costs[:, :3] = [[1.0, 1.0, 1.5], [0.0, 0.0, 0.5]]
+    assert not bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT))
+    costs[1, 2] = 0.0
+    assert bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT))
+    assert not bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT, acceptance=0.5))
 
 
 def test_auto_stops_drafting_when_the_measured_acceptance_cannot_pay():
-    """A step drafting k costs 1 + 0.95 k decodes here: it pays only if nearly every draft is accepted. After the
-    warm-up, plain stretches of 8 then 16 steps, each followed by a probe that drafts for WARMUP_STEPS steps."""
-    costs = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * np.array([[1.0], [0.95]], np.float32)
+    """A step drafting k costs 1 + 0.75 k decodes here: it pays only if more than 3 drafts in 4 are accepted, as a
+    good head's would be (can_pay), not this random head's. After the warm-up, plain stretches of 8 then 16
+    steps, each followed by a probe that drafts for WARMUP_STEPS steps."""
+    costs = np.ones((2, SP.AUTO_MAX_DRAFT + 2), np.float32) * np.array([[1.0], [0.75]], np.float32)
     costs[1, 0] = 0.0
     assert bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT))
+    assert not bool(autodraft.can_pay(jnp.asarray(costs), SP.AUTO_MAX_DRAFT, acceptance=0.7))
     ref = plain.generate(PARAMS, CFG, PROMPTS, max_new_tokens=30, eos_ids=[]).tokens
     res = SP.generate(PARAMS, CFG, PROMPTS, num_draft="auto", costs=costs, max_new_tokens=30, eos_ids=[])
     assert res.tokens == ref
