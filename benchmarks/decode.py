@@ -3,7 +3,8 @@
 For each model (default: the embedded model; bench GGUFs from scripts/make_bench_model.py), each batch size
 and each K (numbers and 'auto'), it prints and writes to JSON:
 
-* tokens/s of our plain loop and our MTP loop (compiled, warm, best of --repeats), the measured speedup,
+* tokens/s of our plain loop and our MTP loop (compiled, warm, best of --repeats), the measured speedup (each
+  MTP setting timed in turn with a plain run of its own, so a slow spell of the shared machine falls on both),
   the mean accepted drafts and tokens per step;
 * the cost of the pieces relative to one plain decode step, each timed as a compiled loop of in-place cache
   updates (autodraft.time_piece): verify of K+1 tokens ("verify cost in decodes"), head over K+1 pairs, head
@@ -113,12 +114,14 @@ def run_ours(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, 
                 piece[T, head] = autodraft.time_piece(params, cfg, B, T, head, ctx) / t1
             return piece[T, head]
 
-        for K in ks:
-            res = plain.best_of(lambda: speculative.generate(params, cfg, prompts, num_draft=K, max_new_tokens=max_new,
-                                                             sampling=sampling, eos_ids=[]), repeats)
+        for K in ks:  # MTP timed in turn with a plain run of its own (best_of_each): the speedup is side by side
+            pl, res = plain.best_of_each([
+                lambda: plain.generate(params, cfg, prompts, max_new_tokens=max_new, sampling=sampling, eos_ids=[]),
+                lambda: speculative.generate(params, cfg, prompts, num_draft=K, max_new_tokens=max_new,
+                                             sampling=sampling, eos_ids=[])], repeats)
             tps = res.num_tokens / res.seconds
             row = dict(batch=B, k=K, plain_tok_s=plain_tps, plain_decode_tok_s=decode_tps, mtp_tok_s=tps,
-                       speedup=tps / plain_tps,
+                       plain_tok_s_beside=pl.num_tokens / pl.seconds, speedup=tps * pl.seconds / pl.num_tokens,
                        mean_accepted=res.stats["mean_accepted"], tokens_per_step=res.stats["mean_tokens_per_step"],
                        accept_rate_per_pos=res.stats["accept_rate_per_pos"], plain_steps=res.stats["plain_steps"],
                        t_decode_ms=t1 * 1e3,
@@ -131,7 +134,7 @@ def run_ours(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, 
             rows.append(row)
             extra = (f"  verify {row['verify_cost_in_decodes']:.2f} decodes  ideal {row['ideal_speedup']:.2f}x"
                      if K != "auto" else f"  plain steps {row['plain_steps']}")
-            print(f"  B={B:>2} K={K!s:>4}  plain {plain_tps:8.1f} tok/s  MTP {tps:8.1f} tok/s  speedup "
+            print(f"  B={B:>2} K={K!s:>4}  plain {row['plain_tok_s_beside']:8.1f} tok/s  MTP {tps:8.1f} tok/s  speedup "
                   f"{row['speedup']:5.2f}x  tokens/step {row['tokens_per_step']:.2f}{extra}", flush=True)
     return rows
 
