@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -466,3 +467,25 @@ def test_cli_options(files, tmp_path, capsys):
         args = parser.parse_args(["quantize", *argv])
         with pytest.raises(QuantError, match=msg):
             args.func(args)
+
+
+def test_quantize_command_does_not_import_jax(tmp_path):
+    """jax alone is ~135 MB of RSS, twice llama-quantize's peak: the quantize command of a model no family of
+    ours reads (so no tensor table to check) must not import it, and the compilation cache setting still
+    reaches jax when a later command of the same process imports it."""
+    import subprocess
+    import sys
+
+    def add(w):
+        w.add_block_count(1)
+        w.add_tensor("token_embd.weight", np.ones((4, 256), np.float32))
+
+    _write_gguf(tmp_path / "in.gguf", add)
+    code = ("import sys; from mtp_jax.cli import main; "
+            f"rc = main(['quantize', {str(tmp_path / 'in.gguf')!r}, {str(tmp_path / 'out.gguf')!r}, 'Q8_0']); "
+            "print(rc, 'jax' in sys.modules); import jax; print(jax.config.jax_compilation_cache_dir)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"MTP_JAX_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["0 False", str(tmp_path / "jax")], proc.stdout + proc.stderr
+    assert (tmp_path / "out.gguf").stat().st_size > 0
