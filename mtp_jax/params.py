@@ -280,3 +280,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         out["nextn_total"] = nn_total
         out["nextn_active_per_token"] = nn_total - round(nn_routed * inactive_frac)
     return out
+
+
+def routed_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of all routed experts (every expert, not the active ones): {"trunk": ..., "nextn": ...}.
+    With ``param_counts`` it gives the weights a step over T tokens reads when each token picks its own
+    experts (benchmarks/decode.py's verify floor)."""
+    p = jax.eval_shape(lambda k: init(k, cfg), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    routed = lambda t: sum(_count([m.gate, m.up, m.down]) for m in _moes(t))  # noqa: E731
+    return {"trunk": routed(dataclasses.replace(p, nextn=None)), "nextn": routed(p.nextn) if p.nextn else 0}

@@ -76,3 +76,12 @@ def test_step35_flash_agrees_with_the_published_totals():
     """The model card: 196 B parameters, 11 B active (whole billions): 196.96 B and 11.46 B here."""
     counts = P.param_counts(load_config("step-3.5-flash"))
     assert int(counts["total"] / 1e9) == 196 and int(counts["active_per_token"] / 1e9) == 11
+
+
+@pytest.mark.parametrize("name", ["glm-4.5", "glm4moe-stdlib", "deepseek2-tiny"])
+def test_routed_counts_equal_the_closed_form(name):
+    """Every routed expert's gate, up and down, in the trunk's MoE layers and in each NextN block."""
+    c = load_config(name)
+    expert = 3 * c.hidden_size * c.moe_intermediate_size * c.n_routed_experts
+    assert P.routed_counts(c) == {"trunk": (c.num_hidden_layers - c.num_dense_layers) * expert,
+                                  "nextn": c.num_nextn_predict_layers * expert}
