@@ -68,8 +68,9 @@ def _einsum_is_sequential() -> bool:
     NumPy's baseline einsum kernels multiply, then add, row after row; a build whose kernels use FMA or
     another order would differ in the last bit of most of these random 16-term sums (~60% with FMA).
     """
-    rng = np.random.default_rng(0)
-    a, b, c = (rng.standard_normal((16, 257)).astype(F32) for _ in range(3))
+    # generic floats from a sine hash, not numpy.random (whose import is ~6 MB of RSS in every worker process)
+    a, b, c = (np.sin(np.arange(k * 16 * 257, (k + 1) * 16 * 257) * 12.9898).astype(F32).reshape(16, 257) * F32(97)
+               for k in range(3))
     s2 = np.zeros(257, F32)
     s3 = np.zeros(257, F32)
     for i in range(16):
