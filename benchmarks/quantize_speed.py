@@ -43,8 +43,7 @@ from gguf import GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mtp_jax.quant.base import REGISTRY
-from mtp_jax.quant.registry import quantize
+from mtp_jax.quant.registry import quantize, registered
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -245,7 +244,7 @@ def main() -> None:
     args.out = args.out or RESULTS / "quantize_speed.json"
     from tests.quant.ggml_oracle import ggml_lib_path, ggml_quantize
 
-    names = args.types or sorted(t.name for t in REGISTRY)
+    names = args.types or sorted(t.name for t in registered())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.cols)) * np.exp(0.5 * rng.standard_normal((args.rows, 1)))
     x = x.astype(np.float32)

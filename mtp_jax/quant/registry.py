@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from mtp_jax.quant import iq4, iqgrid, kquants, legacy, ternary  # noqa: F401  (registers the types)
 from mtp_jax.quant.base import REGISTRY, QuantError, QuantType
+
+# the modules whose classes register the types, imported on the first lookup they may answer: a quantizer process
+# (and each of its workers) imports only what its types need (the grid types' module is ~3 MB of RSS)
+_MODULES = ["legacy", "kquants", "iq4", "ternary", "iqgrid"]
+
+
+def _import_until(qtype: GGMLQuantizationType | None) -> None:
+    """Import the quantizer modules in turn until ``qtype`` is registered (None: all of them)."""
+    while _MODULES and (qtype is None or qtype not in REGISTRY):
+        importlib.import_module(f"mtp_jax.quant.{_MODULES.pop(0)}")
+
+
+def registered() -> dict[GGMLQuantizationType, type[QuantType]]:
+    """Every type with a quantizer."""
+    _import_until(None)
+    return dict(REGISTRY)
 
 
 def quant_type(qtype: GGMLQuantizationType | str) -> type[QuantType]:
@@ -16,8 +33,9 @@ def quant_type(qtype: GGMLQuantizationType | str) -> type[QuantType]:
             qtype = GGMLQuantizationType[qtype.upper()]
         except KeyError:
             raise QuantError(f"unknown ggml type {qtype!r}") from None
+    _import_until(qtype)
     if qtype not in REGISTRY:
-        raise QuantError(f"no quantizer for ggml type {qtype.name}; have {sorted(t.name for t in REGISTRY)}")
+        raise QuantError(f"no quantizer for ggml type {qtype.name}; have {sorted(t.name for t in registered())}")
     return REGISTRY[qtype]
 
 
