@@ -66,23 +66,60 @@ def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int, tr
     return jax.lax.fori_loop(0, n, body, cache).lengths
 
 
-def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3,
-               types: KVTypes = KVTypes()) -> float:
-    """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
-    size = ctx + T + 8
+@partial(jax.jit, static_argnames=("cfg", "K", "n"))
+def repeat_step(params, trunk, heads, cfg: ModelConfig, K: int, n: int):
+    """n compiled calls of a speculative step's model work, in the loop's order: the trunk over K+1 tokens, the
+    drafter's catch-up over those K+1 pairs, K-1 more draft steps; lengths reset each time. Timed as one, the pieces
+    evict each other's weights from the cache as they do in the loop (a piece timed alone keeps its own there)."""
+    B = trunk.lengths.shape[0]
+    L, Lh = trunk.lengths, heads.lengths
+    d = drafter.of(cfg)
+
+    def body(_, c):
+        tr, hc = c
+        t = jnp.ones((B, K + 1), jnp.int32) + (tr.lengths - L)[:, None]  # (+0) depends on the carry
+        h, lg, tr, _ = forward(params, t, tr, cfg, logits="all")
+        g, dl, hc = d.catch_up(params, hc, h, t, jnp.full((B,), K + 1, jnp.int32), tr)
+        for i in range(1, K):
+            g, dl, hc = d.step(params, hc, g, jnp.argmax(dl.reshape(B, -1), axis=-1).astype(jnp.int32), i, tr)
+        live = ((lg.max() > 1e30) | (dl.max() > 1e30)).astype(jnp.int32)  # keep every logit live
+        return tr.with_lengths(L + live), hc.with_lengths(Lh + live)
+
+    return jax.lax.fori_loop(0, n, body, (trunk, heads))[0].lengths
+
+
+def _caches(params, cfg: ModelConfig, B: int, size: int, ctx: int, types: KVTypes, head: bool):
+    """(trunk cache, the drafter's cache or None) with ``ctx`` tokens cached, placed as ``params``."""
     mesh = sharding.mesh_of(params)
     trunk = sharding.place_rows(init_trunk_cache(cfg, B, size, types.k, types.v).with_lengths(jnp.full((B,), ctx)),
                                 mesh)
-    cache = drafter.of(cfg).init_cache(B, size, types.k_draft, types.v_draft) if head else trunk
-    cache = sharding.place_rows(cache.with_lengths(jnp.full((B,), ctx)), mesh)
-    trunk = trunk if head else None
-    jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n, trunk))  # compile
+    heads = drafter.of(cfg).init_cache(B, size, types.k_draft, types.v_draft) if head else None
+    return trunk, None if heads is None else sharding.place_rows(heads.with_lengths(jnp.full((B,), ctx)), mesh)
+
+
+def _best_seconds(run, n: int, repeats: int) -> float:
+    jax.block_until_ready(run())  # compile
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(repeat_piece(params, cache, cfg, T, head, n, trunk))
+        jax.block_until_ready(run())
         best = min(best, (time.perf_counter() - t0) / n)
     return best
+
+
+def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3,
+               types: KVTypes = KVTypes()) -> float:
+    """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
+    trunk, heads = _caches(params, cfg, B, ctx + T + 8, ctx, types, head)
+    cache, trunk = (heads, trunk) if head else (trunk, None)
+    return _best_seconds(lambda: repeat_piece(params, cache, cfg, T, head, n, trunk), n, repeats)
+
+
+def time_step(params, cfg: ModelConfig, B: int, K: int, ctx: int, n: int = 20, repeats: int = 3,
+              types: KVTypes = KVTypes()) -> float:
+    """Seconds per call of ``repeat_step``'s step (K drafts) at batch B with ``ctx`` cached tokens."""
+    trunk, heads = _caches(params, cfg, B, ctx + K + 9, ctx, types, True)
+    return _best_seconds(lambda: repeat_step(params, trunk, heads, cfg, K, n), n, repeats)
 
 
 _COSTS: dict = {}

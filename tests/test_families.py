@@ -24,6 +24,7 @@ from mtp_jax.io.load import load_model
 from mtp_jax.qweight import float_arrays
 from mtp_jax.io.orbax import load_orbax, save_orbax
 from mtp_jax.io.table import plan, stacks
+from mtp_jax.kvquant import KVTypes
 
 FAMILIES = families.registered()
 IDS = [f.arch for f in FAMILIES]
@@ -175,3 +176,13 @@ def test_yaml_names_its_family_beside_or_inside_model(fam, tmp_path):
         path = tmp_path / f"c{i}.yaml"
         path.write_text(yaml.safe_dump(doc))
         assert load_config(str(path)) == cfg
+
+
+def test_benchmark_step_runs_the_drafters_pieces(fam):
+    """autodraft.repeat_step (the benchmark's whole-step timing) drives every family's drafter, the trunk's cache
+    and the drafter's come back at the lengths they had (logits finite: nothing marked them live)."""
+    from mtp_jax import autodraft
+
+    _, cfg, params = fam
+    trunk, heads = autodraft._caches(params, cfg, 2, 32, 9, KVTypes(), True)
+    np.testing.assert_array_equal(autodraft.repeat_step(params, trunk, heads, cfg, 2, 2), [9, 9])
