@@ -54,6 +54,36 @@ piece: W = 16, ~7%) and paid ~14 size classes of per-step overhead per batch. Ch
 permutation compositions; values and weights gathered per step; every per-step temporary in scratch
 arrays; C's ``d2 = 0`` start dropped (it only changes the sign of a zero, which no comparison sees). The
 IQ2/IQ1 types share the code; their neighbour search had few batches and gains little.
+
+Third round (issue 19, memory). tracemalloc peak of ``quantize`` on one 1024x1024 f32 piece with an imatrix
+in a fresh process (the one-time grid tables included), before -> after: IQ2_XXS 70 -> 20, IQ2_XS 85 -> 23,
+IQ2_S 70 -> 21, IQ3_XXS 48 -> 23, IQ3_S 31 -> 17, IQ1_S 235 -> 23, IQ1_M 235 -> 29 MiB; with the tables
+already built 31/34/30/46/28/31/29 -> 17/19/18/21/15/17/23 MiB; tables kept 16/19/8/1/2/47 -> 3.4/2.5/1.2/.2/.3/3.9
+MB (iq2xxs/iq2xs/iq2s/iq3xxs/iq3s/iq1s). Profile: the cold peaks were ``_grid`` (a distance matrix of 4096
+keys x G grid points per step, and the ``codes`` of all neighbours of all 43692 keys, most of them keys no
+quantizer forms: 1.33M for iq1s) and the tiles' intp codes; per piece ~80 bytes per off-grid group in
+``_snap``/``_neighbours`` (int64 positions and ids, their concatenated copies, the slot permutation, the
+least distances: IQ3_XXS ~410K groups) and the IQ1 split search's ~20 arrays of [33 or 68, 8192] f32.
+Changes: neighbour lists only for keys of levels (nb i16, no codes: ``_best_neighbours`` derives its own),
+built 256 keys per step; tile codes i8 and nb i16; ``_snap`` feeds ``_neighbour_batches`` batch by batch
+(stretches of ~_SORT_BATCH positions, groups found with flatnonzero and small tables: boolean indexing
+costs ~4 ns per position, integer division more), which keeps an i32 slot per group and ~12 bytes per slot;
+the IQ1 split search runs every pass in column steps (_SPLIT_COLS = 4096 sub-blocks, IQ1_M 8192; the
+retries of all steps in one pass), forms the per-i1 terms on the fly and lends ``_collect`` its scratch
+(IQ1_M). Speed: the tile table's prefix is chosen per size class (``_class_prefix``; IQ2_XXS's term tables
+~30% cheaper), the IQ1_M split scores take 8 calls per i1 instead of ~22. Timing caveat: with only small
+arrays glibc keeps its mmap threshold low and returns freed memory, so every piece page-faults its
+temporaries anew (IQ1_M ~100K faults per 16 MB call, ~25% of its time; IQ3_XXS ~130K); the old 235 MB
+peak had raised the threshold as a side effect. benchmarks/quantize_speed.py (1024x4096, 2 repeats, ratio
+libggml/ours, two alternating runs each, before -> after): IQ1_S .73/.65 -> .82/.64, IQ1_M .72/.70 ->
+.54/.55, IQ2_XXS .82/.85 -> .83/.85, IQ2_XS 1.34/1.32 -> 1.15/1.16, IQ2_S .77/.85 -> .77/.74, IQ3_XXS
+.70/.75 -> .59/.58, IQ3_S .78/.73 -> .66/.74; with MALLOC_MMAP_THRESHOLD_=33554432
+MALLOC_TRIM_THRESHOLD_=67108864 for both (no faults either way): IQ1_S .71/.68 -> .64/.77, IQ1_M .80/.70 ->
+.64/.78, IQ2_XXS .81/.85 -> 1.11/.86, IQ2_XS 1.25/1.22 -> .94/1.28, IQ2_S .88/.85 -> .96/.87, IQ3_XXS
+.76/.73 -> .71/.71, IQ3_S .66/.79 -> .78/.76 (same speed within the box's noise). All bit-exact.
+The quantize command's processes and benchmarks/quantize_speed.py now set those two thresholds with mallopt
+(quant.stream.tune_malloc): a fresh benchmark process then measured IQ1_M 0.77x, IQ3_XXS 0.75x, IQ2_XXS 0.88x,
+IQ1_S 0.74x (1024x4096, 2 repeats, a loaded box).
 """
 
 from __future__ import annotations
@@ -98,10 +128,10 @@ class _Grid:
     Groups of n values have levels l in 0..nlev-1 and the key u = sum l_i << bits*i. levels i64[G, n]
     and odd f32[G, n] = 2l+1 per grid point; kmap i32[K]: grid index of an on-grid key, -1 otherwise.
     The neighbours of an off-grid key u, in C order (by distance, then index; every point within the
-    nwant smallest distinct distances), are nb[nb_start[u] : nb_start[u] + nb_count[u]].
-    codes i32[n - prefix + 1, len(nb)]: for each neighbour, its rows in the term table of
-    ``_best_neighbours`` (row 0: the partial sum over the first ``prefix`` values, nlev**prefix rows;
-    then nlev rows for each further value). ``_tiles`` lays the same lists out for ``_neighbours``.
+    nwant smallest distinct distances), are nb[nb_start[u] : nb_start[u] + nb_count[u]] (i16; only for
+    keys whose digits are all levels, the only ones a quantizer forms: C also lists the others).
+    ``_best_neighbours`` sums the first ``prefix`` values in one table lookup; ``_tiles`` lays the same
+    lists out for ``_neighbours``.
     """
 
     n: int
@@ -114,7 +144,6 @@ class _Grid:
     nb_start: np.ndarray
     nb_count: np.ndarray
     nb: np.ndarray
-    codes: np.ndarray
 
     @property
     def table_rows(self) -> int:
@@ -132,6 +161,9 @@ _GRID_SPECS = {  # name -> (gguf-py class holding grid_hex, bits per level, nlev
 }
 
 
+_GRID_BUILD_KEYS = 256  # off-grid keys per step of _grid's distance matrix (its temporaries stay small)
+
+
 @cache
 def _grid(name: str) -> _Grid:
     """Build (once) the grid, kmap and neighbour lists as iq2xs_init_impl / iq3xs_init_impl do."""
@@ -145,14 +177,16 @@ def _grid(name: str) -> _Grid:
     kmap[(levels << shifts).sum(1)] = np.arange(G)
     odd = (2 * levels + 1).astype(F)
 
-    off = np.flatnonzero(kmap < 0)
-    pos = (2 * ((off[:, None] >> shifts) & ((1 << bits) - 1)) + 1).astype(F)            # [U, n]
+    digits = (np.arange(kmap_size)[:, None] >> shifts) & ((1 << bits) - 1)              # [K, n]
+    off = np.flatnonzero((kmap < 0) & (digits < nlev).all(1))                            # keys a quantizer forms
+    del digits
     g2 = (odd * odd).sum(1)
-    starts, counts, nbs = np.zeros(kmap_size, np.int64), np.zeros(kmap_size, np.int64), []
+    starts, counts, nbs = np.zeros(kmap_size, np.int32), np.zeros(kmap_size, np.int32), []
     big = np.int32(1 << 30)
     total = 0
-    for c0 in range(0, len(off), 4096):
-        p = pos[c0:c0 + 4096]
+    for c0 in range(0, len(off), _GRID_BUILD_KEYS):
+        u = off[c0:c0 + _GRID_BUILD_KEYS]
+        p = (2 * ((u[:, None] >> shifts) & ((1 << bits) - 1)) + 1).astype(F)              # [U, n]
         d2 = np.rint((p * p).sum(1)[:, None] + g2[None, :] - 2 * (p @ odd.T)).astype(np.int32)  # exact ints
         thr = d2.min(1)
         for _ in range(nwant - 1):
@@ -162,22 +196,21 @@ def _grid(name: str) -> _Grid:
         order = np.lexsort((cols, d2[rows, cols], rows))
         rows, cols = rows[order], cols[order]
         cnt = np.bincount(rows, minlength=len(p))
-        u = off[c0:c0 + 4096]
         counts[u] = cnt
         starts[u] = total + np.cumsum(cnt) - cnt
         total += len(cols)
-        nbs.append(cols)
-    nb = np.concatenate(nbs).astype(np.int32)
-
-    return _Grid(n, bits, nlev, prefix, levels, odd, kmap, starts, counts, nb, _codes(levels[nb], nlev, prefix))
+        nbs.append(cols.astype(np.int16))
+    return _Grid(n, bits, nlev, prefix, levels, odd, kmap, starts, counts, np.concatenate(nbs))
 
 
 def _codes(nl: np.ndarray, nlev: int, prefix: int) -> np.ndarray:
-    """Levels int[..., n] of candidates -> their rows in a term table (see _Grid.codes) int32[n-prefix+1, ...]."""
+    """Levels int[..., n] of candidates -> their rows in a term table i16[n-prefix+1, ...] (row 0: the partial
+    sum over the first ``prefix`` values, nlev**prefix rows; then nlev rows for each further value)."""
+    nl = nl.astype(np.int16)
     n = nl.shape[-1]
-    codes = [sum(nl[..., i] * nlev**i for i in range(prefix))]
-    codes += [nlev**prefix + (i - prefix) * nlev + nl[..., i] for i in range(prefix, n)]
-    return np.stack(codes).astype(np.int32)
+    codes = [sum(nl[..., i] * np.int16(nlev**i) for i in range(prefix))]
+    codes += [np.int16(nlev**prefix + (i - prefix) * nlev) + nl[..., i] for i in range(prefix, n)]
+    return np.stack(codes)
 
 
 @dataclass(frozen=True)
@@ -186,30 +219,35 @@ class _Tiles:
 
     The off-grid keys (valid level combinations only) are ordered by size class of their neighbour count
     (counts padded up to the class size Kp, at most ~1.2x), then by key; rank i16[K] gives a key's place in
-    that order (-1: on the grid or not a level combination). classes: per class (first rank, end rank, Kp,
-    codes intp[keys, n - prefix + 1, Kp]: each candidate's rows in the term table (``_codes`` with this
-    ``prefix``), nb i32[keys, Kp]: its grid index). Padding candidates repeat the first neighbour: equal
-    distance, so the first one still wins. rows: the term table's rows per group.
+    that order (-1: on the grid or not a level combination), keys i32[nkeys] the key of a rank. classes: per
+    class (first rank, end rank, Kp, prefix p, codes i8[keys, n - p + 1, Kp]: each candidate's rows in the
+    term table (``_codes`` with this prefix), nb i16[keys * Kp]: its grid index). Padding candidates repeat
+    the first neighbour: equal distance, so the first one still wins.
     """
 
-    prefix: int
-    rows: int
     rank: np.ndarray
+    keys: np.ndarray
     nkeys: int
     classes: tuple
 
 
-_TILE_PREFIX = {"iq2xxs": 4, "iq2xs": 4, "iq2s": 3, "iq1s": 4, "iq3xxs": 1, "iq3s": 1}  # values summed up front
+_GATHER_COST = 1.5  # a candidate's gathered and added table row, in units of a term table element (measured)
+
+
+def _class_prefix(n: int, nlev: int, Kp: int) -> int:
+    """The prefix p of a size class: the fewest element operations per group, the table's running sums over
+    the first p values (nlev^2 + ... + nlev^p rows) against Kp * (n - p + 1) gathered rows (i8 codes: at
+    most 128 table rows)."""
+    ok = [p for p in range(1, n) if nlev**p + (n - p) * nlev <= 128]
+    return min(ok, key=lambda p: sum(nlev**i for i in range(2, p + 1)) + _GATHER_COST * Kp * (n - p + 1))
 
 
 @cache
 def _tiles(name: str) -> _Tiles:
     """Build (once) the tile layout of a grid's neighbour lists (see _Tiles)."""
     grid = _grid(name)
-    p, n, nlev = _TILE_PREFIX[name], grid.n, grid.nlev
-    keys = np.arange(len(grid.kmap))
-    digits = (keys[:, None] >> (grid.bits * np.arange(n))) & ((1 << grid.bits) - 1)
-    vk = np.flatnonzero((digits < nlev).all(1) & (grid.kmap < 0))                       # searchable keys
+    n, nlev = grid.n, grid.nlev
+    vk = np.flatnonzero(grid.nb_count > 0)                                                # searchable keys
     K = grid.nb_count[vk]
     sizes = [1]
     while sizes[-1] < K.max():
@@ -219,16 +257,18 @@ def _tiles(name: str) -> _Tiles:
     vk, cls, K = vk[order], cls[order], K[order]
     rank = np.full(len(grid.kmap), -1, np.int16)
     rank[vk] = np.arange(len(vk))
+    levels = grid.levels.astype(np.int8)
     classes = []
     for c in np.unique(cls):
         sel = np.flatnonzero(cls == c)
         Kp = sizes[c]
+        p = _class_prefix(n, nlev, Kp)
         j = np.minimum(np.arange(Kp), K[sel, None] - 1)                                  # [keys, Kp]
         j = np.where(np.arange(Kp) < K[sel, None], j, 0)
         nb = grid.nb[grid.nb_start[vk[sel], None] + j]                                   # [keys, Kp]
-        codes = _codes(grid.levels[nb], nlev, p).transpose(1, 0, 2).astype(np.intp)      # [keys, n', Kp]
-        classes.append((int(sel[0]), int(sel[-1]) + 1, Kp, np.ascontiguousarray(codes), nb.astype(np.int32)))
-    return _Tiles(p, nlev**p + (n - p) * nlev, rank, len(vk), tuple(classes))
+        codes = _codes(levels[nb], nlev, p).astype(np.int8).transpose(1, 0, 2)          # [keys, n', Kp]
+        classes.append((int(sel[0]), int(sel[-1]) + 1, Kp, p, np.ascontiguousarray(codes), nb.reshape(-1)))
+    return _Tiles(rank, vk.astype(np.int32), len(vk), tuple(classes))
 
 
 def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np.ndarray, wg: np.ndarray,
@@ -238,64 +278,88 @@ def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np
     u i32[M] off-grid keys; gid [M] the group's column in xg, wg f32[n, NG] (values, weights); s f32[M] the
     scale; qv f32[V, nlev] level value tables, qsel [M] the group's table (None: table 0). The result is the
     first neighbour minimizing C's ``d2 += w*diff*diff`` (diff = s*q - x, sequential over the n values).
-
-    The groups are sorted by key (``_slots``: a counting sort of int16 ranks) into tiles of W groups of one
-    key (W = 4, 8 or 16: wide, but with little padding for the keys' group counts; all tries of a piece come
-    in one call, so few keys end in a partial tile). A tile's term table (C's ``(w*diff)*diff`` for every
-    value and level, the first ``prefix`` values already summed in C order for every level combination) has
-    rows of W floats, so each candidate of the key costs n - prefix + 1 row gathers and additions (in C
-    order) for all W groups at once, and the first minimum is a few passes over [Kp, slots]. The tiles run
-    in steps of at most _TILE_CANDS padded candidates and _TILE_SLOTS groups per size class, each gathering
-    its groups' values and weights, every temporary in scratch arrays allocated once per call. Groups whose
-    least distance is NaN or not below FLT_MAX (NaN weights; C ignores NaN and aborts on the latter) go
-    through the C loop (``_best_neighbours``).
+    (``_neighbour_batches`` with the groups in batches of _SORT_BATCH.)
     """
-    grid, t = _grid(name), _tiles(name)
-    n, nlev, p, rows = grid.n, grid.nlev, t.prefix, t.rows
-    M = len(u)
-    if not M:
-        return np.empty(0, np.int32)
+    t = _tiles(name)
     rank = np.take(t.rank, u)
     cnt = np.bincount(rank, minlength=t.nkeys)
+    batches = ((rank[b:b + _SORT_BATCH], gid[b:b + _SORT_BATCH], s[b:b + _SORT_BATCH],
+                None if qsel is None else qsel[b:b + _SORT_BATCH]) for b in range(0, len(u), _SORT_BATCH))
+    res = _neighbour_batches(name, cnt, batches, xg, wg, qv, qsel is not None)
+    return np.concatenate([np.empty(0, np.int16)] + res).astype(np.int32)
+
+
+def _neighbour_batches(name: str, cnt: np.ndarray, batches, xg: np.ndarray, wg: np.ndarray, qv: np.ndarray,
+                       per_group_table: bool) -> list[np.ndarray]:
+    """The neighbour search of groups that come in batches -> their grid indices, i16 per batch.
+
+    cnt [nkeys]: the number of groups per key rank (``_Tiles.rank``); batches: an iterable of (rank i16[m],
+    gid, s, qsel) per batch (see ``_neighbours``; qsel None unless per_group_table). Per group only its slot
+    is kept (4 bytes), per slot its column, scale, table, result and flag (~12 bytes).
+
+    The groups are sorted by key (``_slots``: a counting sort of int16 ranks, batch by batch with a running
+    next slot per key) into tiles of W groups of one key (W = 4, 8 or 16: wide, but with little padding for
+    the keys' group counts; all tries of a piece come in one call, so few keys end in a partial tile). A
+    tile's term table (C's ``(w*diff)*diff`` for every value and level, the first p values already summed in
+    C order for every level combination; p per size class, ``_class_prefix``) has rows of W floats, so each
+    candidate of the key costs n - p + 1 row gathers and additions (in C order) for all W groups, and the first minimum
+    is a few passes over [Kp, slots]. The tiles run in steps of at most _TILE_CANDS padded candidates and
+    _TILE_SLOTS groups per size class, each gathering its groups' values and weights, every temporary in
+    scratch arrays allocated once per call. Groups whose least distance is NaN or not below FLT_MAX (NaN
+    weights; C ignores NaN and aborts on the latter) go through the C loop (``_best_neighbours``).
+    """
+    grid, t = _grid(name), _tiles(name)
+    n, nlev = grid.n, grid.nlev
+    M = int(cnt.sum())
+    if not M:
+        return [np.empty(0, np.int16) for _ in batches]
     per_key = M / np.count_nonzero(cnt)
     W = 16 if per_key >= 24 else 8 if per_key >= 8 else 4  # tile width: wide enough, little padding
     tiles = -(-cnt // W)
     tstart = np.cumsum(tiles) - tiles
     S = int(tstart[-1] + tiles[-1]) * W
-    dest = _slots(rank, tstart * W)                                                      # group -> slot
-    g = np.zeros(S, np.intp)  # padding slots: group 0, scale 0, results ignored
-    g[dest] = gid
+    g = np.full(S, -1, np.int32)  # padding slots: group -1 (gathers clip it to 0), scale 0, table 0, ignored
     ss = np.zeros(S, F)
-    ss[dest] = s
-    if qsel is None:
-        q0 = qv[0][:, None]
-    else:
-        qs = np.zeros(S, np.intp)
-        qs[dest] = qsel
+    qs = np.zeros(S, np.int8) if per_group_table else None
+    ok = np.empty(S, bool)
+    nxt = tstart * W                                                                     # next free slot per key
+    dests = []
+    for rank, gid, s, qsel in batches:
+        d = _slots(rank, nxt)                                                             # group -> slot
+        g[d], ss[d] = gid, s
+        if qs is not None:
+            qs[d] = qsel
+        dests.append(d)
+    q0 = qv[0][:, None]
     tile_rank = np.repeat(np.arange(t.nkeys, dtype=np.intp), tiles)
-    res, least = np.empty(S, np.int32), np.empty(S, F)
-    n1, hp = n - p + 1, max(p, n - p)
-    steps = [max(1, min(_TILE_CANDS // Kp, _TILE_SLOTS) // W) for _, _, Kp, _, _ in t.classes]  # tiles per step
-    ns_max = max(steps) * W
+    res = np.empty(S, np.int16)
+    steps = [max(1, min(_TILE_CANDS // c[2], _TILE_SLOTS) // W) for c in t.classes]       # tiles per step
+    # scratch, reused by every step (fresh temporaries cost page faults and cache misses): the most any class needs
+    need = np.zeros(7, np.int64)
+    for (_, _, Kp, p, _, _), st in zip(t.classes, steps):
+        ns, n1 = st * W, n - p + 1
+        need = np.maximum(need, [ns, (nlev**p + (n - p) * nlev) * ns, max(p, n - p) * nlev * ns, p * nlev * ns,
+                                 nlev ** (p - 1) * ns, n1 * Kp * st, n1 * Kp * ns])
+    ns_max, tab_max, tw_max, hd_max, comb_max, rows_max, cands_max = need.tolist()
+    xw, least, lv = np.empty((2, n, ns_max), F), np.empty(ns_max, F), np.empty(nlev * ns_max, F)
+    tab, tw, hd, comb = np.empty(tab_max, F), np.empty(tw_max, F), np.empty(hd_max, F), np.empty((2, comb_max), F)
+    rows_at, terms = np.empty(rows_max, np.intp), np.empty(cands_max, F)
     cands = max(st * W * c[2] for st, c in zip(steps, t.classes))                    # padded candidates per step
-    # scratch, reused by every step (fresh temporaries cost page faults and cache misses)
-    xw = np.empty((2, n, ns_max), F)
-    lv, tab, tw = np.empty(nlev * ns_max, F), np.empty(rows * ns_max, F), np.empty(hp * nlev * ns_max, F)
-    hd, comb = np.empty(p * nlev * ns_max, F), np.empty((2, nlev ** (p - 1) * ns_max), F)  # first p values' terms, sums
-    rows_at, terms = np.empty(n1 * cands // W, np.intp), np.empty(n1 * cands, F)
     d2b, eqb = np.empty(cands, F), np.empty(cands, bool)
-    for (r0, r1, Kp, codes, nbs), step in zip(t.classes, steps):
+    for (r0, r1, Kp, p, codes, nbs), step in zip(t.classes, steps):
+        rows = nlev**p + (n - p) * nlev                                                  # term table rows per group
+        n1 = n - p + 1
         a, b = int(tstart[r0]), int(tstart[r1 - 1] + tiles[r1 - 1])
         wd = np.arange(Kp, 0, -1, dtype=np.int8 if Kp < 128 else np.int16)[:, None]
-        nbs = nbs.reshape(-1)
         for c0 in range(a, b, step):
             c1 = min(b, c0 + step)
             nt, sl = c1 - c0, slice(c0 * W, c1 * W)
             ns = nt * W
-            xsc, wsc = (np.take(v, g[sl], axis=1, out=o.reshape(-1)[:n * ns].reshape(n, ns), mode="clip")
+            gsl = g[sl].astype(np.intp)
+            xsc, wsc = (np.take(v, gsl, axis=1, out=o.reshape(-1)[:n * ns].reshape(n, ns), mode="clip")
                         for v, o in zip((xg, wg), xw))                                     # [n, ns]
             lvc = lv[:nlev * ns].reshape(nlev, ns)                                        # s*q [nlev, ns]
-            np.multiply(ss[sl], q0 if qsel is None else np.take(qv, qs[sl], axis=0).T, out=lvc)
+            np.multiply(ss[sl], q0 if qs is None else np.take(qv, qs[sl], axis=0).T, out=lvc)
             table = tab[:rows * ns].reshape(rows, ns)
             head = table[:nlev].reshape(1, nlev, ns) if p == 1 else hd[:p * nlev * ns].reshape(p, nlev, ns)
             for dst, lo, hi in ((table[nlev**p:].reshape(n - p, nlev, ns), p, n), (head, 0, p)):
@@ -309,42 +373,36 @@ def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np
                 part = dst
             kl = tile_rank[c0:c1] - r0
             R = rows_at[:n1 * Kp * nt].reshape(n1, Kp, nt)
-            np.multiply(np.take(codes, kl, axis=0).transpose(1, 2, 0), nt, out=R)           # [n', Kp, nt]
+            np.multiply(np.take(codes, kl, axis=0).transpose(1, 2, 0), nt, out=R, dtype=np.intp)  # [n', Kp, nt]
             R += np.arange(nt)
             G = np.take(table.reshape(rows * nt, W), R, axis=0, out=terms[:n1 * Kp * ns].reshape(n1, Kp, nt, W),
                         mode="clip")
             d2 = np.add.reduce(G, axis=0, out=d2b[:Kp * ns].reshape(Kp, nt, W)).reshape(Kp, ns)  # C order
-            m = np.min(d2, axis=0, out=least[sl])
+            m = np.min(d2, axis=0, out=least[:ns])
+            np.less(m, _FLT_MAX, out=ok[sl])  # (no minimum, NaN: replaced below)
             eq = np.equal(d2, m, out=eqb[:Kp * ns].reshape(Kp, ns))
             eq = eq.view(np.int8) if Kp < 128 else eq
             k = np.max(np.multiply(eq, wd, out=eq if Kp < 128 else None), axis=0).astype(np.intp)  # Kp - first min
             k = np.subtract(np.repeat(kl * Kp + Kp, W), k)
-            np.take(nbs, k, out=res[sl], mode="clip")  # (no minimum, NaN: replaced below)
-    out = np.take(res, dest)
-    fail = ~(np.take(least, dest) < _FLT_MAX)  # NaN, or nothing below FLT_MAX
-    if fail.any():
-        f = np.flatnonzero(fail)
-        gf = gid[f]
-        qf = qv[0][:, None] if qsel is None else qv[qsel[f]].T
-        out[f] = _best_neighbours(grid, u[f], xg[:, gf], wg[:, gf], s[f], qf)
-    return out
+            np.take(nbs, k, out=res[sl], mode="clip")
+    fail = np.flatnonzero(~ok & (g >= 0))  # NaN, or nothing below FLT_MAX
+    if len(fail):
+        gf = g[fail]
+        qf = q0 if qs is None else qv[qs[fail]].T
+        res[fail] = _best_neighbours(grid, t.keys[tile_rank[fail // W]], xg[:, gf], wg[:, gf], ss[fail], qf)
+    return [np.take(res, d) for d in dests]
 
 
-def _slots(rank: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """A stable counting sort: rank i16[M] (keys 0..K-1), base [K] -> slot intp[M] = base[rank[m]] plus the
-    number of earlier m' of the same rank. Radix-sorts batches of _SORT_BATCH (cache-sized) separately; a
-    running count per key carries over from batch to batch."""
-    M = len(rank)
-    dest = np.empty(M, np.intp)
-    nxt = base.astype(np.intp)                                                          # next free slot per key
-    for b in range(0, M, _SORT_BATCH):
-        r = rank[b:b + _SORT_BATCH]
-        d = dest[b:b + _SORT_BATCH]
-        d[np.argsort(r.view(np.uint16), kind="stable")] = np.arange(len(r))              # place in the sorted batch
-        c = np.bincount(r, minlength=len(base))
-        d += np.take(nxt - (np.cumsum(c) - c), r)
-        nxt += c
-    return dest
+def _slots(rank: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """A stable counting sort of one batch: rank i16[m] (keys 0..K-1), nxt intp[K] the next free slot per key
+    (advanced past the batch) -> slot i32[m] = nxt[rank[i]] plus the number of earlier i' of the same rank.
+    Batches of _SORT_BATCH stay in the cache; the radix sort is numpy's for 16-bit keys."""
+    d = np.empty(len(rank), np.int32)
+    d[np.argsort(rank.view(np.uint16), kind="stable")] = np.arange(len(rank), dtype=np.int32)  # in the sorted batch
+    c = np.bincount(rank, minlength=len(nxt))
+    d += np.take(nxt - (np.cumsum(c) - c), rank)
+    nxt += c
+    return d
 
 
 def _best_neighbours(grid: _Grid, u: np.ndarray, x: np.ndarray, w: np.ndarray, scale: np.ndarray,
@@ -379,20 +437,17 @@ def _best_neighbours(grid: _Grid, u: np.ndarray, x: np.ndarray, w: np.ndarray, s
     if p == 1:
         table[:nlev] = part
 
-    cnt = grid.nb_count[u]
+    cnt = grid.nb_count[u].astype(np.intp)
     first = np.cumsum(cnt) - cnt                                                         # [M]
     T = int(first[-1] + cnt[-1])
-    seg = np.repeat(np.arange(M, dtype=np.int32), cnt)                                   # [T] -> group
+    seg = np.repeat(np.arange(M, dtype=np.intp), cnt)                                   # [T] -> group
     pos = np.take(grid.nb_start[u] - first, seg)                                         # [T] into nb
     pos += np.arange(T)
     flat = table.reshape(-1)
-    idx = np.empty(T, np.int32)
     d2 = np.empty(T, F)
     term = np.empty(T, F)
-    for c, codes in enumerate(grid.codes):
-        np.take(codes, pos, out=idx, mode="clip")
-        idx *= np.int32(M)
-        idx += seg
+    for c, codes in enumerate(_codes(grid.levels[np.take(grid.nb, pos)], nlev, p)):
+        idx = codes.astype(np.intp) * M + seg
         np.take(flat, idx, out=term if c else d2, mode="clip")
         if c:
             d2 += term
@@ -406,7 +461,7 @@ def _best_neighbours(grid: _Grid, u: np.ndarray, x: np.ndarray, w: np.ndarray, s
     if ((hi >= 0x7F7FFFFF) | (hi < -0x7F800001)).any():  # the least is FLT_MAX or more, or NaN
         raise RuntimeError("neighbour search found no distance below FLT_MAX")  # GGML_ASSERT in C
     best &= 0xFFFFFFFF
-    return grid.nb[pos[best]]
+    return grid.nb[pos[best]].astype(np.int32)
 
 
 def _keys(grid: _Grid, levels: np.ndarray) -> np.ndarray:
@@ -442,22 +497,44 @@ def _snap(name: str, u: np.ndarray, search: np.ndarray, scale: np.ndarray, xg: n
 
     Off-grid groups where ``search`` (bool, broadcast to u) get their best neighbour: scale f32[..., S] per
     sub-block, values and weights xg, wg f32[n, k*S] (_group_major; every leading index shares them), level
-    values qv f32[V, nlev] with qsel i[k*S] (None: table 0). Other off-grid groups keep -1.
+    values qv f32[V, nlev] with qsel i[k*S] (None: table 0). Other off-grid groups keep -1. The groups go to
+    the search in batches of about _SORT_BATCH keys (whole tries, or parts of one), found from the mask
+    when needed (group and scale from small tables, no integer division).
     """
     grid = _grid(name)
     gi = np.take(grid.kmap, u)
     off = gi < 0
     S, NG = u.shape[-1], u.shape[-1] * u.shape[-2]
-    mask = np.logical_and(off, search).reshape(-1, NG)
-    col = np.tile(np.arange(S), NG // S)                                                 # a group's sub-block
-    fs, gs, scs = [], [], []
-    for t, row in enumerate(mask):  # per leading index (try): its groups and their scale
-        g = np.flatnonzero(row)
-        fs.append(g + t * NG)
-        gs.append(g)
-        scs.append(np.take(scale.reshape(-1, S)[t], np.take(col, g)))
-    f, g, sc = np.concatenate(fs), np.concatenate(gs), np.concatenate(scs)
-    gi.reshape(-1)[f] = _neighbours(name, np.take(u, f), g, sc, xg, wg, qv, None if qsel is None else qsel[g])
+    mask = np.logical_and(off, search).reshape(-1)
+    t = _tiles(name)
+    scf = np.ascontiguousarray(scale, dtype=F).reshape(-1, S)
+    nt = len(scf)
+    tb = max(1, _SORT_BATCH // NG)                                                     # tries per batch
+    if tb > 1:
+        spans = [(t0 * NG, min(t0 + tb, nt) * NG, t0) for t0 in range(0, nt, tb)]       # (first, end position, try)
+    else:
+        spans = [(t0 * NG + c0, t0 * NG + min(c0 + _SORT_BATCH, NG), t0) for t0 in range(nt)
+                 for c0 in range(0, NG, _SORT_BATCH)]
+    gtab = np.tile(np.arange(NG, dtype=np.int32), tb)                                  # position -> group
+    stab = (np.arange(tb, dtype=np.int32)[:, None] * S + np.tile(np.arange(S, dtype=np.int32), NG // S)).reshape(-1)
+    uf = u.reshape(-1)
+    # per batch the ranks of its groups' keys (boolean indexing costs ~4 ns per position: flatnonzero and take)
+    ranks = [np.take(t.rank, np.take(uf[p0:p1], np.flatnonzero(mask[p0:p1]))) for p0, p1, _ in spans]
+    cnt = np.zeros(t.nkeys, np.intp)
+    for r in ranks:
+        cnt += np.bincount(r, minlength=t.nkeys)
+
+    def batches():  # stretches of the flat positions: whole tries t0.., or a part of try t0
+        for (p0, p1, t0), r in zip(spans, ranks):
+            i = np.flatnonzero(mask[p0:p1])
+            i += p0 - t0 * NG                                                            # from try t0's start
+            gid = np.take(gtab, i)
+            yield r, gid, np.take(scf[t0:].reshape(-1), np.take(stab, i)), None if qsel is None else qsel[gid]
+
+    res = _neighbour_batches(name, cnt, batches(), xg, wg, qv, qsel is not None)
+    gf = gi.reshape(-1)
+    for (p0, p1, _), r in zip(spans, res):
+        gf[p0 + np.flatnonzero(mask[p0:p1])] = r
     return gi, off
 
 
@@ -777,7 +854,7 @@ class IQ3_S(_GridType):
 _XX = np.array([[-0.875, 0.125, 1.125], [-1.125, -0.125, 0.875]], F)  # C's x_p, x_m: -1, 0, 1 +- delta 0.125
 
 
-_SPLIT_COLS = 8192  # sub-blocks per step of the IQ1 split search
+_SPLIT_COLS = 4096  # sub-blocks per step of the IQ1 split search
 _NEAR = F(1 - 2.0**-12)  # candidates scoring at least this fraction of the best score are replayed (_scan)
 _GAP = F(1 - 2.0**-19)  # ... and none may score in [_GAP, 1) times that threshold
 _MAX_TAKES = 6  # takes among the replayed candidates that the bound of _scan allows
@@ -818,26 +895,47 @@ def _collect(blocks, S: int, thr: np.ndarray | None):
     G = np.full(S, -np.inf, F)
     found, c0, buf, hit = [], 0, None, None
     lim = np.empty(S, F) if thr is None else thr
-    for qx, q2 in blocks:
+    for block in blocks:  # (sumqx, sumq2[, scratch f32[>= r, S] free until the next block])
+        qx, q2 = block[:2]
         r = len(qx)
-        if buf is None or len(buf) < r:
-            buf, hit = np.empty((r, S), F), np.empty((r, S), bool)
-        score = np.divide(qx, q2, out=buf[:r])
+        if hit is None or len(hit) < r:
+            hit = np.empty((r, S), bool)
+        if len(block) < 3 and (buf is None or len(buf) < r):
+            buf = np.empty((r, S), F)
+        score = np.divide(qx, q2, out=(block[2] if len(block) > 2 else buf)[:r])
         score *= qx
         np.fmax(G, np.fmax.reduce(score, axis=0), out=G)
         if thr is None:  # one ulp below _scan's first threshold (G*_NEAR)*_GAP, whatever G's range
             np.nextafter(np.multiply(G, _NEAR, out=lim) * _GAP, -np.inf, out=lim)
         idx = np.flatnonzero(np.greater_equal(score, lim, out=hit[:r]))
-        rows, cols = np.divmod(idx, S)
-        found.append((rows + c0, cols, score.reshape(-1)[idx], qx.reshape(-1)[idx], q2.reshape(-1)[idx]))
+        found.append((idx + c0 * S, qx.reshape(-1)[idx], q2.reshape(-1)[idx]))
         c0 += r
-    return tuple(np.concatenate(a) for a in zip(*found)), G
+    idx, qx, q2 = (np.concatenate(a) for a in zip(*found))
+    c, s = np.divmod(idx, S)
+    return (c, s, (qx / q2) * qx, qx, q2), G  # the same score, one call for all blocks
 
 
-def _scan(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _collect_steps(blocks_of, cols: np.ndarray | None, S: int, thr: np.ndarray | None, step: int):
+    """``_collect`` over the sub-blocks cols (None: all S) in steps of ``step``, so that a step's candidate
+    blocks stay small -> as _collect, with sub-block indices into cols."""
+    n = S if cols is None else len(cols)
+    found, Gs = [], []
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        (c, s, r, qx, q2), G = _collect(blocks_of(slice(c0, c1) if cols is None else cols[c0:c1]), c1 - c0,
+                                        None if thr is None else thr[c0:c1])
+        found.append((c, s + c0, r, qx, q2))
+        Gs.append(G)
+    return tuple(np.concatenate(a) for a in zip(*found)), np.concatenate(Gs)
+
+
+def _scan(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray, step: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """C's ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) { scale = sumqx/sumq2; best = scale*sumqx; }`` with
-    best = -FLT_MAX, over the candidates of blocks_of(cols) (blocks of sumqx, sumq2 f32[r, len(cols)] in C
-    order, cols None: all S sub-blocks) -> (scale f32[S], index i32[S] of the last candidate taken, -1 if none).
+    best = -FLT_MAX, over the candidates of blocks_of(cols) (blocks of sumqx, sumq2 f32[r, m] in C order for
+    the sub-blocks cols: a slice or m indices, at most ``step``, default _SPLIT_COLS) -> (scale f32[S], index
+    i32[S] of the last candidate taken, -1 if none). Every pass runs in column steps (``_collect_steps``);
+    the few sub-blocks that need another pass are gathered over all steps, so a pass costs its per-call
+    overhead once per step of sub-blocks that need it.
 
     Pruned, exactly: a take sets best to the candidate's score r = (sumqx/sumq2)*sumqx, and C's test passes
     only for r above best to within a few ulps. With G the largest r of the sub-block and T = _NEAR*G,
@@ -848,11 +946,12 @@ def _scan(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray) -> tuple[np.
     (negative weights: r can be negative) or G is not finite.
     """
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _scan_pruned(blocks_of, S, scale0, exact)
+        return _scan_pruned(blocks_of, S, scale0, exact, step or _SPLIT_COLS)
 
 
-def _scan_pruned(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    (c, s, r, qx, q2), G = _collect(blocks_of(None), S, None)
+def _scan_pruned(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray,
+                 step: int) -> tuple[np.ndarray, np.ndarray]:
+    (c, s, r, qx, q2), G = _collect_steps(blocks_of, None, S, None, step)
     scale, arg = scale0.copy(), np.full(S, -1, np.int32)
     todo = np.arange(S)
     for attempt in range(3):
@@ -870,7 +969,7 @@ def _scan_pruned(blocks_of, S: int, scale0: np.ndarray, exact: np.ndarray) -> tu
         cols = np.flatnonzero(bad)
         todo, G = todo[cols], G[cols]
         thr = np.full(len(todo), -np.inf, F) if attempt == 1 else (G * F(_NEAR ** (2 ** (attempt + 1)))) * _GAP
-        (c, s, r, qx, q2), _ = _collect(blocks_of(todo), len(todo), thr)
+        (c, s, r, qx, q2), _ = _collect_steps(blocks_of, todo, S, thr, step)
     return scale, arg
 
 
@@ -899,6 +998,7 @@ class _OneBitType(_PieceType):
     eps: np.float32
     splits: tuple[np.ndarray, np.ndarray, np.ndarray]  # _split_table; mask bit g: group g uses -delta
     chunks = 4  # few off-grid groups per piece: bigger pieces share the neighbour search's tiles
+    split_mul = 1  # split search steps of _SPLIT_COLS * split_mul sub-blocks
 
     @classmethod
     def _quantize(cls, xs, qw):
@@ -930,15 +1030,11 @@ class _OneBitType(_PieceType):
         order = np.argsort(x, axis=0, kind="stable")  # C's qsort (glibc's is a stable merge sort)
         wxs, ws = np.take_along_axis(w * x, order, 0), np.take_along_axis(w, order, 0)
         exact = (w < 0).any(axis=0)
-        scale, arg = np.empty(S, F), np.empty(S, np.int32)
-        for c0 in range(0, S, _SPLIT_COLS):  # the split search in steps of _SPLIT_COLS sub-blocks
-            c = slice(c0, c0 + _SPLIT_COLS)
-            parts = [np.ascontiguousarray(v[:, c]) for v in (wxs, ws, order)]
 
-            def blocks_of(cols, parts=parts):
-                return cls._scores(*(parts if cols is None else [v[:, cols] for v in parts]))
+        def blocks_of(cols):
+            return cls._scores(wxs[:, cols], ws[:, cols], order[:, cols])
 
-            scale[c], arg[c] = _scan(blocks_of, parts[0].shape[1], mx[c], exact[c])
+        scale, arg = _scan(blocks_of, S, mx, exact, _SPLIT_COLS * cls.split_mul)  # in steps of sub-blocks
         found = ~(mx < cls.eps) & (arg >= 0)
         i1, i2, masks = (a[np.where(found, arg, 0)] for a in cls.splits)
         L = np.empty((B, S), np.int32)  # L[order[j]] = 0 for j < i1, 1 for j < i2, else 2
@@ -975,25 +1071,27 @@ class IQ1_S(_OneBitType):
         (p0, p1, p2), (m0, m1, m2) = _XX
         S = w.shape[1]
         sx, sw = _prefix(wx), _prefix(w)                                                   # [33, S]
-        cx, cw = sx[-1] - sx, sw[-1] - sw
-        cxp, cxm, cwp, cwm = cx * p2, cx * m2, (cw * p2) * p2, (cw * m2) * m2
-        axp, axm, awp, awm = sx * p0, sx * m0, (sw * p0) * p0, (sw * m0) * m0  # sx[0] = 0: sx[a] - sx[0] = sx[a]
+        c = np.subtract(sx[-1], sx)                                                        # sums of the c run
+        cxp, cxm = c * p2, c * m2
+        cwp, cwm = (np.subtract(sw[-1], sw, out=c) * p2) * p2, (c * m2) * m2
+        del c
         qx, q2, t, u = np.empty((66, S), F), np.empty((66, S), F), np.empty((33, S), F), np.empty((33, S), F)
         for a in range(33):
             r = 33 - a
+            axp, axm, awp, awm = sx[a] * p0, sx[a] * m0, (sw[a] * p0) * p0, (sw[a] * m0) * m0  # sx[a] - sx[0] = sx[a]
             tb = np.subtract(sx[a:], sx[a], out=t[:r])
             tb *= p1  # b*x1; x_m[1] = -x_p[1], so b*m1 = -tb and (bw*m1)*m1 = (bw*p1)*p1 exactly
             ub = np.subtract(sw[a:], sw[a], out=u[:r])
             ub *= p1
             ub *= p1
             X, Q = qx[:2 * r].reshape(r, 2, S), q2[:2 * r].reshape(r, 2, S)
-            np.add(axp[a], tb, out=X[:, 0])
+            np.add(axp, tb, out=X[:, 0])
             X[:, 0] += cxp[a:]
-            np.subtract(axm[a], tb, out=X[:, 1])
+            np.subtract(axm, tb, out=X[:, 1])
             X[:, 1] += cxm[a:]
-            np.add(awp[a], ub, out=Q[:, 0])
+            np.add(awp, ub, out=Q[:, 0])
             Q[:, 0] += cwp[a:]
-            np.add(awm[a], ub, out=Q[:, 1])
+            np.add(awm, ub, out=Q[:, 1])
             Q[:, 1] += cwm[a:]
             yield qx[:2 * r], q2[:2 * r]
 
@@ -1018,6 +1116,7 @@ class IQ1_M(_OneBitType):
     imatrix = "optional"
     sub, eps = 16, GROUP_MAX_EPS_IQ1_M
     splits = _split_table(16, [0, 2, 1, 3])  # C's k = 0..3: (+,+) (+,-) (-,+) (-,-) for the two groups
+    split_mul = 2  # twice the sub-blocks of IQ1_S per piece; its steps pay ~5% per-call overhead at 4096
 
     @classmethod
     def _scores(cls, wx, w, order):
@@ -1025,27 +1124,27 @@ class IQ1_M(_OneBitType):
         split scores sumqx_h = T_h*x2 - (P_h[i1] + P_h[i2]), sumq2_h = W_h*x2*x2 + Q_h[i1]*c1 + Q_h[i2]*c2;
         the four candidates add the halves' x_p/x_m terms. One block per i1."""
         S = w.shape[1]
-        halves = []  # per half: prefix sums of w*x, and per level set: T*x2, W*x2*x2, pw*c1, pw*c2
+        halves = []  # per half: prefix sums of w*x; per level set v (axis -2): T*x2, W*x2*x2 + pw*c1, pw*c2
         for h in (0, 1):
             mine = (order >= 8) == h
             px, pw = _prefix(wx * mine), _prefix(w * mine)  # [17, S] (x*0 = -0 for negative x: adds nothing)
-            halves.append((px, [(px[16] * v2, (pw[16] * v2) * v2, pw * (v0 * v0 - v1 * v1), pw * (v1 * v1 - v2 * v2))
-                                for v0, v1, v2 in _XX]))
+            tx = np.stack([px[16] * v2 for _, _, v2 in _XX])                                  # [2, S]
+            e1 = np.stack([(pw[16] * v2) * v2 + pw * (v0 * v0 - v1 * v1) for v0, v1, v2 in _XX], axis=1)
+            e2 = np.stack([pw * (v1 * v1 - v2 * v2) for v0, v1, v2 in _XX], axis=1)           # [17, 2, S]
+            halves.append((px, tx, e1, e2))
         QX, Q2 = np.empty((68, S), F), np.empty((68, S), F)
-        sx = np.empty((17, S), F)
-        part = np.empty((2, 2, 2, 17, S), F)  # [half, level set, sumqx/sumq2]
+        sx = np.empty((17, 1, S), F)
+        part = np.empty((2, 17, 2, S), F)  # [half, i2, level set]: the halves' sumqx, then their sumq2
         for a in range(17):
             r = 17 - a
-            for h, (px, consts) in enumerate(halves):
-                np.add(px[a], px[a:], out=sx[:r])
-                for v, (tx, t2, c1, c2) in enumerate(consts):
-                    np.subtract(tx, sx[:r], out=part[h, v, 0, :r])
-                    np.add(t2 + c1[a], c2[a:], out=part[h, v, 1, :r])
-            qx, q2 = QX[:4 * r].reshape(r, 4, S), Q2[:4 * r].reshape(r, 4, S)
-            for kk, (v0, v1) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-                np.add(part[0, v0, 0, :r], part[1, v1, 0, :r], out=qx[:, kk])
-                np.add(part[0, v0, 1, :r], part[1, v1, 1, :r], out=q2[:, kk])
-            yield QX[:4 * r], Q2[:4 * r]
+            for h, (px, tx, _, _) in enumerate(halves):
+                np.add(px[a], px[a:], out=sx[:r, 0])
+                np.subtract(tx, sx[:r], out=part[h, :r])
+            np.add(part[0, :r, :, None], part[1, :r, None], out=QX[:4 * r].reshape(r, 2, 2, S))  # k = 2*v0 + v1
+            for h, (_, _, e1, e2) in enumerate(halves):
+                np.add(e1[a], e2[a:], out=part[h, :r])
+            np.add(part[0, :r, :, None], part[1, :r, None], out=Q2[:4 * r].reshape(r, 2, 2, S))
+            yield QX[:4 * r], Q2[:4 * r], part.reshape(-1, S)  # part: scratch for _collect until the next block
 
     @classmethod
     def _bytes(cls, has, d, ls, gi, mask, x, w):

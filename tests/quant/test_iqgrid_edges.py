@@ -138,6 +138,28 @@ def test_default_pieces(ggml, qtype):
     assert bad_blocks(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype) == 0
 
 
+@pytest.mark.peer
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_column_steps(ggml, qtype):
+    """A default piece larger than the IQ1 split search's column step (_SPLIT_COLS sub-blocks, every pass,
+    retries gathered over the steps) and than a batch of the neighbour search's counting sort (_SORT_BATCH
+    keys, found from the mask batch by batch), with ties and zero sub-blocks on both sides of the steps."""
+    rng = np.random.default_rng(int(qtype) + 300)
+    rows, cols = 48, 16 * QK_K
+    cls = REGISTRY[qtype]
+    values = min(rows * cols, iqgrid._CHUNK * cls.chunks * QK_K)                  # in the first piece
+    if issubclass(cls, iqgrid._OneBitType):
+        assert values // cls.sub > iqgrid._SPLIT_COLS * cls.split_mul
+    else:  # keys of groups of at most 8 values, for every try
+        assert (2 * cls.nsteps + 1) * values // 8 > iqgrid._SORT_BATCH
+    x = (rng.standard_normal((rows, cols)) * np.exp(0.5 * rng.standard_normal((rows, 1)))).astype(F)
+    x[7, 1000:1400] = 0.5                                                         # ties
+    x[30, 2048:2304] = 0                                                          # a zero superblock
+    x[31, 100:116] = 0                                                            # a zero sub-block
+    im = rng.gamma(0.7, 2.0, cols).astype(F)
+    assert bad_blocks(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype) == 0
+
+
 # ------------------------------------------------------------------------------------- building blocks
 
 def _c_neighbour(grid, u, x, w, scale, qv):
