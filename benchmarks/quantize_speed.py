@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mtp_jax.quant.registry import quantize, registered
+from mtp_jax.quant.stream import tune_malloc
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -242,6 +243,7 @@ def main() -> None:
         return
     args.repeats = args.repeats or 3
     args.out = args.out or RESULTS / "quantize_speed.json"
+    tune_malloc()  # as the quantize command runs (mtp_jax.quant.stream)
     from tests.quant.ggml_oracle import ggml_lib_path, ggml_quantize
 
     names = args.types or sorted(t.name for t in registered())
