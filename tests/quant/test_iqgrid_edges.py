@@ -354,3 +354,15 @@ def test_make_qp_quants_matches_c_loop():
             sc, Lb = _c_make_qp(x[:, b], nmax, w[:, b])
             assert scale[b].view(np.int32) == sc.view(np.int32), (nmax, b)
             assert np.array_equal(L[:, b], Lb), (nmax, b)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("qtype", [T.IQ1_S, T.IQ1_M], ids=lambda t: t.name)
+def test_mostly_zero_matrix(ggml, qtype):
+    """An identity-like matrix (a constructed head's eh_proj: one nonzero per row): its all-zero sub-blocks, which
+    C skips, stay out of the split search, whose ties there would replay every candidate."""
+    rng = np.random.default_rng(5)
+    x = np.zeros((64, 2048), np.float32)
+    x[np.arange(64), rng.choice(2048, 64, replace=False)] = rng.standard_normal(64).astype(np.float32)
+    im = rng.random(2048).astype(np.float32)
+    assert bad_blocks(quantize(x, qtype, im), ggml.ggml_quantize(x, qtype, im), qtype) == 0
