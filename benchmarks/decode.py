@@ -91,6 +91,91 @@ def bandwidth_gbs(mb: int = 256) -> dict:
     return out
 
 
+def device_bandwidth_gbs(mb: int = 2048) -> dict:
+    """Accelerator copy bandwidth (read + write bytes): a compiled x + 1 over ``mb`` MiB of float32 (many times
+    any GPU's L2), best of 10."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mb * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    bw = 2 * x.nbytes / best / 1e9
+    return {"device_copy": bw, "roofline": bw}
+
+
+def while_iteration_us(n: int = 2000) -> float:
+    """Microseconds per iteration of a compiled lax.while_loop whose body is one tiny op. XLA:GPU copies the
+    loop predicate to the host after every iteration and launches the next body from there: this is that
+    round trip, to set against the time of a decode step."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x, m: jax.lax.while_loop(lambda c: c[0] < m, lambda c: (c[0] + 1, c[1] * 1.0001 + 1e-3),
+                                                (0, x))[1])
+    x = jnp.ones((256,), jnp.float32)
+
+    def best(m: int) -> float:
+        f(x, m).block_until_ready()
+        out = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f(x, m).block_until_ready()
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    return 1e6 * (best(n) - best(1)) / (n - 1)
+
+
+def profile_summary(run, log_dir: Path, top: int = 12) -> dict:
+    """Profile one call of ``run`` (warm) with jax.profiler and summarise its perfetto trace: per process (the host,
+    each device), the busy time (union of its events) against the call's wall time and the events taking the most
+    time; and the host <-> device copies (events named memcpy / DtoH / HtoD), where a while loop's predicate shows."""
+    import gzip
+
+    import jax
+
+    run()
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t0
+    traces = sorted(Path(log_dir).glob("**/perfetto_trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    if not traces:
+        return {"wall_ms": wall * 1e3, "error": "no perfetto trace written"}
+    data = json.load(gzip.open(traces[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    out = {"wall_ms": wall * 1e3, "trace": str(traces[-1]), "processes": {}}
+    copy = re.compile(r"memcpy|dtoh|htod|d2h|h2d", re.I)
+    for pid, pname in names.items():
+        xs = [e for e in events if e.get("pid") == pid and e.get("ph") == "X" and "dur" in e]
+        if not xs:
+            continue
+        spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in xs)
+        busy, end = 0.0, -1e30
+        for a, b in spans:  # union of the intervals
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        by_name: dict = {}
+        for e in xs:
+            t, c = by_name.get(e["name"], (0.0, 0))
+            by_name[e["name"]] = (t + float(e["dur"]), c + 1)
+        copies = [(n, t, c) for n, (t, c) in by_name.items() if copy.search(n)]
+        out["processes"][pname] = dict(
+            busy_ms=busy / 1e3, span_ms=(end - spans[0][0]) / 1e3, events=len(xs),
+            top=[dict(name=n[:120], ms=t / 1e3, count=c) for n, (t, c) in
+                 sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+            copies=[dict(name=n[:120], ms=t / 1e3, count=c) for n, t, c in copies])
+    return out
+
+
 def weight_bytes_per_token(params, cfg) -> float:
     from mtp_jax.params import param_counts
 
@@ -173,7 +258,8 @@ def run_ours(params, cfg, prompts_for, batches, ks, max_new: int, repeats: int, 
                             verify_floor_in_decodes=v_floor(K + 1), step_floor_in_decodes=floor,
                             floor_speedup=row["tokens_per_step"] / floor, floor_speedup_at_0_8=tokens_at_08 / floor)
             rows.append(row)
-            extra = (f"  verify {row['verify_cost_in_decodes']:.2f} decodes (floor {row['verify_floor_in_decodes']:.2f})"
+            extra = (f"  verify {row['verify_cost_in_decodes']:.2f} decodes "
+                     f"(floor {row['verify_floor_in_decodes']:.2f})"
                      f"  step: pieces {step:.2f}, whole {row['whole_step_in_decodes']:.2f} decodes  ideal "
                      f"{row['ideal_speedup']:.2f}x / {row['ideal_speedup_whole_step']:.2f}x (at the floor "
                      f"{row['floor_speedup']:.2f}x; at acceptance 0.8 {row['floor_speedup_at_0_8']:.2f}x)"
@@ -248,6 +334,61 @@ def plot(results: list[dict], path: Path) -> str:
     return f"wrote {path}"
 
 
+def load_constructed(spec: str, accept: float):
+    """(cfg, params, None): a config's model with random weights whose head agrees with the trunk at ``accept``,
+    in the layout load_model gives (GGUF rows where the CPU kernels run)."""
+    from mtp_jax.config import load_config
+    from mtp_jax.io.load import ready_params
+    from mtp_jax.synthetic import constructed_params
+
+    cfg = load_config(spec)
+    params, _, _ = constructed_params(cfg, accept)
+    return cfg, ready_params(params, cfg, None, (), "keep"), None
+
+
+def run_profile(params, cfg, prompts, ks, max_new: int, out: Path, b1: dict) -> dict:
+    """The trace summaries of one plain and one MTP call (the first numeric K) and a bare while iteration's time,
+    beside the plain loop's time per token. The two perfetto traces are kept beside the JSON (``out``-plain /
+    -mtp.perfetto.json.gz; open them in ui.perfetto.dev)."""
+    import shutil
+    import tempfile
+
+    from mtp_jax import generate as plain
+    from mtp_jax import speculative
+    from mtp_jax.sampling import Sampling
+
+    K = next((k for k in ks if k != "auto"), 1)
+    tmp = tempfile.mkdtemp(prefix="mtp-jax-trace-")
+    res = dict(while_iteration_us=while_iteration_us(), plain_ms_per_token=1e3 / b1["plain_decode_tok_s"], k=K)
+    res["plain"] = profile_summary(lambda: plain.generate(params, cfg, prompts, max_new_tokens=max_new,
+                                                          sampling=Sampling(), eos_ids=[]), Path(tmp) / "plain")
+    res["mtp"] = profile_summary(lambda: speculative.generate(params, cfg, prompts, num_draft=K, max_new_tokens=max_new,
+                                                              sampling=Sampling(), eos_ids=[]), Path(tmp) / "mtp")
+    for kind in ("plain", "mtp"):
+        if "trace" in res[kind]:
+            kept = out.parent / f"{out.name}-{kind}.perfetto.json.gz"
+            shutil.copyfile(res[kind]["trace"], kept)
+            res[kind]["trace"] = kept.name
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"  while-loop iteration {res['while_iteration_us']:.1f} us against {res['plain_ms_per_token']:.3f} ms per "
+          f"plain token; busy fractions: " + ", ".join(
+              f"{kind} {name} {p['busy_ms'] / max(p['span_ms'], 1e-9):.0%} of its span "
+              f"({sum(c['count'] for c in p['copies'])} copies)"
+              for kind in ("plain", "mtp") for name, p in res[kind].get("processes", {}).items()), flush=True)
+    return res
+
+
+def write_json(out: Path, results: list, bw: dict, args, t0: float) -> None:
+    import jax
+
+    meta = dict(device=str(jax.devices()[0]), backend=jax.default_backend(), platform=platform.platform(),
+                cpus=os.cpu_count(), threads=args.threads, jax=jax.__version__, max_new_tokens=args.max_new_tokens,
+                accept=args.accept, bandwidth_gbs=bw, seconds=time.time() - t0, date=time.strftime("%Y-%m-%d"))
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "models": results}, indent=1))
+    tmp.replace(out.with_suffix(".json"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=None,
@@ -259,6 +400,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ours and llama.cpp (default: all)")
     ap.add_argument("--prompt", default="import os\nimport sys\n\n\ndef main(argv):\n",
                     help="prompt text (every row gets it)")
+    ap.add_argument("--accept", type=float, default=None,
+                    help="build each --model that is a config (name or YAML) with random weights and a NextN head "
+                         "that agrees with the trunk at this rate (mtp_jax/synthetic.py), in memory: no GGUF needed")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one plain and one MTP call at the first batch size (jax.profiler; trace "
+                         "summary in the JSON) and time a bare while-loop iteration (the predicate's host round trip)")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp comparison")
     ap.add_argument("--out", default=str(RESULTS / "decode"), help="output path prefix (.json and .png are added)")
     args = ap.parse_args(argv)
@@ -273,12 +420,15 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     ks = [k if k == "auto" else int(k) for k in args.k]
-    bw = bandwidth_gbs()
-    print(f"memory bandwidth (numpy copy, read + write): {bw}")
+    on_cpu = jax.default_backend() == "cpu"
+    bw = bandwidth_gbs() if on_cpu else device_bandwidth_gbs()
+    print(f"memory bandwidth ({'numpy' if on_cpu else jax.default_backend()} copy, read + write): {bw}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = []
     for model in args.model or [default_model()]:
-        cfg, params, tok = load_model(model)
+        cfg, params, tok = load_constructed(model, args.accept) if args.accept is not None else load_model(model)
         print(f"{model} ({cfg.name}, {params.embed.dtype})", flush=True)
         ids = tok.encode(args.prompt, add_special=True) if tok else list(range(1, 33))
         rows = run_ours(params, cfg, lambda B: [ids] * B, args.batch, ks, args.max_new_tokens, args.repeats,
@@ -301,13 +451,10 @@ def main(argv=None) -> int:
                         x["ours_vs_llama"] = o["mtp_tok_s"] / x["mtp_tok_s"]
                 print(f"  ours / llama.cpp plain at B=1: {r['ours_vs_llama_plain_b1']:.2f}x "
                       f"(llama.cpp at {r['llama_roofline_pct']:.0f}% of the roofline)")
+        if args.profile:
+            r["profile"] = run_profile(params, cfg, [ids] * args.batch[0], ks, args.max_new_tokens, out, b1)
         results.append(r)
-    meta = dict(device=str(jax.devices()[0]), platform=platform.platform(), cpus=os.cpu_count(), threads=args.threads,
-                jax=jax.__version__, max_new_tokens=args.max_new_tokens, bandwidth_gbs=bw, seconds=time.time() - t0,
-                date=time.strftime("%Y-%m-%d"))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=1))
+        write_json(out, results, bw, args, t0)  # after each model: a run cut short keeps what it measured
     print(f"wrote {out.with_suffix('.json')}; {plot(results, out.with_suffix('.png'))}")
     return 0
 

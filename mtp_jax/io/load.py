@@ -83,7 +83,7 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
         fam = families.of(cfg)
         if fam.read_head is not None:  # a drafter model of its own (Gemma-4's assistant)
             cfg, head = fam.read_head(mtp_head, cfg.trunk_only(), cfg.dtype, check_finite)
-            return cfg, _ready(dataclasses.replace(params, nextn=head), cfg, mesh, placement, quantized), tok
+            return cfg, ready_params(dataclasses.replace(params, nextn=head), cfg, mesh, placement, quantized), tok
         head_cfg, head, _ = load_model(mtp_head, cfg.dtype, True, seed, check_finite, quantized, mesh=mesh,
                                        placement=placement)
         return (*attach_head(cfg, params, head_cfg, head, mtp_head), tok)
@@ -95,19 +95,19 @@ def load_model(spec: str | os.PathLike | ModelConfig, dtype: str | None = None, 
     if kind == "orbax":
         cfg, params, tok = load_orbax(spec, dtype=dtype, load_mtp=load_mtp, mesh=mesh, placement=placement)
         on_mesh = sharding.mesh_for_config(mesh, cfg) is not None  # restored into its shards already
-        return cfg, params if on_mesh else _ready(params, cfg, None, (), quantized), tok
+        return cfg, params if on_mesh else ready_params(params, cfg, None, (), quantized), tok
     if kind == "hf":
         cfg, params = read_hf(spec, dtype=dtype, load_mtp=load_mtp)
         has_tok = (Path(spec) / "tokenizer.json").is_file()
-        return cfg, _ready(params, cfg, mesh, placement, quantized), Tokenizer.from_hf(spec) if has_tok else None
+        return cfg, ready_params(params, cfg, mesh, placement, quantized), Tokenizer.from_hf(spec) if has_tok else None
     cfg = spec if isinstance(spec, ModelConfig) else load_config(spec)
     cfg = cfg.replace(dtype=dtype) if dtype else cfg
     params = P.init(jax.random.key(seed), cfg)
     params = params if load_mtp else dataclasses.replace(params, nextn=None)
-    return cfg, _ready(params, cfg, mesh, placement, quantized), None
+    return cfg, ready_params(params, cfg, mesh, placement, quantized), None
 
 
-def _ready(params: P.Params, cfg: ModelConfig, mesh: Any, placement: Any, quantized: str) -> P.Params:
+def ready_params(params: P.Params, cfg: ModelConfig, mesh: Any, placement: Any, quantized: str) -> P.Params:
     """params on the mesh (``mesh`` as load_model takes it); on one device with the CPU kernels and ``quantized``
     "keep", in the layout the kernels read fastest (``float_rows``), as a GGUF's load gives them."""
     mesh = sharding.mesh_for_config(mesh, cfg)
