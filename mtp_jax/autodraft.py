@@ -35,6 +35,7 @@ from mtp_jax.config import ModelConfig
 from mtp_jax.kvcache import init_trunk_cache
 from mtp_jax.kvquant import KVTypes
 from mtp_jax.model import forward
+from mtp_jax.sampling import argmax
 
 WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may stop drafting (and per probe)
 PROBE_FIRST = 8  # plain decode steps after drafting first stops paying, before a probe drafts again
@@ -44,18 +45,25 @@ PLAUSIBLE_ACCEPTANCE = 0.8  # drafting is tried (warm-up, probes) only if it wou
 # K=1 on a 2-core CPU), a warm-up and probes only lose time, and the plain loop runs from the start
 
 
+def _tokens(cfg: ModelConfig, B: int, T: int, i: jax.Array) -> jax.Array:
+    """[B, T] token ids that differ by row, position and iteration i, as a real loop's do: a MoE routes each to its
+    own experts. Timing one token over and over would route every call to the same experts, whose weights then
+    stay in the CPU's cache, and a verify block of equal tokens reads each expert once: both flatter the costs."""
+    idx = (i * B + jnp.arange(B)[:, None]) * T + jnp.arange(T)[None, :]
+    return ((idx * 40503 + 7) % cfg.vocab_size).astype(jnp.int32)  # 40503: an odd multiplier, a walk over V
+
+
 @partial(jax.jit, static_argnames=("cfg", "T", "head", "n"))
 def repeat_piece(params, cache, cfg: ModelConfig, T: int, head: bool, n: int, trunk=None):
     """n compiled calls of one piece (trunk or head forward over T tokens) on a cache, lengths reset each time
     (``trunk``: the trunk cache a head reads, for a drafter that attends into it: Gemma-4's assistant)."""
     B = cache.lengths.shape[0]
     L = cache.lengths
-    toks = jnp.ones((B, T), jnp.int32)
     h = jnp.zeros((B, T, cfg.hidden_size), jnp.float32)
 
-    def body(_, c):
-        t = toks + (c.lengths - L)[:, None]  # (+0) the input depends on the carry: a drafter that reads no cache of
-        # its own (Gemma-4's assistant) would otherwise be hoisted out of the loop and timed once
+    def body(i, c):
+        t = _tokens(cfg, B, T, i) + (c.lengths - L)[:, None]  # (+0) the input depends on the carry: a drafter that
+        # reads no cache of its own (Gemma-4's assistant) would otherwise be hoisted out of the loop and timed once
         if head:  # the drafter's catch-up over T pending pairs (T = 1: one draft step)
             _, lg, c = drafter.of(cfg).catch_up(params, c, h, t, jnp.full((B,), T, jnp.int32), trunk)
         else:
@@ -75,13 +83,13 @@ def repeat_step(params, trunk, heads, cfg: ModelConfig, K: int, n: int):
     L, Lh = trunk.lengths, heads.lengths
     d = drafter.of(cfg)
 
-    def body(_, c):
+    def body(i, c):
         tr, hc = c
-        t = jnp.ones((B, K + 1), jnp.int32) + (tr.lengths - L)[:, None]  # (+0) depends on the carry
+        t = _tokens(cfg, B, K + 1, i) + (tr.lengths - L)[:, None]  # (+0) depends on the carry
         h, lg, tr, _ = forward(params, t, tr, cfg, logits="all")
         g, dl, hc = d.catch_up(params, hc, h, t, jnp.full((B,), K + 1, jnp.int32), tr)
         for i in range(1, K):
-            g, dl, hc = d.step(params, hc, g, jnp.argmax(dl.reshape(B, -1), axis=-1).astype(jnp.int32), i, tr)
+            g, dl, hc = d.step(params, hc, g, argmax(dl.reshape(B, -1)), i, tr)
         live = ((lg.max() > 1e30) | (dl.max() > 1e30)).astype(jnp.int32)  # keep every logit live
         return tr.with_lengths(L + live), hc.with_lengths(Lh + live)
 

@@ -30,6 +30,15 @@ class Sampling:
         return self.temperature == 0.0
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the largest value; of the first NaN if any), int32.
+    XLA:CPU lowers jnp.argmax to a (value, index) reduce that does not vectorize; a max, then the least index
+    holding it, are two plain reductions: over 8192 logits 37 -> 7 us, over 151552 684 -> 160 us (2 cores)."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == x.max(-1, keepdims=True)) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def process_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     """Temperature, then top-k, then top-p (llama.cpp/vLLM order); removed tokens get -inf. [..., V] f32."""
     x = logits.astype(jnp.float32)
@@ -52,14 +61,14 @@ def process_logits(logits: jax.Array, s: Sampling) -> jax.Array:
 def probs(logits: jax.Array, s: Sampling) -> jax.Array:
     """The distribution tokens are drawn from: one-hot argmax when greedy, else softmax of process_logits."""
     if s.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(process_logits(logits, s), axis=-1)
 
 
 def sample(key: jax.Array, logits: jax.Array, s: Sampling) -> jax.Array:
     """logits [..., V] -> token ids [...] int32."""
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(key, process_logits(logits, s), axis=-1).astype(jnp.int32)
 
 
@@ -82,7 +91,7 @@ def verify_drafts(
     B, K = drafts.shape
     made = jnp.ones((B, K), bool) if n_draft is None else jnp.arange(K)[None, :] < n_draft[:, None]
     if s.greedy:
-        tgt = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+        tgt = argmax(target_logits)  # [B, K+1]
         n_acc = jnp.cumprod((drafts == tgt[:, :K]) & made, axis=1).sum(1).astype(jnp.int32)
         return n_acc, jnp.take_along_axis(tgt, n_acc[:, None], axis=1)[:, 0]
     k_u, k_res = jax.random.split(key)

@@ -37,7 +37,7 @@ from mtp_jax.kvquant import KVTypes
 from mtp_jax.linear import compute_dtype
 from mtp_jax.model import forward, pad_prompts, take_last
 from mtp_jax.params import Params, pytree_dataclass
-from mtp_jax.sampling import Sampling, probs, sample, verify_drafts
+from mtp_jax.sampling import Sampling, argmax, probs, sample, verify_drafts
 
 
 @pytree_dataclass
@@ -84,7 +84,7 @@ def _pick(key: jax.Array, lg: jax.Array, c: _Static) -> tuple[jax.Array, jax.Arr
         q = probs(lg, c.sampling)
         return sample(key, lg, c.sampling), q, q.max(-1)
     # greedy drafts: q is one-hot (llama.cpp drafts the top candidate); confidence = softmax prob of the top
-    d = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    d = argmax(lg)
     conf = 1.0 / jnp.exp(lg - lg.max(-1, keepdims=True)).sum(-1)
     return d, jax.nn.one_hot(d, lg.shape[-1], dtype=jnp.float32), conf
 

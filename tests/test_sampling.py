@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtp_jax import sampling
 from mtp_jax.sampling import Sampling, probs, process_logits, sample
 
 V = 40
@@ -84,3 +85,21 @@ def test_samples_follow_the_reference():
     freq = np.bincount(draws, minlength=V) / n
     assert np.all(freq[ref == 0] == 0)
     assert np.all(np.abs(freq - ref) <= 5 * np.sqrt(ref * (1 - ref) / n) + 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_argmax_equals_jnp_argmax(dtype):
+    """sampling.argmax (max, then the least index holding it) picks what jnp.argmax picks: random rows, ties
+    (the first wins), -inf rows, rows with NaN (the first NaN), in every float dtype logits come in."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 3, 1000)).astype(np.float32)
+    x[0, 0, [5, 17, 900]] = 9.0  # a three-way tie
+    x[1, 1] = -np.inf
+    x[2, 2, [40, 60]] = np.nan
+    x[3, 0] = np.round(x[3, 0])  # many ties below the max
+    x[4, 1, -1] = 50.0  # the last index
+    x = jnp.asarray(x, dtype)
+    got = sampling.argmax(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
+    assert int(got[0, 0]) == 5 and int(got[2, 2]) == 40 and int(got[4, 1]) == 999
