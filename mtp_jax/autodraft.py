@@ -83,9 +83,9 @@ def repeat_step(params, trunk, heads, cfg: ModelConfig, K: int, n: int):
     L, Lh = trunk.lengths, heads.lengths
     d = drafter.of(cfg)
 
-    def body(i, c):
+    def body(it, c):
         tr, hc = c
-        t = _tokens(cfg, B, K + 1, i) + (tr.lengths - L)[:, None]  # (+0) depends on the carry
+        t = _tokens(cfg, B, K + 1, it) + (tr.lengths - L)[:, None]  # (+0) depends on the carry
         h, lg, tr, _ = forward(params, t, tr, cfg, logits="all")
         g, dl, hc = d.catch_up(params, hc, h, t, jnp.full((B,), K + 1, jnp.int32), tr)
         for i in range(1, K):
