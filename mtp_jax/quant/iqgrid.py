@@ -9,7 +9,7 @@ Structure: the five IQ2/IQ3 types share one pipeline (``_GridType``: weights, si
 every try snaps groups of n values to the grid, a re-snap, the superblock scales); IQ1_S and IQ1_M share
 another (``_OneBitType``: an exhaustive search over sorted splits, a snap, a refit). A type states only
 its parameters, its candidate scores (IQ1) and its byte layout. Off-grid groups of both go through
-``_neighbours`` (``_best_neighbours``, C's loop over one table per group, is its exact fallback).
+``_neighbour_batches`` (``_best_neighbours``, C's loop over one table per group, is its exact fallback).
 
 Layout: superblocks are quantized in pieces of ``_CHUNK*chunks``; inside a piece arrays are element-major
 ``[n, S]`` (element of a sub-block, sub-block), so that C's sequential sums are one-pass ``dot0``
@@ -23,7 +23,7 @@ separately); IQ2_XXS another ~15% in make_qp_quants' refinement (~2000 tiny nump
 and IQ1_M spent ~55% in the split selection (a Python-level step for each of the 1122/612 candidates of
 C's order), ~30% in neighbours of off-grid groups, much of the rest in np.add/maximum.accumulate along
 axis 0 (about 9x slower than a loop over rows) and np.where on random masks (~4 ns per element).
-Changes: (1) ``_neighbours``: the off-grid groups of all tries of a piece are sorted by key (radix sort)
+Changes: (1) ``_neighbour_batches``: the off-grid groups of all tries of a piece are sorted by key (radix sort)
 into tiles of 4-16 groups sharing a key, so a candidate is n - prefix + 1 row gathers and adds for the
 whole tile (~3-4 ns per padded candidate), with size classes bounding the padding; IQ3 runs in batches of
 32K groups, whose temporaries are reused instead of page-faulted (a third of IQ3_XXS's time was sys time).
@@ -62,7 +62,7 @@ already built 31/34/30/46/28/31/29 -> 17/19/18/21/15/17/23 MiB; tables kept 16/1
 MB (iq2xxs/iq2xs/iq2s/iq3xxs/iq3s/iq1s). Profile: the cold peaks were ``_grid`` (a distance matrix of 4096
 keys x G grid points per step, and the ``codes`` of all neighbours of all 43692 keys, most of them keys no
 quantizer forms: 1.33M for iq1s) and the tiles' intp codes; per piece ~80 bytes per off-grid group in
-``_snap``/``_neighbours`` (int64 positions and ids, their concatenated copies, the slot permutation, the
+``_snap``/the neighbour search (int64 positions and ids, their concatenated copies, the slot permutation, the
 least distances: IQ3_XXS ~410K groups) and the IQ1 split search's ~20 arrays of [33 or 68, 8192] f32.
 Changes: neighbour lists only for keys of levels (nb i16, no codes: ``_best_neighbours`` derives its own),
 built 256 keys per step; tile codes i8 and nb i16; ``_snap`` feeds ``_neighbour_batches`` batch by batch
@@ -131,7 +131,7 @@ class _Grid:
     nwant smallest distinct distances), are nb[nb_start[u] : nb_start[u] + nb_count[u]] (i16; only for
     keys whose digits are all levels, the only ones a quantizer forms: C also lists the others).
     ``_best_neighbours`` sums the first ``prefix`` values in one table lookup; ``_tiles`` lays the same
-    lists out for ``_neighbours``.
+    lists out for ``_neighbour_batches``.
     """
 
     n: int
@@ -215,7 +215,7 @@ def _codes(nl: np.ndarray, nlev: int, prefix: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Tiles:
-    """The neighbour lists of a grid laid out for ``_neighbours``.
+    """The neighbour lists of a grid laid out for ``_neighbour_batches``.
 
     The off-grid keys (valid level combinations only) are ordered by size class of their neighbour count
     (counts padded up to the class size Kp, at most ~1.2x), then by key; rank i16[K] gives a key's place in
@@ -271,31 +271,16 @@ def _tiles(name: str) -> _Tiles:
     return _Tiles(rank, vk.astype(np.int32), len(vk), tuple(classes))
 
 
-def _neighbours(name: str, u: np.ndarray, gid: np.ndarray, s: np.ndarray, xg: np.ndarray, wg: np.ndarray,
-                qv: np.ndarray, qsel: np.ndarray | None = None) -> np.ndarray:
-    """iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2 for M groups at once -> grid index i32[M].
-
-    u i32[M] off-grid keys; gid [M] the group's column in xg, wg f32[n, NG] (values, weights); s f32[M] the
-    scale; qv f32[V, nlev] level value tables, qsel [M] the group's table (None: table 0). The result is the
-    first neighbour minimizing C's ``d2 += w*diff*diff`` (diff = s*q - x, sequential over the n values).
-    (``_neighbour_batches`` with the groups in batches of _SORT_BATCH.)
-    """
-    t = _tiles(name)
-    rank = np.take(t.rank, u)
-    cnt = np.bincount(rank, minlength=t.nkeys)
-    batches = ((rank[b:b + _SORT_BATCH], gid[b:b + _SORT_BATCH], s[b:b + _SORT_BATCH],
-                None if qsel is None else qsel[b:b + _SORT_BATCH]) for b in range(0, len(u), _SORT_BATCH))
-    res = _neighbour_batches(name, cnt, batches, xg, wg, qv, qsel is not None)
-    return np.concatenate([np.empty(0, np.int16)] + res).astype(np.int32)
-
-
 def _neighbour_batches(name: str, cnt: np.ndarray, batches, xg: np.ndarray, wg: np.ndarray, qv: np.ndarray,
                        per_group_table: bool) -> list[np.ndarray]:
     """The neighbour search of groups that come in batches -> their grid indices, i16 per batch.
 
     cnt [nkeys]: the number of groups per key rank (``_Tiles.rank``); batches: an iterable of (rank i16[m],
-    gid, s, qsel) per batch (see ``_neighbours``; qsel None unless per_group_table). Per group only its slot
-    is kept (4 bytes), per slot its column, scale, table, result and flag (~12 bytes).
+    gid [m] the group's column in xg, wg f32[n, NG] (values, weights), s f32[m] the scale, qsel [m] the group's
+    row of the level tables qv f32[V, nlev], None unless per_group_table) per batch. The result is the first
+    neighbour minimizing C's ``d2 += w*diff*diff`` (diff = s*q - x, sequential over the n values): C's
+    iq2/iq3_find_best_neighbour and iq1_find_best_neighbour2. Per group only its slot is kept (4 bytes), per
+    slot its column, scale, table, result and flag (~12 bytes).
 
     The groups are sorted by key (``_slots``: a counting sort of int16 ranks, batch by batch with a running
     next slot per key) into tiles of W groups of one key (W = 4, 8 or 16: wide, but with little padding for

@@ -12,6 +12,7 @@ At most 2 * threads + 2 pieces are in flight; the results come back in file orde
 
 from __future__ import annotations
 
+import functools
 import mmap
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,11 +31,12 @@ from mtp_jax.quant.policy import FLOAT_TYPES, row_bytes
 _MALLOC = ((-3, 32 << 20), (-1, 64 << 20))  # glibc mallopt: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
+@functools.cache
 def tune_malloc() -> None:
     """Keep freed piece temporaries in the heap (glibc; elsewhere nothing): with its default, dynamic thresholds
     glibc returns the grid types' ~1-16 MB temporaries to the kernel after every piece and page-faults them back
-    in the next (IQ1_M: ~100K faults, ~25% of its time). Set once per quantizing process; the peak RSS stays that
-    of one piece's working set, which is what is kept."""
+    in the next (IQ1_M: ~100K faults, ~25% of its time). Set once per process (cached); the peak RSS stays
+    that of one piece's working set, which is what is kept."""
     import ctypes
     import ctypes.util
 

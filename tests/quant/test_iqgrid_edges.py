@@ -175,6 +175,19 @@ def _c_neighbour(grid, u, x, w, scale, qv):
     return best_g
 
 
+def _neighbours(name, u, gid, s, xg, wg, qv, qsel=None):
+    """iqgrid._neighbour_batches over M groups in batches of _SORT_BATCH -> grid index i32[M] (u: the groups'
+    off-grid keys; the other arguments as _neighbour_batches takes them, for all M groups)."""
+    t = iqgrid._tiles(name)
+    rank = np.take(t.rank, u)
+    cnt = np.bincount(rank, minlength=t.nkeys)
+    B = iqgrid._SORT_BATCH
+    batches = ((rank[b:b + B], gid[b:b + B], s[b:b + B], None if qsel is None else qsel[b:b + B])
+               for b in range(0, len(u), B))
+    res = iqgrid._neighbour_batches(name, cnt, batches, xg, wg, qv, qsel is not None)
+    return np.concatenate([np.empty(0, np.int16)] + res).astype(np.int32)
+
+
 @pytest.mark.parametrize("name", list(iqgrid._GRID_SPECS))
 @pytest.mark.parametrize("per_key", [1, 6, 40])
 def test_neighbours_match_c_loop(name, per_key, monkeypatch):
@@ -200,7 +213,7 @@ def test_neighbours_match_c_loop(name, per_key, monkeypatch):
     gid = rng.permutation(M)                                                      # groups in any order
     xg, wg = np.empty_like(x), np.empty_like(w)                                   # columns: groups
     xg[:, gid], wg[:, gid] = x, w
-    got = iqgrid._neighbours(name, u, gid, s, xg, wg, qv, None if qsel is None else qsel)
+    got = _neighbours(name, u, gid, s, xg, wg, qv, None if qsel is None else qsel)
     want = [_c_neighbour(grid, u[m], x[:, m], w[:, m], s[m], qv[0 if qsel is None else qsel[m]]) for m in range(M)]
     assert np.array_equal(got, want)
 
@@ -214,7 +227,7 @@ def test_neighbours_nan_weights_raise():
     w = np.ones((4, 3), F)
     w[2, 1] = np.nan
     with pytest.raises(RuntimeError):
-        iqgrid._neighbours("iq3xxs", u, np.arange(3), np.ones(3, F), x, w, F([[1, 3, 5, 7, 9, 11, 13, 15]]))
+        _neighbours("iq3xxs", u, np.arange(3), np.ones(3, F), x, w, F([[1, 3, 5, 7, 9, 11, 13, 15]]))
 
 
 def _c_scan(qx, q2, scale0):
