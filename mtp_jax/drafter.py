@@ -36,7 +36,7 @@ from mtp_jax.kvcache import KVCache, init_nextn_cache
 from mtp_jax.linear import compute_dtype
 from mtp_jax.model import take_last
 from mtp_jax.mtp import shift_hidden
-from mtp_jax.params import pytree_dataclass
+from mtp_jax.pytree import pytree_dataclass
 
 
 @dataclass(frozen=True)

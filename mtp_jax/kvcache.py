@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from mtp_jax import kvquant
 from mtp_jax.config import ModelConfig
 from mtp_jax.linear import compute_dtype
-from mtp_jax.params import pytree_dataclass
+from mtp_jax.pytree import pytree_dataclass
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["q", "d"], meta_fields=["kind", "dim"])

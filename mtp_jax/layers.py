@@ -17,8 +17,6 @@ value head dims.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,34 +58,11 @@ def rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> j
     return out.astype(x.dtype)
 
 
-def yarn_freqs(dim: int, theta: float, factor: float = 1.0, orig_ctx: int = 4096, beta_fast: float = 32.0,
-               beta_slow: float = 1.0) -> np.ndarray:
-    """Rotation frequency of each of the dim/2 pairs: theta^(-2i/dim), and with YaRN (factor > 1) blended towards
-    theta^(-2i/dim) / factor by the ramp between the correction dims. llama.cpp: ggml.c ggml_rope_yarn_corr_dims
-    (floor / ceil, clamped to [0, dim-1]) and ggml-cpu/ops.cpp rope_yarn / rope_yarn_ramp with ext_factor 1;
-    HF: modeling_rope_utils._compute_yarn_parameters (truncate=True). A constant, computed on the host."""
-    inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-    if factor == 1.0:
-        return inv.astype(np.float32)
-
-    def corr_dim(rotations: float) -> float:
-        return dim * math.log(orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), dim - 1)
-    extrap = 1 - np.clip((np.arange(dim // 2) - low) / max(high - low, 0.001), 0, 1)  # 1: keep the original
-    return (inv / factor * (1 - extrap) + inv * extrap).astype(np.float32)
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN's magnitude correction 1 + 0.1 * mscale * ln(factor) (1 for factor <= 1): HF yarn_get_mscale."""
-    return 1.0 if factor <= 1 else 1.0 + 0.1 * mscale * math.log(factor)
-
-
 def rope_interleaved(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
     """RoPE on adjacent pairs (x[2i], x[2i+1]) of the whole last axis, in place: llama.cpp LLAMA_ROPE_TYPE_NORM, as
     deepseek2 uses it (llama_model_rope_type); HF apply_rotary_pos_emb_interleave computes the same rotation but
     writes the pairs de-interleaved, a permutation shared by q and k that leaves q.k unchanged.
-    x [B, T, n, R], positions [B, T], freqs [R/2] (yarn_freqs)."""
+    x [B, T, n, R], positions [B, T], freqs [R/2] (deepseek2.yarn_freqs)."""
     ang = positions.astype(jnp.float32)[:, :, None, None] * jnp.asarray(freqs)  # [B, T, 1, R/2]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
     xf = x.astype(jnp.float32)

@@ -1,7 +1,8 @@
 """Weight pytrees with logical axis names, abstract shapes, random init and parameter counts.
 
 Every leaf is described once by an ``ArrayInfo`` (shape, logical axes, initializer); ``abstract`` builds the
-tree of infos (``sharding`` maps their logical axes to mesh axes), ``init`` draws random weights.
+tree of infos (``sharding`` maps their logical axes to mesh axes), ``init`` draws random weights. Only ``init`` and
+``shape_dtype`` import jax: the trees and their description load without it (mtp_jax.pytree).
 Layers of one kind are stacked on a leading ``layers`` axis and run with ``lax.scan``: the dense lead
 layers and the MoE layers are two stacks; the NextN layer has its own (unstacked) params.
 
@@ -16,17 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-
+from mtp_jax import pytree
 from mtp_jax.config import ModelConfig
-
-
-def pytree_dataclass(cls):
-    """A frozen dataclass registered as a pytree whose fields are all children (None = empty subtree)."""
-    cls = dataclass(frozen=True)(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+from mtp_jax.pytree import pytree_dataclass
 
 
 @dataclass(frozen=True)
@@ -34,10 +27,6 @@ class ArrayInfo:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, one per dim
     init: str = "normal"  # "normal" (std 0.02), "ones", "zeros", "permutation" (int32 ids 0..n-1 shuffled)
-
-
-def _is_info(x: Any) -> bool:
-    return isinstance(x, ArrayInfo)
 
 
 @pytree_dataclass
@@ -177,7 +166,7 @@ def moe(cfg: ModelConfig) -> Moe:
 
 
 def stack(tree: Any, n: int) -> Any:
-    return jax.tree.map(lambda i: ArrayInfo((n, *i.shape), ("layers", *i.axes), i.init), tree, is_leaf=_is_info)
+    return pytree.map_with_path(lambda _, i: ArrayInfo((n, *i.shape), ("layers", *i.axes), i.init), tree)
 
 
 def decoder(cfg: ModelConfig, attention: Callable[[ModelConfig], Any]) -> Params:
@@ -220,15 +209,22 @@ def abstract(cfg: ModelConfig) -> Params:
 
 def shape_dtype(cfg: ModelConfig) -> Params:
     """jax.ShapeDtypeStruct leaves: what jax.eval_shape(init, ...) gives, without tracing."""
+    import jax
+    import jax.numpy as jnp
+
+    pytree.register_with_jax()
     dt = jnp.dtype(cfg.dtype)
-    return jax.tree.map(lambda i: jax.ShapeDtypeStruct(i.shape, dt), abstract(cfg), is_leaf=_is_info)
+    return pytree.map_with_path(lambda _, i: jax.ShapeDtypeStruct(i.shape, dt), abstract(cfg))
 
 
-def init(key: jax.Array, cfg: ModelConfig, std: float = 0.02) -> Params:
-    """Random weights: normal(std) matrices and biases, unit norms, zero router bias."""
+def init(key: Any, cfg: ModelConfig, std: float = 0.02) -> Params:
+    """Random weights: normal(std) matrices and biases, unit norms, zero router bias (``key``: a jax PRNG key)."""
+    import jax
+    import jax.numpy as jnp
+
+    pytree.register_with_jax()
     tree = abstract(cfg)
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_info)
-    keys = jax.random.split(key, len(leaves))
+    keys = iter(jax.random.split(key, len(pytree.leaves_with_path(tree))))
     dt = jnp.dtype(cfg.dtype)
     makers: dict[str, Callable] = {
         "normal": lambda k, s: (std * jax.random.normal(k, s, jnp.float32)).astype(dt),
@@ -236,29 +232,29 @@ def init(key: jax.Array, cfg: ModelConfig, std: float = 0.02) -> Params:
         "zeros": lambda k, s: jnp.zeros(s, dt),
         "permutation": lambda k, s: jax.random.permutation(k, s[0]).astype(jnp.int32),  # token ids (an ordering)
     }
-    return jax.tree.unflatten(treedef, [makers[i.init](k, i.shape) for k, i in zip(keys, leaves)])
+    return pytree.map_with_path(lambda _, i: makers[i.init](next(keys), i.shape), tree)
 
 
 # ---- parameter counts --------------------------------------------------------------------------------
 
 
 def _count(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    return sum(math.prod(x.shape) for _, x in pytree.leaves_with_path(tree))
 
 
 def _moes(tree: Any) -> list[Moe]:
     """The routed-expert blocks anywhere in a tree (a layer's ``ffn``, Gemma 4's ``moe.experts``)."""
     is_moe = lambda x: isinstance(x, Moe)  # noqa: E731
-    return [x for x in jax.tree.leaves(tree, is_leaf=is_moe) if is_moe(x)]
+    return [x for _, x in pytree.leaves_with_path(tree, is_moe) if is_moe(x)]
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total and per-token active parameter counts from jax.eval_shape (nothing is allocated).
+    """Total and per-token active parameter counts from the abstract tree (nothing is allocated).
 
     Active = what one token reads: embedding row excluded, all dense weights, the router, the shared
     expert and num_experts_per_tok routed experts per MoE layer, and the lm_head.
     """
-    p = jax.eval_shape(lambda k: init(k, cfg), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    p = abstract(cfg)
     trunk = dataclasses.replace(p, nextn=None)
     total = _count(trunk)
     from mtp_jax.io.table import stacks
@@ -286,6 +282,6 @@ def routed_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of all routed experts (every expert, not the active ones): {"trunk": ..., "nextn": ...}.
     With ``param_counts`` it gives the weights a step over T tokens reads when each token picks its own
     experts (benchmarks/decode.py's verify floor)."""
-    p = jax.eval_shape(lambda k: init(k, cfg), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    p = abstract(cfg)
     routed = lambda t: sum(_count([m.gate, m.up, m.down]) for m in _moes(t))  # noqa: E731
     return {"trunk": routed(dataclasses.replace(p, nextn=None)), "nextn": routed(p.nextn) if p.nextn else 0}

@@ -28,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from mtp_jax import pytree
 from mtp_jax.io import table, tree
 from mtp_jax.quant import policy
+
+pytree.register_with_jax()  # (mtp_jax.pytree) the graph and the readers get it through this module
 
 QK_K = 256
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}

@@ -17,7 +17,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtp_jax import params as P
+from mtp_jax import pytree
 from mtp_jax.config import ModelConfig
+
+pytree.register_with_jax()  # (mtp_jax.pytree)
 
 # logical axis -> mesh axis (None = replicated)
 RULES: Mapping[str, str | None] = {

@@ -36,7 +36,8 @@ from mtp_jax.kvcache import KVCache, init_trunk_cache
 from mtp_jax.kvquant import KVTypes
 from mtp_jax.linear import compute_dtype
 from mtp_jax.model import forward, pad_prompts, take_last
-from mtp_jax.params import Params, pytree_dataclass
+from mtp_jax.params import Params
+from mtp_jax.pytree import pytree_dataclass
 from mtp_jax.sampling import Sampling, argmax, probs, sample, verify_drafts
 
 

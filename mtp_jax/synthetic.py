@@ -25,8 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax import params as P
+from mtp_jax import pytree
 from mtp_jax.config import ModelConfig
 from mtp_jax.io.table import stacks
+
+pytree.register_with_jax()  # (mtp_jax.pytree)
 
 
 def _head(E: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:

@@ -186,3 +186,57 @@ def test_benchmark_step_runs_the_drafters_pieces(fam):
     _, cfg, params = fam
     trunk, heads = autodraft._caches(params, cfg, 2, 32, 9, KVTypes(), True)
     np.testing.assert_array_equal(autodraft.repeat_step(params, trunk, heads, cfg, 2, 2), [9, 9])
+
+
+def test_gguf_is_checked_without_jax(fam, tmp_path):
+    """The quantizer checks a family's file against its tensor table (config_from_gguf, check_tensors): the family's
+    description (config, readers, table, abstract tree) loads without jax, ~145 MB of RSS on its own."""
+    import subprocess
+    import sys
+
+    f, cfg, params = fam
+    path = write_gguf(tmp_path / "m.gguf", *_trunk(f, cfg, params))
+    code = ("import sys; from mtp_jax.io.gguf_model import check_tensors, config_from_gguf; "
+            "from mtp_jax.io.validate import open_reader; "
+            f"r = open_reader({str(path)!r}); cfg = config_from_gguf(r); check_tensors(r, cfg); "
+            "print(cfg.family, 'jax' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == [f.arch, "False"], proc.stdout + proc.stderr
+
+
+def test_every_jax_module_registers_the_trees():
+    """pytree_dataclass records a class without jax (mtp_jax.pytree): every module of the package that imports jax
+    and handles parameter trees, imported alone, makes every recorded class a jax pytree (a forked child per module:
+    jax itself is imported once); and classes recorded before that (the descriptions first) are registered too."""
+    import subprocess
+    import sys
+
+    code = '''
+import dataclasses, importlib, os, pathlib, pkgutil, re, sys
+import jax
+import mtp_jax
+from mtp_jax import pytree
+
+def unregistered():
+    return [c.__name__ for c in pytree.CLASSES
+            if len(jax.tree.leaves(c(**{f.name: 1 for f in dataclasses.fields(c)}))) != len(dataclasses.fields(c))]
+
+jax_modules = [m.name for m in pkgutil.walk_packages(mtp_jax.__path__, "mtp_jax.")
+               if re.search(r"^(import|from) jax\\b", pathlib.Path(importlib.util.find_spec(m.name).origin).read_text(),
+                            re.M)]
+for name in jax_modules:
+    pid = os.fork()
+    if pid == 0:
+        importlib.import_module(name)
+        bad = unregistered() if "mtp_jax.params" in sys.modules else []
+        print(name, bad, flush=True)
+        os._exit(1 if bad else 0)
+    assert os.waitpid(pid, 0)[1] == 0, name
+from mtp_jax import families
+families.registered()
+assert pytree.CLASSES and len(unregistered()) == len(pytree.CLASSES)
+import mtp_jax.model
+print("after", unregistered(), len(jax_modules))
+'''
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("after [] "), proc.stdout + proc.stderr

@@ -225,7 +225,7 @@ def test_postnorm_mode_hands_the_heads_transformers_hiddens(drafting):
     """mtp_hidden: postnorm (transformers' MtpModel) hands head 0 the trunk's final-normed hidden and each head's
     successor its output after shared_head_norm; the default hands both over before the norm (llama.cpp, checked
     in tests/io/test_step35_peer.py). Greedy MTP stays equal to plain either way."""
-    from mtp_jax.families.step35 import head_forward
+    from mtp_jax.families.step35_graph import head_forward
     from mtp_jax.layers import rms_norm
 
     params, want, _ = drafting

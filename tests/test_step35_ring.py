@@ -11,7 +11,7 @@ import pytest
 from mtp_jax import generate, kvcache, speculative
 from mtp_jax import model as M
 from mtp_jax.config import load_config
-from mtp_jax.families import step35
+from mtp_jax.families import step35, step35_graph
 from mtp_jax import synthetic
 from tests.helpers import numpy_init
 
@@ -21,7 +21,7 @@ PROMPTS = [list(range(20, 39)), [7, 8, 9]]  # 19 tokens (three chunks) and 3
 
 @pytest.fixture(autouse=True)
 def small_rings(monkeypatch):
-    monkeypatch.setattr(step35, "SWA_CHUNK", 8)
+    monkeypatch.setattr(step35_graph, "SWA_CHUNK", 8)
 
 
 def test_sliding_stacks_are_rings_and_full_stacks_hold_every_position():

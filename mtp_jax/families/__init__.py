@@ -17,6 +17,11 @@ generic tests in tests/test_families.py run over every registered family):
   kvcache.decoder_cache), for a family whose layers do not fit two stacks (per-layer head counts, windows), and
   ``constant_tensors`` (GGUF tensors that are functions of the config, such as gemma4's ``rope_freqs``).
 
+The description (config, readers and writers, tensor table, abstract tree, stacks, constant tensors) imports no
+jax: the quantizer checks a family's GGUF with it alone (``import jax`` costs ~145 MB of RSS). The graph
+callables (forward, head_forward, drafter, init_cache, the head's files) name their code with ``Lazy``, imported
+on first call; a family with graph code of its own keeps it in ``<arch>_graph.py``.
+
 Shared and family-agnostic: layers, ``linear``, the KV cache, sampling, the loop, imatrix, I/O, quantizer, CLI.
 """
 
@@ -29,6 +34,18 @@ from typing import Any, Callable
 # imported on first lookup (they import the model code, which imports this package)
 _MODULES = ("glm4moe", "deepseek2", "step35", "gemma4")
 ARCHS = frozenset(_MODULES)  # a family's module is named after its GGUF arch (register checks it): known without jax
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """``module.name``, imported on its first call: how a family's description names graph code (which imports
+    jax) without importing it."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,13 @@ import gguf
 import numpy as np
 from gguf import Keys
 
-from mtp_jax import drafter, families, model, mtp
+from mtp_jax import families
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
 from mtp_jax.families import glm4moe
-from mtp_jax.io.gguf import Metadata, f32, write_common_metadata
+from mtp_jax.io.gguf_model import Metadata, f32, write_common_metadata
 from mtp_jax.io.table import Part, Spec, T
 from mtp_jax.io.validate import REQUIRED
-from mtp_jax.layers import yarn_freqs, yarn_mscale
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]  # "deepseek2"
 GATING = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
@@ -87,7 +86,7 @@ class DeepseekV3Config(ModelConfig):
         return m * m / math.sqrt(self.qk_head_dim)
 
     def rope_freqs(self) -> np.ndarray:
-        """[qk_rope_head_dim / 2] rotation frequencies (layers.yarn_freqs)."""
+        """[qk_rope_head_dim / 2] rotation frequencies (yarn_freqs)."""
         if self.rope_scaling != "yarn":
             return yarn_freqs(self.qk_rope_head_dim, self.rope_theta)
         return yarn_freqs(self.qk_rope_head_dim, self.rope_theta, self.rope_factor,
@@ -125,6 +124,32 @@ class DeepseekV3Config(ModelConfig):
             if not self.rope_mscale == self.rope_mscale_all_dim > 0:
                 raise ValueError(f"YaRN mscale {self.rope_mscale} and mscale_all_dim {self.rope_mscale_all_dim}: "
                                  f"transformers and llama.cpp agree only when they are equal and positive")
+
+
+# ---- YaRN (host constants) --------------------------------------------------------------------------------
+
+
+def yarn_freqs(dim: int, theta: float, factor: float = 1.0, orig_ctx: int = 4096, beta_fast: float = BETA_FAST,
+               beta_slow: float = BETA_SLOW) -> np.ndarray:
+    """Rotation frequency of each of the dim/2 pairs: theta^(-2i/dim), and with YaRN (factor > 1) blended towards
+    theta^(-2i/dim) / factor by the ramp between the correction dims. llama.cpp: ggml.c ggml_rope_yarn_corr_dims
+    (floor / ceil, clamped to [0, dim-1]) and ggml-cpu/ops.cpp rope_yarn / rope_yarn_ramp with ext_factor 1;
+    HF: modeling_rope_utils._compute_yarn_parameters (truncate=True). A constant, computed on the host."""
+    inv = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if factor == 1.0:
+        return inv.astype(np.float32)
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    extrap = 1 - np.clip((np.arange(dim // 2) - low) / max(high - low, 0.001), 0, 1)  # 1: keep the original
+    return (inv / factor * (1 - extrap) + inv * extrap).astype(np.float32)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's magnitude correction 1 + 0.1 * mscale * ln(factor) (1 for factor <= 1): HF yarn_get_mscale."""
+    return 1.0 if factor <= 1 else 1.0 + 0.1 * mscale * math.log(factor)
 
 
 # ---- HF config.json ------------------------------------------------------------------------------------------
@@ -335,6 +360,7 @@ FAMILY = families.register(families.Family(
     arch=ARCH, hf_model_types=("deepseek_v3",), hf_architecture="DeepseekV3ForCausalLM", config=DeepseekV3Config,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, config_from_gguf=config_from_gguf,
     write_gguf_metadata=write_gguf_metadata, top_specs=glm4moe.top_specs, layer_specs=layer_specs,
-    nextn_specs=glm4moe.nextn_specs, abstract=abstract, forward=model.decoder_forward, head_forward=mtp.nextn_forward,
-    drafter=drafter.RecursiveHead, tiny="deepseek2-tiny",
+    nextn_specs=glm4moe.nextn_specs, abstract=abstract, forward=families.Lazy("mtp_jax.model", "decoder_forward"),
+    head_forward=families.Lazy("mtp_jax.mtp", "nextn_forward"),
+    drafter=families.Lazy("mtp_jax.drafter", "RecursiveHead"), tiny="deepseek2-tiny",
 ))

@@ -24,13 +24,14 @@ import numpy as np
 
 from mtp_jax import params as P
 from mtp_jax.families.gemma4 import (FULL, SWA, G4Attention, G4Layer, Gemma4Config, Gemma4Params, LayerKinds,
-                                     _partial_factor, attend_cache, cache_slot, constant_tensors, forward, init_cache,
-                                     rope_pairs, write_attention_keys)
+                                     _partial_factor, constant_tensors, write_attention_keys)
+from mtp_jax.families.gemma4_graph import attend_cache, cache_slot, forward, init_cache, rope_pairs
 from mtp_jax.kvcache import KVCache
 from mtp_jax.layers import at, mlp, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.model import valid_mask
-from mtp_jax.params import ArrayInfo, pytree_dataclass
+from mtp_jax.params import ArrayInfo
+from mtp_jax.pytree import pytree_dataclass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,7 +421,7 @@ def read_assistant_gguf(path, target: Gemma4Config, dtype: str | None = None, ch
     import gguf
     from gguf import GGMLQuantizationType, Keys
 
-    from mtp_jax.io.gguf import Metadata, f32
+    from mtp_jax.io.gguf_model import Metadata, f32
     from mtp_jax.io.validate import REQUIRED, dequantizable, open_reader
     from mtp_jax.io.validate import check_finite as finite
 

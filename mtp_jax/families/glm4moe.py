@@ -24,10 +24,10 @@ from typing import Any
 import gguf
 from gguf import Keys
 
-from mtp_jax import drafter, families, model, mtp
+from mtp_jax import families
 from mtp_jax import params as P
 from mtp_jax.config import ModelConfig
-from mtp_jax.io.gguf import Metadata, rotary_factor, write_common_metadata
+from mtp_jax.io.gguf_model import Metadata, rotary_factor, write_common_metadata
 from mtp_jax.io.table import Spec, T
 from mtp_jax.io.validate import REQUIRED
 
@@ -210,6 +210,7 @@ FAMILY = families.register(families.Family(
     arch=ARCH, hf_model_types=("glm4_moe",), hf_architecture="Glm4MoeForCausalLM", config=Glm4MoeConfig,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, config_from_gguf=config_from_gguf,
     write_gguf_metadata=write_gguf_metadata, top_specs=top_specs, layer_specs=layer_specs, nextn_specs=nextn_specs,
-    abstract=abstract, forward=model.decoder_forward, head_forward=mtp.nextn_forward, drafter=drafter.RecursiveHead,
-    tiny="glm4moe-tiny",
+    abstract=abstract, forward=families.Lazy("mtp_jax.model", "decoder_forward"),
+    head_forward=families.Lazy("mtp_jax.mtp", "nextn_forward"),
+    drafter=families.Lazy("mtp_jax.drafter", "RecursiveHead"), tiny="glm4moe-tiny",
 ))

@@ -120,7 +120,7 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     """A file of a registered family is validated as loading does, short of reading the weights; other archs
     only as GGUF."""
     from mtp_jax import families
-    from mtp_jax.io.gguf import check_tensors, config_from_gguf
+    from mtp_jax.io.gguf_model import check_tensors, config_from_gguf
     from mtp_jax.io.split import open_model_files
 
     files = open_model_files(path)

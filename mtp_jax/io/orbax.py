@@ -19,9 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mtp_jax import params as P
+from mtp_jax import pytree
 from mtp_jax.config import ModelConfig
 from mtp_jax.io import tree
 from mtp_jax.io.tokenizer import Tokenizer
+
+pytree.register_with_jax()  # (mtp_jax.pytree)
 
 CONFIG = "config.json"
 PARAMS = "params"

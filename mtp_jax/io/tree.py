@@ -12,17 +12,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
 from mtp_jax import params as P
+from mtp_jax import pytree
 from mtp_jax.config import ModelConfig
 
 NEXTN_OPTIONAL = ("shared_head_norm", "shared_head_head", "embed_tokens")
 Path = tuple[Any, ...]
-
-
-def _is_info(x: Any) -> bool:
-    return isinstance(x, P.ArrayInfo)
 
 
 def template(cfg: ModelConfig, nextn_present: set[str] | None = None, load_mtp: bool = True) -> P.Params:
@@ -56,8 +51,7 @@ def template_of(cfg: ModelConfig, params: P.Params) -> P.Params:
 
 def leaf_paths(tree: Any) -> list[Path]:
     """Attribute paths of the (non-None) leaves, in jax.tree order."""
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_info)[0]
-    return [tuple(k.idx if isinstance(k, jax.tree_util.SequenceKey) else k.name for k in kp) for kp, _ in flat]
+    return [path for path, _ in pytree.leaves_with_path(tree)]
 
 
 def get(tree: Any, path: Path) -> Any:
@@ -73,7 +67,11 @@ def key(path: Path) -> str:
 
 def build(tmpl: P.Params, leaves: Sequence[Any]) -> P.Params:
     """The template's structure with ``leaves`` in leaf_paths order."""
-    return jax.tree.unflatten(jax.tree.structure(tmpl, is_leaf=_is_info), list(leaves))
+    paths = leaf_paths(tmpl)
+    if len(paths) != len(leaves):
+        raise ValueError(f"{len(leaves)} leaves for a template of {len(paths)}")
+    by_path = dict(zip(paths, leaves))
+    return pytree.map_with_path(lambda path, _: by_path[path], tmpl)
 
 
 def check_shapes(tmpl: P.Params, params: P.Params, where: Any) -> None:

@@ -7,9 +7,9 @@ byte for byte with llama-quantize's. Differences: the header is written first an
 after it in pieces of rows (mtp_jax.quant.stream: read from the memory-mapped input, converted, written,
 released, so memory holds a few pieces, never the file), every imatrix / input-type error is raised
 before any data is written, and the output appears only on success (a failed llama-quantize leaves a
-partial file). The input is validated first (mtp_jax.io.validate; a glm4moe model also against its
-tensor table), and an imatrix against the model (imatrix_gguf.check_model). Quantized inputs
-(--allow-requantize) are dequantized by gguf-py. A split model (``NAME-00001-of-0000N.gguf``, split.*
+partial file). The input is validated first (mtp_jax.io.validate; a model of a registered family also
+against its tensor table, without importing jax), and an imatrix against the model (imatrix_gguf.check_model).
+Quantized inputs (--allow-requantize) are dequantized by gguf-py. A split model (``NAME-00001-of-0000N.gguf``, split.*
 keys as llama-gguf-split writes them) is read from its first file, as llama.cpp's model loader does;
 ``keep_split`` writes one output per input split, as llama-quantize --keep-split.
 """
@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mtp_jax.families import ARCHS
 from mtp_jax.io.imatrix_gguf import check_model, read_imatrix, to_quant_weights
 from mtp_jax.io.split import ModelFiles, open_model_files, split_path
-from mtp_jax.io.validate import open_reader, regular_file
+from mtp_jax.io.validate import GGUFError, regular_file
 from mtp_jax.quant import policy, registry, stream
 from mtp_jax.quant.base import QuantError
 from mtp_jax.quant.policy import FLOAT_TYPES, ModelInfo, QuantOptions, TensorDesc, TensorPlan, ggml_type_name
@@ -326,7 +326,7 @@ def _open(path: Path) -> ModelFiles:
     reader = inp.readers[0]
     arch = reader.fields.get(Keys.General.ARCHITECTURE)
     if arch is not None and arch.contents() in ARCHS:  # a family we model: its tensor table is checked
-        from mtp_jax.io.gguf import GGUFError, check_tensors, config_from_gguf
+        from mtp_jax.io.gguf_model import check_tensors, config_from_gguf  # (no jax: see its docstring)
 
         whole = inp.whole()  # every split's tensors
         try:

@@ -470,22 +470,36 @@ def test_cli_options(files, tmp_path, capsys):
 
 
 def test_quantize_command_does_not_import_jax(tmp_path):
-    """jax alone is ~135 MB of RSS, twice llama-quantize's peak: the quantize command of a model no family of
-    ours reads (so no tensor table to check) must not import it, and the compilation cache setting still
-    reaches jax when a later command of the same process imports it."""
+    """jax alone is ~145 MB of RSS, twice llama-quantize's peak: the quantize command imports it neither for a model
+    no family of ours reads nor for one of our families, whose file is checked against its tensor table (the
+    embedded model; a copy without one tensor fails with the same one line as in a process that has jax), and the
+    compilation cache setting still reaches jax when a later command of the same process imports it."""
     import subprocess
     import sys
+
+    from mtp_jax.cli import default_model
+    from tests.io.gguf_mutants import drop, rewrite
 
     def add(w):
         w.add_block_count(1)
         w.add_tensor("token_embd.weight", np.ones((4, 256), np.float32))
 
     _write_gguf(tmp_path / "in.gguf", add)
+    model = Path(default_model())
+    assert model.suffix == ".gguf", "the embedded model is not installed"
+    bad = rewrite(model, tmp_path / "bad.gguf", tensors=drop("blk.1.attn_q.weight"))
+    with pytest.raises(QuantError, match=r"bad\.gguf: missing tensor blk\.1\.attn_q\.weight$") as e:
+        quantize(bad, tmp_path / "o.gguf", "Q8_0")
+    runs = [("in.gguf", "out.gguf"), (str(model), "family.gguf"), ("bad.gguf", "o.gguf")]
+    calls = ", ".join(f"main(['quantize', {str(tmp_path / i)!r}, {str(tmp_path / o)!r}, 'Q8_0'])" for i, o in runs)
     code = ("import sys; from mtp_jax.cli import main; "
-            f"rc = main(['quantize', {str(tmp_path / 'in.gguf')!r}, {str(tmp_path / 'out.gguf')!r}, 'Q8_0']); "
-            "print(rc, 'jax' in sys.modules); import jax; print(jax.config.jax_compilation_cache_dir)")
+            f"rcs = [{calls}]; "
+            "print(rcs, 'jax' in sys.modules); import jax; print(jax.config.jax_compilation_cache_dir)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"MTP_JAX_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-2:] == ["0 False", str(tmp_path / "jax")], proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["[0, 0, 2] False", str(tmp_path / "jax")], proc.stdout + proc.stderr
+    assert [x for x in proc.stderr.splitlines() if "error" in x] == [f"mtp-jax quantize: error: {e.value}"]
     assert (tmp_path / "out.gguf").stat().st_size > 0
+    assert (tmp_path / "family.gguf").stat().st_size > 0
+    assert _no_output(tmp_path, "o.gguf")
