@@ -305,9 +305,17 @@ def run_llama(model: str, prompt: str, ks, max_new: int, threads: int) -> dict:
     res = {"plain_tok_s": plain_tps, "mtp": []}
     print(f"  llama.cpp plain (llama-bench tg128, {threads} threads): {plain_tps:.1f} tok/s")
     common = ["-m", model, "-p", prompt, "-n", max_new, "--temp", 0, "-c", 1024, "--no-repack"]
+    speed = re.compile(r"decoded\s+\d+ tokens in\s+[0-9.]+ seconds, speed:\s+([0-9.]+) t/s")
     for K in [k for k in ks if k != "auto"]:
-        log = _llama("llama-speculative-simple", threads, *common, "--spec-type", "draft-mtp", "--spec-draft-n-max", K)
-        tps = float(re.search(r"decoded\s+\d+ tokens in\s+[0-9.]+ seconds, speed:\s+([0-9.]+) t/s", log).group(1))
+        for _ in range(2):  # once in a while (seen once in dozens of runs) its log lacked the speed line
+            log = _llama("llama-speculative-simple", threads, *common, "--spec-type", "draft-mtp",
+                         "--spec-draft-n-max", K)
+            if m := speed.search(log):
+                break
+        else:
+            print(f"  llama.cpp draft-mtp K={K}: no speed line in its log, twice (skipped): ...{log[-300:]!r}")
+            continue
+        tps = float(m.group(1))
         drafted, accepted = llama_cpp.speculative_counts(log)
         res["mtp"].append(dict(k=K, mtp_tok_s=tps, accept_rate=accepted / max(drafted, 1)))
         print(f"  llama.cpp draft-mtp K={K}: {tps:.1f} tok/s (x{tps / plain_tps:.2f} of its plain), "

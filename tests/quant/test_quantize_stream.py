@@ -114,11 +114,35 @@ def test_pieces():
 
 
 def test_many_pieces_in_two_processes(model, tmp_path, monkeypatch):
-    """Tensors cut into many pieces of uneven sizes, half of them converted by a worker: the same bytes."""
+    """Tensors cut into many pieces of uneven sizes, half of them converted by a spawned worker (as in a process
+    that runs jax): the same bytes."""
     quantize(model, tmp_path / "one.gguf", "Q6_K", threads=1)
+    monkeypatch.setattr(stream, "start_method", lambda: "spawn")
     monkeypatch.setattr(stream, "PIECE_ELEMENTS", 256 * 13)  # ~1000 pieces, 1 to 13 rows
     monkeypatch.setattr(stream, "POOL_MIN_ELEMENTS", 0)
     quantize(model, tmp_path / "two.gguf", "Q6_K", threads=2)
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
+
+
+_FORKED = """
+import sys
+from mtp_jax.quant import stream
+from mtp_jax.quant.gguf_quantize import quantize_gguf
+stream.PIECE_ELEMENTS, stream.POOL_MIN_ELEMENTS = 256 * 13, 0
+assert stream.start_method() == "fork", stream.start_method()
+quantize_gguf(sys.argv[1], sys.argv[2], "Q6_K", threads=2, progress=False)
+assert "jax" not in sys.modules
+"""
+
+
+def test_forked_workers_give_the_same_bytes(model, tmp_path):
+    """Where no jax runs (the quantize command, in a fresh process here), workers are forked
+    (stream.start_method), sharing the parent's imports. Forked, ~1000 pieces: the same bytes."""
+    quantize(model, tmp_path / "one.gguf", "Q6_K", threads=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _FORKED, str(model), str(tmp_path / "two.gguf")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
 
 
