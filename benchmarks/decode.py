@@ -62,9 +62,12 @@ import re
 import subprocess
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from mtp_jax.timing import best_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,23 +77,18 @@ def bandwidth_gbs(mb: int = 256) -> dict:
     a = np.random.rand(mb * 2**20 // 8)
     b = np.empty_like(a)
 
-    def one(src, dst):
-        np.copyto(dst, src)
+    def copy(parts):
+        ts = [threading.Thread(target=np.copyto, args=(b[p[0]:p[-1] + 1], a[p[0]:p[-1] + 1])) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
 
     out = {}
     n = os.cpu_count() or 1
     for threads in sorted({1, n}):
         parts = np.array_split(np.arange(a.size), threads)
-        best = float("inf")
-        for _ in range(5):
-            ts = [threading.Thread(target=one, args=(a[p[0]:p[-1] + 1], b[p[0]:p[-1] + 1])) for p in parts]
-            t0 = time.perf_counter()
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            best = min(best, time.perf_counter() - t0)
-        out[f"copy_{threads}_threads"] = 2 * a.nbytes / best / 1e9
+        out[f"copy_{threads}_threads"] = 2 * a.nbytes / best_seconds(partial(copy, parts), 5) / 1e9
     out["roofline"] = max(out.values())
     return out
 
@@ -104,12 +102,7 @@ def device_bandwidth_gbs(mb: int = 2048) -> dict:
     x = jnp.ones((mb * 2**20 // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1)
     f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t0 = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    bw = 2 * x.nbytes / best / 1e9
+    bw = 2 * x.nbytes / best_seconds(lambda: f(x).block_until_ready(), 10) / 1e9
     return {"device_copy": bw, "roofline": bw}
 
 
@@ -126,12 +119,7 @@ def while_iteration_us(n: int = 2000) -> float:
 
     def best(m: int) -> float:
         f(x, m).block_until_ready()
-        out = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            f(x, m).block_until_ready()
-            out = min(out, time.perf_counter() - t0)
-        return out
+        return best_seconds(lambda: f(x, m).block_until_ready(), 5)
 
     return 1e6 * (best(n) - best(1)) / (n - 1)
 

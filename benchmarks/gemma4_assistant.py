@@ -2,7 +2,7 @@
 
 For a Gemma-4-style config with an assistant (default configs/gemma4-bench.yaml: 8 target layers, vocabulary
 32768, a 4-layer assistant of width 256 whose centroid head scores 32 of 2048 clusters = 512 tokens), weights built
-to draft (gemma4_assistant.drafting_params: the assistant drafts the trunk's next token on a fraction ``--accept``
+to draft (gemma4_assistant_graph.drafting_params: the assistant drafts the trunk's next token on a fraction ``--accept``
 of the tokens; each centroid is the mean table row of its cluster), batch 1, greedy, it prints and writes to JSON:
 
 * our plain decode tokens/s, and per head (full vocabulary, centroids) and per K: MTP tokens/s, the speedup over
@@ -30,7 +30,7 @@ import numpy as np
 
 from mtp_jax import autodraft, speculative
 from mtp_jax.config import load_config
-from mtp_jax.families import gemma4_assistant as GA
+from mtp_jax.families import gemma4_assistant_graph as GA
 from mtp_jax.generate import best_of, generate
 
 RESULTS = Path(__file__).resolve().parent / "results"

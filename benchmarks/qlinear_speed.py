@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import jax
@@ -30,6 +29,7 @@ import numpy as np
 from mtp_jax import kernels
 from mtp_jax.linear import linear
 from mtp_jax.qweight import DEQUANTIZERS, FLOAT_TYPES, QuantWeight, block
+from mtp_jax.timing import best_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # byte offsets of each block's f16 scales (set to sane values; every other byte of a block is random)
@@ -76,15 +76,6 @@ def compiled_loop(w, loop: int, m: int, k: int, xla: bool, hot: bool):
         f = jax.jit(run).lower(x, w).compile()
     f(x, w).block_until_ready()
     return lambda: f(x, w).block_until_ready()
-
-
-def best_seconds(call, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ each piece on a cache, as inside the real loops) and keeps the result for the pr
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import jax
@@ -36,6 +35,7 @@ from mtp_jax.kvcache import init_trunk_cache
 from mtp_jax.kvquant import KVTypes
 from mtp_jax.model import forward
 from mtp_jax.sampling import argmax
+from mtp_jax.timing import best_seconds
 
 WARMUP_STEPS = 3  # steps that draft one token to measure acceptance before the loop may stop drafting (and per probe)
 PROBE_FIRST = 8  # plain decode steps after drafting first stops paying, before a probe drafts again
@@ -105,14 +105,10 @@ def _caches(params, cfg: ModelConfig, B: int, size: int, ctx: int, types: KVType
     return trunk, None if heads is None else sharding.place_rows(heads.with_lengths(jnp.full((B,), ctx)), mesh)
 
 
-def _best_seconds(run, n: int, repeats: int) -> float:
+def _per_call(run, n: int, repeats: int) -> float:
+    """Seconds per call of a compiled loop ``run`` of ``n`` calls (best of ``repeats``, after one to compile)."""
     jax.block_until_ready(run())  # compile
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
+    return best_seconds(lambda: jax.block_until_ready(run()), repeats) / n
 
 
 def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n: int = 20, repeats: int = 3,
@@ -120,14 +116,14 @@ def time_piece(params, cfg: ModelConfig, B: int, T: int, head: bool, ctx: int, n
     """Seconds per call of one piece at batch B with ``ctx`` cached tokens (best of ``repeats``)."""
     trunk, heads = _caches(params, cfg, B, ctx + T + 8, ctx, types, head)
     cache, trunk = (heads, trunk) if head else (trunk, None)
-    return _best_seconds(lambda: repeat_piece(params, cache, cfg, T, head, n, trunk), n, repeats)
+    return _per_call(lambda: repeat_piece(params, cache, cfg, T, head, n, trunk), n, repeats)
 
 
 def time_step(params, cfg: ModelConfig, B: int, K: int, ctx: int, n: int = 20, repeats: int = 3,
               types: KVTypes = KVTypes()) -> float:
     """Seconds per call of ``repeat_step``'s step (K drafts) at batch B with ``ctx`` cached tokens."""
     trunk, heads = _caches(params, cfg, B, ctx + K + 9, ctx, types, True)
-    return _best_seconds(lambda: repeat_step(params, trunk, heads, cfg, K, n), n, repeats)
+    return _per_call(lambda: repeat_step(params, trunk, heads, cfg, K, n), n, repeats)
 
 
 _COSTS: dict = {}

@@ -10,8 +10,9 @@ the ``lax.while_loop``, per row, with L = trunk length and t_L the newest token 
    (the one head reused recursively, as llama.cpp does for GLM).
 3. Verify [t_L, d_1..d_K] with one trunk forward of K+1 tokens.
 4. Accept (``sampling.verify_drafts``): a drafts + one correction/bonus token c are emitted.
-5. Rollback = set lengths: trunk L' = L + a + 1 (fewer when a stop id or the budget truncates); NextN M' = L + 1 (draft-step entries are stale past it); the
-   new pending pairs are (h_L, d_1) .. (h_{L+a}, c), fed to the head at the start of the next iteration.
+5. Rollback = set lengths: trunk L' = L + a + 1 (fewer when a stop id or the budget truncates); NextN M' = L + 1
+   (draft-step entries are stale past it); the new pending pairs are (h_L, d_1) .. (h_{L+a}, c), fed to the head
+   at the start of the next iteration.
 Rows stop independently (stop ids, budget, cache full); finished rows ride along masked.
 """
 

@@ -108,6 +108,18 @@ def test_measured_costs_are_relative_to_one_decode():
     assert costs[1, 0] >= 0  # the step's own cost beyond its pieces
 
 
+def test_best_seconds_is_the_least_of_the_repeats(monkeypatch):
+    """timing.best_seconds (autodraft's piece timings, the benchmarks'): each call timed alone, the least kept."""
+    import types
+
+    from mtp_jax import timing
+
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # calls of 3, 1 and 2 s
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    assert timing.best_seconds(lambda: calls.append(1), 3) == 1.0 and len(calls) == 3
+
+
 @pytest.mark.parametrize("sampling, p_min", [(Sampling(temperature=1.0), 0.9), (Sampling(temperature=1.5, top_k=5, top_p=0.9), 0.8)])
 def test_sampling_with_early_stop_matches_plain_distribution(sampling, p_min):
     """Lossless with drafts that stop early (p_min) and sampled drafts: tokens 1..3 over 3000 rows."""

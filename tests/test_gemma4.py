@@ -19,6 +19,7 @@ from mtp_jax import params as P
 from mtp_jax.config import load_config
 from mtp_jax.families import gemma4
 from mtp_jax.families import gemma4_assistant as GA
+from mtp_jax.families import gemma4_assistant_graph as GAG
 from mtp_jax.generate import generate
 from mtp_jax.io.hf import from_hf
 from mtp_jax.model import forward
@@ -133,7 +134,7 @@ def test_assistant_drafts_match_transformers(ordered):
     assert acfg.use_ordered_embeddings == ordered and acfg.swa_keys == "transformers"
     sd = {k: v.detach().numpy() for k, v in asst.state_dict().items()}
     cfg = cfg.replace(assistant=acfg)
-    params = dataclasses.replace(params, nextn=GA.assistant_from_hf(sd, acfg))
+    params = dataclasses.replace(params, nextn=GAG.assistant_from_hf(sd, acfg))
     ids = torch.tensor(IDS)
     n = ids.shape[1]
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_assistant_drafts_match_transformers(ordered):
         with torch.no_grad():
             o = asst(inputs_embeds=torch.cat([target.get_input_embeddings()(tok), h], -1),
                      position_ids=torch.tensor([[n]]), shared_kv_states=out.shared_kv_states)
-        nxt, lg, _ = GA.assistant_forward(params, ours_h, ours_tok, cache, jnp.full((2, 1), n), cfg)
+        nxt, lg, _ = GAG.assistant_forward(params, ours_h, ours_tok, cache, jnp.full((2, 1), n), cfg)
         ref = o.logits.numpy()
         assert np.abs(np.asarray(lg) - ref).max() < TOL, (step, np.abs(np.asarray(lg) - ref).max())
         assert np.abs(np.asarray(nxt) - o.last_hidden_state.numpy()).max() < TOL
@@ -156,9 +157,9 @@ def test_assistant_drafts_match_transformers(ordered):
         tok, h = o.logits.argmax(-1), o.last_hidden_state
         ours_tok, ours_h = jnp.asarray(tok.numpy()), nxt
     # llama.cpp's window (W - 1 cached keys on sliding layers) gives other drafts
-    other = GA.assistant_forward(params, jnp.asarray(h.numpy()), ours_tok, cache, jnp.full((2, 1), n),
-                                 cfg.replace(assistant=dataclasses.replace(acfg, swa_keys="llama.cpp")))[1]
-    ref = GA.assistant_forward(params, jnp.asarray(h.numpy()), ours_tok, cache, jnp.full((2, 1), n), cfg)[1]
+    other = GAG.assistant_forward(params, jnp.asarray(h.numpy()), ours_tok, cache, jnp.full((2, 1), n),
+                                  cfg.replace(assistant=dataclasses.replace(acfg, swa_keys="llama.cpp")))[1]
+    ref = GAG.assistant_forward(params, jnp.asarray(h.numpy()), ours_tok, cache, jnp.full((2, 1), n), cfg)[1]
     assert np.abs(np.asarray(other) - np.asarray(ref)).max() > 100 * TOL
 
 
@@ -182,9 +183,9 @@ def test_greedy_mtp_with_the_assistant_equals_plain_greedy(tiny, K):
 
 
 def drafting(tiny, accept: float = 0.6, seed: int = 0):
-    """The tiny model made to draft (gemma4_assistant.drafting_params: the assistant drafts the trunk's next token
-    on a fraction ``accept`` of the tokens; its drafts also depend on the hidden it is handed)."""
-    return GA.drafting_params(tiny[0], accept, seed, mix=0.3)
+    """The tiny model made to draft (gemma4_assistant_graph.drafting_params: the assistant drafts the trunk's next
+    token on a fraction ``accept`` of the tokens; its drafts also depend on the hidden it is handed)."""
+    return GAG.drafting_params(tiny[0], accept, seed, mix=0.3)
 
 
 def test_sampling_with_the_centroid_head_matches_plain_sampling(tiny):
@@ -223,7 +224,7 @@ def test_hf_directories_load_as_a_target_and_assistant_pair(tmp_path):
     cfg, params, _ = load_model(tmp_path / "target", mtp_head=tmp_path / "assistant")
     want_cfg, want = _ours(target)
     acfg = GA.assistant_config_from_hf(asst.config.to_dict(), want_cfg)
-    want = dataclasses.replace(want, nextn=GA.assistant_from_hf(
+    want = dataclasses.replace(want, nextn=GAG.assistant_from_hf(
         {k: v.detach().numpy() for k, v in asst.state_dict().items()}, acfg))
     assert cfg.replace(name=want_cfg.name, dtype="float32") == want_cfg.replace(assistant=acfg)
     assert cfg.assistant.swa_keys == "transformers" and cfg.assistant.use_ordered_embeddings
@@ -242,7 +243,7 @@ def test_quantized_kv_caches_hold_the_target_and_feed_the_assistant(tiny, kind, 
 
     cfg = tiny[0]  # (block types need head dims that are multiples of 32)
     cfg = cfg.replace(head_dim_swa=32, assistant=dataclasses.replace(cfg.assistant, head_dim_swa=32))
-    cfg, params = GA.drafting_params(cfg, 0.6, mix=0.3)
+    cfg, params = GAG.drafting_params(cfg, 0.6, mix=0.3)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, cfg.vocab_size, (2, 14))
     full = np.asarray(forward(params, jnp.asarray(ids), None, cfg)[1])

@@ -54,6 +54,35 @@ def test_an_assistant_for_another_target_is_one_clear_line(pair, tmp_path, capsy
     assert len(err) == 1 and str(path) in err[0] and "sliding layers" in err[0]
 
 
+def test_the_pair_is_checked_without_jax(pair):
+    """A Gemma-4 config with an assistant (the YAML's, and the pair's metadata) is built, its tree shaped and both
+    files' tensors checked against their tables in a process that never imports jax (the assistant's description,
+    families/gemma4_assistant.py; its graph and weight readers are gemma4_assistant_graph.py)."""
+    import subprocess
+    import sys
+
+    target, assistant, _ = pair
+    code = f"""
+import sys
+from mtp_jax import families
+from mtp_jax.config import load_config
+from mtp_jax.families import gemma4_assistant as GA
+from mtp_jax.io.gguf_model import Metadata, check_tensors, config_from_gguf
+from mtp_jax.io.validate import open_reader
+cfg = load_config("gemma4-tiny")
+assert families.of(cfg).abstract(cfg).nextn is not None
+r = open_reader({str(target)!r})
+trunk = config_from_gguf(r)
+check_tensors(r, trunk)
+meta = Metadata(open_reader({str(assistant)!r}), {str(assistant)!r}, GA.ARCH)
+both = GA.config_from_gguf(meta, trunk)
+GA.check_tensors(meta, both.assistant)
+print(both == cfg, "jax" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["True", "False"], proc.stdout + proc.stderr
+
+
 def _rewrite(src, dst, arch: str, field=None, tensor=None):
     """A copy of a GGUF with one key's value (``field`` = (name, value)) or one tensor (``tensor`` = (name, f(data)))
     replaced."""

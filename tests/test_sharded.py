@@ -57,7 +57,7 @@ def test_gemma4_and_its_assistant_sharded_decode_as_on_one_device():
     projections, table) and replicated by pattern while the trunk's experts split; greedy MTP tokens as on one
     device (drafts accepted: the pair is built to draft)."""
     from mtp_jax.config import load_config
-    from mtp_jax.families.gemma4_assistant import drafting_params
+    from mtp_jax.families.gemma4_assistant_graph import drafting_params
 
     cfg, params = drafting_params(load_config("gemma4-tiny"), accept=0.6)
     ref = speculative.generate(params, cfg, PROMPTS, num_draft=2, max_new_tokens=10, eos_ids=[])

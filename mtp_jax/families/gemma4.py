@@ -22,7 +22,8 @@ Checked against the llama.cpp tree of llama-cpp-python 0.3.36 and transformers 5
 * the hidden the assistant drafter takes (``forward``'s first result) is after the final norm (gemma4.cpp
   ``t_h_nextn``).
 
-This module is the description (no jax); the graph is gemma4_graph.py, the assistant gemma4_assistant.py.
+This module is the description (no jax); the graph is gemma4_graph.py, the assistant's description
+gemma4_assistant.py and its graph gemma4_assistant_graph.py.
 """
 
 from __future__ import annotations
@@ -579,14 +580,16 @@ def write_gguf_metadata(w: gguf.GGUFWriter, cfg: Gemma4Config, ftype: gguf.Llama
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-_GRAPH, _ASSISTANT = "mtp_jax.families.gemma4_graph", "mtp_jax.families.gemma4_assistant"  # (they import jax)
+_GRAPH, _ASSISTANT_GRAPH = "mtp_jax.families.gemma4_graph", "mtp_jax.families.gemma4_assistant_graph"  # (jax)
+_ASSISTANT = "mtp_jax.families.gemma4_assistant"  # (it imports this module)
 FAMILY = families.register(families.Family(
     arch=ARCH, hf_model_types=("gemma4_text", "gemma4"), hf_architecture="Gemma4ForCausalLM", config=Gemma4Config,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, config_from_gguf=config_from_gguf,
     write_gguf_metadata=write_gguf_metadata, top_specs=top_specs, layer_specs=layer_specs, nextn_specs=nextn_specs,
     abstract=abstract, forward=families.Lazy(_GRAPH, "forward"), head_forward=families.Lazy(_GRAPH, "head_forward"),
-    drafter=families.Lazy(_ASSISTANT, "Assistant"), tiny="gemma4-tiny", stacks=stacks,
+    drafter=families.Lazy(_ASSISTANT_GRAPH, "Assistant"), tiny="gemma4-tiny", stacks=stacks,
     init_cache=families.Lazy(_GRAPH, "init_cache"), constant_tensors=constant_tensors,
-    read_head=families.Lazy(_ASSISTANT, "read_head"), write_head=families.Lazy(_ASSISTANT, "write_assistant_gguf"),
+    read_head=families.Lazy(_ASSISTANT_GRAPH, "read_head"),
+    write_head=families.Lazy(_ASSISTANT, "write_assistant_gguf"),
     head_imatrix=families.Lazy(_ASSISTANT, "imatrix_entries"),
 ))

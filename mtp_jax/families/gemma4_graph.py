@@ -239,5 +239,5 @@ def init_cache(cfg: Gemma4Config, batch: int, size: int, k_type: str | None = No
 
 
 def head_forward(*args, **kwargs):
-    raise ValueError("Gemma 4 drafts with its assistant model (gemma4_assistant.assistant_forward), not with NextN "
-                     "blocks")
+    raise ValueError("Gemma 4 drafts with its assistant model (gemma4_assistant_graph.assistant_forward), not with "
+                     "NextN blocks")

@@ -159,7 +159,8 @@ def _describe_hf(path: Path) -> dict[str, Any]:
                 types[s.get_dtype()] += 1
                 elements += math.prod(s.get_shape())
                 names.add(k)
-    return {"arch": f"{cfg.family} (HF {json.loads((path / 'config.json').read_text()).get('model_type')})", "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+    return {"arch": f"{cfg.family} (HF {json.loads((path / 'config.json').read_text()).get('model_type')})",
+            "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
             "tensors": len(names), "tensor_types": dict(types.most_common()), "elements": elements,
             "nextn_present": f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in names, "config": cfg}
 

@@ -93,7 +93,8 @@ def _release(mm: mmap.mmap, t: Any) -> None:
 def read_gguf(path: str | os.PathLike, dtype: str | None = None, load_mtp: bool = True,
               check_finite: bool = True, quantized: str = "dequantize",
               float_rows: bool = False, mesh: Any = None, placement: Any = ()) -> tuple[ModelConfig, P.Params]:
-    """A GGUF of a registered family (or the first file of a split one) -> (ModelConfig, Params of jax arrays in ``dtype``).
+    """A GGUF of a registered family (or the first file of a split one) -> (ModelConfig, Params of jax arrays in
+    ``dtype``).
 
     ``dtype`` None: the file's own float type (float32 for ALL_F32, float16 / bfloat16 for MOSTLY_F16 / BF16),
     bfloat16 for quantized files. ``load_mtp=False`` skips the NextN block's tensors like llama.cpp's
@@ -319,7 +320,8 @@ def _split_keys_in_llama_order(w: gguf.GGUFWriter) -> None:
 
 def write_gguf(path: str | os.PathLike, cfg: ModelConfig, params: P.Params, outtype: str = "f32",
                tokenizer: Tokenizer | None = None, split_max_tensors: int = 0, part: str = "all") -> Path:
-    """(ModelConfig, Params) -> a GGUF of the config's family that llama.cpp loads (NextN block included when params has one).
+    """(ModelConfig, Params) -> a GGUF of the config's family that llama.cpp loads (NextN block included when params
+    has one).
 
     ``outtype`` f32 / f16 / bf16 for the weight matrices (norms, biases, router stay F32). The tokenizer's
     vocabulary is padded to cfg.vocab_size; without one the file says ``tokenizer.ggml.model = none``. Written

@@ -66,12 +66,18 @@ def key(path: Path) -> str:
 
 
 def build(tmpl: P.Params, leaves: Sequence[Any]) -> P.Params:
-    """The template's structure with ``leaves`` in leaf_paths order."""
-    paths = leaf_paths(tmpl)
-    if len(paths) != len(leaves):
-        raise ValueError(f"{len(leaves)} leaves for a template of {len(paths)}")
-    by_path = dict(zip(paths, leaves))
-    return pytree.map_with_path(lambda path, _: by_path[path], tmpl)
+    """The template's structure with ``leaves`` in leaf_paths order (one walk, counting the template's leaves)."""
+    n = 0
+
+    def take(path: Path, _: Any) -> Any:
+        nonlocal n
+        n += 1
+        return leaves[n - 1] if n <= len(leaves) else None
+
+    out = pytree.map_with_path(take, tmpl)
+    if n != len(leaves):
+        raise ValueError(f"{len(leaves)} leaves for a template of {n}")
+    return out
 
 
 def check_shapes(tmpl: P.Params, params: P.Params, where: Any) -> None:
