@@ -3,8 +3,9 @@ MLP, MoE (sigmoid or softmax router), decoder block.
 
 Statistics (``collect_stats``): each projection that llama.cpp would quantize reports, for its input x,
 ``{"sum2": sum over valid tokens of x**2 per input column, "count": number of valid tokens}``, keyed by the
-weight's leaf path inside its layer (``attn.wq``, ``ffn.down``; the family's tensor table names them). Routed experts report per-expert sums and counts
-over the tokens routed to them only. ``mask`` [B, T] marks the valid (non-padding) tokens.
+weight's leaf path inside its layer (``attn.wq``, ``ffn.down``; the family's tensor table names them). Routed
+experts report per-expert sums and counts over the tokens routed to them only. ``mask`` [B, T] marks the valid
+(non-padding) tokens.
 
 Weights are read through ``linear`` straight out of their layer stack: every function takes ``li``, the
 layer's index into the stacked leaves (None for an unstacked layer such as the NextN block), and ``at`` picks
@@ -23,7 +24,7 @@ import numpy as np
 
 from mtp_jax import kernels, kvquant
 from mtp_jax.config import ModelConfig
-from mtp_jax.kvcache import read_layer, ring_positions, rotated, write_block
+from mtp_jax.kvcache import QuantStack, read_layer, ring_positions, rotated, write_block
 from mtp_jax.linear import linear
 from mtp_jax.params import Attention, Layer, MlaAttention, Mlp, Moe
 from mtp_jax.qweight import layer_dense
@@ -97,9 +98,10 @@ def attention(
 
     With a cache, the T new entries of row b are written first at slots lengths[b] + t (kvcache.write_block),
     then query t attends to slots < lengths[b] + t + 1: the cache is written, then read, so XLA updates it in
-    place (reading the old stack beside a write to it made XLA copy the whole stack every layer). A quantized
-    stack is read dequantized; against a TurboQuant K the queries are rotated, from a TurboQuant V the output
-    is rotated back (kvquant)."""
+    place (reading the old stack beside a write to it made XLA copy the whole stack every layer). On CPU a float
+    stack of a full-attention layer is read in place by the kernel (``_attend``): XLA copied the layer's slice
+    into a transposed layout for its dots and ran ~10 more small ops. A quantized stack is read dequantized;
+    against a TurboQuant K the queries are rotated, from a TurboQuant V the output is rotated back (kvquant)."""
     B, T, _ = x.shape
     (N, H), K = p.wq.shape[-2:], p.wk.shape[-2]
     G = N // K
@@ -124,6 +126,9 @@ def attention(
             ring = window is not None  # a sliding-window layer's stack may be a ring (kvcache.write_block)
             ks, vs = write_block(ks, ci, k, lengths, ring), write_block(vs, ci, v, lengths, ring)
             kv = (ks, vs, ci)
+            if not ring and _attend_in_place(ks, vs):
+                out = _attend(q, ks, vs, ci, lengths, scale).astype(v.dtype)
+                return _attention_out(x, out.reshape(B, T, N, H), p, li, mask, collect_stats, kv)
             k, v = read_layer(ks, ci, q.dtype), read_layer(vs, ci, q.dtype)  # [B, S, K, H] (turbo: rotated, padded)
             if rotated(ks):
                 q = kvquant.rotate(q)
@@ -142,7 +147,26 @@ def attention(
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
         if kv is not None and rotated(kv[1]):
             out = kvquant.unrotate(out, H)
-    out = out.reshape(B, T, N, H)
+    return _attention_out(x, out.reshape(B, T, N, H), p, li, mask, collect_stats, kv)
+
+
+def _attend_in_place(ks, vs) -> bool:
+    """Whether the CPU kernel attends over these stacks (plain float stacks; quantized ones are dequantized)."""
+    return (kernels.use_cpu_kernels() and not isinstance(ks, QuantStack) and not isinstance(vs, QuantStack)
+            and ks.dtype == vs.dtype and ks.dtype in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
+def _attend(q: jax.Array, ks: jax.Array, vs: jax.Array, ci, lengths: jax.Array, scale: float) -> jax.Array:
+    """The kernel (mtp_jax/kernels/cpu_linear.cc, AttendImpl): q [B, T, K, G, H] attends over layer ci of the stacks
+    [L, B, S, K, H] read in place, query t of row b to slots <= lengths[b] + t -> f32 [B, T, K, G, H]."""
+    call = jax.ffi.ffi_call(kernels.ATTEND, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), ks, vs, jnp.asarray(ci, jnp.int32).reshape(1), lengths.astype(jnp.int32),
+                scale=np.float32(scale))
+
+
+def _attention_out(x, out, p: Attention, li, mask, collect_stats: bool, kv) -> tuple[jax.Array, KV | None, Stats]:
+    """The head-wise gate, the output projection and the statistics of ``attention``: out [B, T, N, H]."""
+    B, T, N, H = out.shape
     if p.wg is not None:  # head-wise gate (llama.cpp step35.cpp: attn_gate, sigmoid, broadcast over head_dim)
         out = out * jax.nn.sigmoid(linear(x, p.wg, li)).astype(out.dtype)[..., None]
     out = out.reshape(B, T, N * H)

@@ -2,7 +2,8 @@
 
 ``cpu_linear.cc`` is built with the machine's C++ compiler (``-O3 -march=native``) against the XLA FFI headers
 that jaxlib ships, into ``~/.cache/mtp-jax/kernels/`` (keyed by source, flags, jaxlib version and CPU), and
-registered as the custom call ``mtp_linear``. Without a compiler, or with ``MTP_JAX_KERNELS=0``, ``available()``
+registered as the custom calls ``mtp_linear`` (mtp_jax/linear.py) and ``mtp_attend`` (attention over a KV-cache
+layer read in place, mtp_jax/layers.py). Without a compiler, or with ``MTP_JAX_KERNELS=0``, ``available()``
 is False and callers use plain XLA ops (correct, several times slower on CPU: see mtp_jax/linear.py).
 """
 
@@ -25,6 +26,7 @@ import jax
 
 SOURCE = Path(__file__).with_name("cpu_linear.cc")
 TARGET = "mtp_linear"
+ATTEND = "mtp_attend"  # attention over a KV-cache layer read in place (layers.attention)
 # -ffp-contract=off: a quantized weight is dequantized with separate f32 multiplies and adds, as gguf-py does
 # (GCC would otherwise fuse an intrinsic multiply and subtract into one FMA, with another rounding)
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-ffp-contract=off"]
@@ -80,6 +82,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MtpLinear), platform="cpu")
+        jax.ffi.register_ffi_target(ATTEND, jax.ffi.pycapsule(lib.MtpAttend), platform="cpu")
     except (RuntimeError, OSError) as e:
         warnings.warn(f"mtp_jax: CPU kernels unavailable, falling back to XLA: {e}")
         return False

@@ -1,4 +1,5 @@
-// mtp_jax CPU kernel: y[M, N] (f32) = x[M, K] (f32) @ W, W an f32 / f16 / bf16 matrix read IN PLACE out of a
+// mtp_jax CPU kernels: mtp_linear (below) and mtp_attend (attention over a KV-cache layer read in place, AttendImpl).
+// mtp_linear: y[M, N] (f32) = x[M, K] (f32) @ W, W an f32 / f16 / bf16 matrix read IN PLACE out of a
 // stack w[L, E, K, N] (or [L, E, N, K] with trans=1) at layer `layer` and, per row m, expert `eids[m]`.
 // W may also be GGUF-quantized (attribute `qtype` = the ggml type id: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
 // Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, TQ2_0): w is then u8 [L, E, N, row_bytes], one GGUF row (ggml blocks along
@@ -20,6 +21,7 @@
 // row at a time (one sequential stream per thread), for more 4 columns at a time.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -679,6 +681,8 @@ void run_cols_q(const float* const* xr, int64_t nr, const uint8_t* w, int64_t K,
 constexpr int kQuant = 3;  // Job::wt of a quantized W (Job::qt: its ggml type)
 
 struct Job {
+  void (*fn)(const void*, int64_t) = nullptr;  // a generic job (attention): item i is fn(ctx, i)
+  const void* ctx = nullptr;
   int wt = 0, qt = 0;
   bool trans = false;
   int64_t K = 0, N = 0, rb = 0, cols_per_item = 0, items_per_group = 0, n_items = 0, n_chunks = 0;
@@ -729,7 +733,8 @@ struct Job {
   void chunk(int64_t c) {
     const int64_t i0 = c * n_items / n_chunks, i1 = (c + 1) * n_items / n_chunks;
     for (int64_t i = i0; i < i1; ++i) {
-      if (wt == kF32) item<kF32>(i);
+      if (fn) fn(ctx, i);
+      else if (wt == kF32) item<kF32>(i);
       else if (wt == kF16) item<kF16>(i);
       else if (wt == kBF16) item<kBF16>(i);
       else qitem(i);
@@ -903,6 +908,7 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   const int64_t per_item = trans ? kColsPerItem : std::min(N, std::max(kMinTileCols, (split + 15) / 16 * 16));
   const int64_t items_per_group = (N + per_item - 1) / per_item;
   auto fill = [&](Job& job) {
+    job.fn = nullptr;
     job.wt = wt;
     job.qt = qtype;
     job.rb = row_bytes;
@@ -933,6 +939,146 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+// ---- attention over one layer of a KV cache, read in place (decode and verify) ------------------------------
+// out[b, t, k, g, :] = sum_j softmax_j(scale * q[b, t, k, g, :] . K_j) V_j over the slots
+// 0 <= j <= lengths[b] + t (j < S), K_j, V_j = k/v_stack[layer, b, j, k, :] (f32, f16 or bf16; a full cache:
+// slot = position). XLA:CPU copied each layer's dynamic slice of the stacks into a transposed layout before its
+// two dots and ran ~10 more small ops per layer (benchmarks/decode.py's docstring).
+// Numerics: the dots are 16-lane f32 sums reduced in a fixed order, exp is Cephes' expf polynomial (~1 ulp),
+// probabilities are e_j / sum, the output a sequential f32 sum over j: a query's result depends only on its
+// own inputs, never on T, B or the thread count, so a verify of K+1 tokens attends as K+1 decodes do.
+
+inline float dot16(const float* a, const float* b, int64_t n) {
+  float lane[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lane[l] += a[i + l] * b[i + l];
+  float tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  for (int w = 8; w; w >>= 1)
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  return lane[0] + tail;
+}
+
+inline float exp_cephes(float x) {  // x <= 0 here (scores minus their max)
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return y * two_n;
+}
+
+inline void load_row(int wt, const void* base, int64_t off, int64_t n, float* dst) {
+  if (wt == kF32) {
+    std::memcpy(dst, static_cast<const float*>(base) + off, n * 4);
+  } else if (wt == kF16) {
+    const uint16_t* h = static_cast<const uint16_t*>(base) + off;
+    for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(h[i]);
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(base) + off;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    }
+  }
+}
+
+struct Attend {
+  const float* q;
+  const void *k, *v;
+  const int32_t* lengths;
+  float* out;
+  int wt;
+  int64_t B, T, S, K, G, H, layer;
+  float scale;
+
+  // rows b, KV head k: all T*G queries of the head share each K/V row read
+  void item(int64_t i) const {
+    const int64_t b = i / K, kh = i % K, TG = T * G;
+    thread_local std::vector<float> buf;
+    buf.resize(TG * S + 2 * H);
+    float *sc = buf.data(), *row = sc + TG * S;
+    const int64_t len = lengths[b];
+    auto hi = [&](int64_t t) { return std::min<int64_t>(S - 1, len + t); };  // the last slot query t sees
+    const int64_t j1 = hi(T - 1);
+    const int64_t base = ((layer * B + b) * S) * K * H + kh * H;  // slot j at base + j*K*H
+    auto qv = [&](int64_t t, int64_t g) { return q + (((b * T + t) * K + kh) * G + g) * H; };
+    for (int64_t j = 0; j <= j1; ++j) {
+      load_row(wt, k, base + j * K * H, H, row);
+      for (int64_t t = 0; t < T; ++t) {
+        if (j > hi(t)) continue;
+        for (int64_t g = 0; g < G; ++g) sc[(t * G + g) * S + j] = dot16(qv(t, g), row, H) * scale;
+      }
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t z = hi(t);
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = sc + (t * G + g) * S;
+        float m = -INFINITY;
+        for (int64_t j = 0; j <= z; ++j) m = std::max(m, s[j]);
+        float sum = 0;
+        for (int64_t j = 0; j <= z; ++j) sum += (s[j] = exp_cephes(s[j] - m));
+        for (int64_t j = 0; j <= z; ++j) s[j] /= sum;
+        float* o = out + (((b * T + t) * K + kh) * G + g) * H;
+        std::fill(o, o + H, 0.0f);
+      }
+    }
+    for (int64_t j = 0; j <= j1; ++j) {
+      load_row(wt, v, base + j * K * H, H, row);
+      for (int64_t t = 0; t < T; ++t) {
+        if (j > hi(t)) continue;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = sc[(t * G + g) * S + j];
+          float* o = out + (((b * T + t) * K + kh) * G + g) * H;
+          for (int64_t h = 0; h < H; ++h) o[h] += p * row[h];
+        }
+      }
+    }
+  }
+  static void run(const void* self, int64_t i) { static_cast<const Attend*>(self)->item(i); }
+};
+
+ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer vs, ffi::Buffer<ffi::S32> layer,
+                      ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto qd = q.dimensions(), kd = ks.dimensions();
+  if (qd.size() != 5 || kd.size() != 5 || vs.dimensions().size() != 5)
+    return ffi::Error::InvalidArgument("mtp_attend: q must be [B, T, K, G, H], the stacks [L, B, S, K, H]");
+  const int64_t B = qd[0], T = qd[1], K = qd[2], G = qd[3], H = qd[4], L = kd[0], S = kd[2];
+  for (int a = 0; a < 5; ++a)
+    if (vs.dimensions()[a] != kd[a]) return ffi::Error::InvalidArgument("mtp_attend: K and V stacks differ");
+  if (kd[1] != B || kd[3] != K || kd[4] != H || lengths.element_count() != static_cast<size_t>(B))
+    return ffi::Error::InvalidArgument("mtp_attend: q, the stacks and lengths do not match");
+  if (ks.element_type() != vs.element_type())
+    return ffi::Error::InvalidArgument("mtp_attend: K and V stacks must have one dtype");
+  int wt;
+  switch (ks.element_type()) {
+    case ffi::DataType::F32: wt = kF32; break;
+    case ffi::DataType::F16: wt = kF16; break;
+    case ffi::DataType::BF16: wt = kBF16; break;
+    default: return ffi::Error::InvalidArgument("mtp_attend: stacks must be f32, f16 or bf16");
+  }
+  if (B * T * K * G * H == 0 || S == 0) return ffi::Error::Success();
+  Attend a{q.typed_data(), ks.untyped_data(), vs.untyped_data(), lengths.typed_data(), out->typed_data(), wt,
+           B, T, S, K, G, H, std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1), scale};
+  // worth handing out when there are several heads' rows with enough work each (~16K multiply-adds)
+  Pool& pool = Pool::get();
+  const int64_t items = B * K, work = T * G * S * H;
+  const int64_t chunks = work < (1 << 14) ? 1 : std::min<int64_t>(items, 4 * pool.threads());
+  pool.run([&](Job& job) { job.fn = Attend::run; job.ctx = &a; job.n_items = items; }, chunks);
+  return ffi::Error::Success();
+}
+
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpLinear, LinearImpl,
@@ -944,3 +1090,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpLinear, LinearImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("trans")
                                   .Attr<int32_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpAttend, AttendImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

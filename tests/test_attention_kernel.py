@@ -1,0 +1,84 @@
+"""The CPU attention kernel (mtp_attend, mtp_jax/kernels/cpu_linear.cc AttendImpl) against a float64 reference, its
+independence of T (a verify attends as its decodes do), and where layers.attention uses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax import kernels, kvquant, layers
+from mtp_jax.kvcache import QuantStack
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels could not be built here")
+
+_attend = jax.jit(layers._attend, static_argnums=(5,))
+
+
+def _reference(q, ks, vs, ci, lengths, scale):
+    """float64: query t of row b attends over slots 0..lengths[b] + t of layer ci."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, ks[ci].astype(jnp.float32), vs[ci].astype(jnp.float32)))
+    B, T, K, G, H = q.shape
+    out = np.zeros(q.shape)
+    for b in range(B):
+        for t in range(T):
+            n = min(int(lengths[b]) + t + 1, k.shape[1])
+            s = np.einsum("kgh,skh->kgs", q[b, t], k[b, :n]) * scale
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out[b, t] = np.einsum("kgs,skh->kgh", p, v[b, :n])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("L,B,S,K,G,H,T", [(3, 1, 37, 2, 2, 64, 1), (2, 3, 130, 4, 2, 64, 4), (2, 2, 9, 1, 3, 20, 2),
+                                           (1, 5, 128, 4, 2, 64, 2)])
+def test_kernel_matches_float64_reference(dtype, L, B, S, K, G, H, T):
+    rng = np.random.default_rng(L * 1000 + S)
+    q = jnp.asarray(rng.standard_normal((B, T, K, G, H)) * 2, jnp.float32)
+    ks, vs = (jnp.asarray(rng.standard_normal((L, B, S, K, H)), dtype) for _ in range(2))
+    lengths = np.asarray(rng.integers(0, S - T + 1, B), np.int32)
+    lengths[0] = S - T  # the last query sees every slot
+    for ci in (0, L - 1):
+        got = np.asarray(_attend(q, ks, vs, jnp.int32(ci), jnp.asarray(lengths), H**-0.5))
+        np.testing.assert_allclose(got, _reference(q, ks, vs, ci, lengths, H**-0.5), rtol=2e-5, atol=2e-6)
+
+
+def test_verify_attends_as_its_decodes_bit_for_bit():
+    """T queries in one call give the bits of T one-query calls (each with the lengths a decode would have)."""
+    rng = np.random.default_rng(1)
+    B, S, K, G, H, T = 3, 50, 2, 4, 64, 4
+    q = jnp.asarray(rng.standard_normal((B, T, K, G, H)), jnp.float32)
+    ks, vs = (jnp.asarray(rng.standard_normal((2, B, S, K, H)), jnp.float32) for _ in range(2))
+    lengths = jnp.asarray([0, 17, S - T], jnp.int32)
+    block = np.asarray(_attend(q, ks, vs, jnp.int32(1), lengths, 0.125))
+    for t in range(T):
+        one = np.asarray(_attend(q[:, t:t + 1], ks, vs, jnp.int32(1), lengths + t, 0.125))
+        assert np.array_equal(one[:, 0], block[:, t])
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_attention_uses_the_kernel_on_float_stacks_only():
+    """layers.attention attends in place over float stacks and keeps XLA's path for quantized ones."""
+    from mtp_jax.families.glm4moe import Glm4MoeConfig
+    from mtp_jax.params import Attention
+
+    D, N, K, H, B, S = 32, 4, 2, 32, 2, 12
+    cfg = Glm4MoeConfig(vocab_size=16, hidden_size=D, num_hidden_layers=1, num_attention_heads=N,
+                        num_key_value_heads=K, head_dim=H, intermediate_size=8, partial_rotary_factor=0.5,
+                        moe_intermediate_size=8, n_routed_experts=2, num_experts_per_tok=1)
+    rng = np.random.default_rng(2)
+    w = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.2, jnp.float32)  # noqa: E731
+    p = Attention(wq=w(D, N, H), wk=w(D, K, H), wv=w(D, K, H), wo=w(N, H, D))
+    x, pos = w(B, 1, D), jnp.full((B, 1), 5, jnp.int32)
+    mask, lengths = jnp.ones((B, 1), bool), jnp.asarray([5, 5], jnp.int32)
+
+    def run(ks, vs):
+        return layers.attention(x, p, pos, cfg, mask, (ks, vs, 0), lengths)[0]
+
+    stack = jnp.zeros((1, B, S, K, H), jnp.float32)
+    assert "mtp_attend" in _hlo(run, stack, stack)
+    q8 = QuantStack(*kvquant.quantize("q8_0", stack), kind="q8_0", dim=H)
+    assert "mtp_attend" not in _hlo(run, q8, q8)
