@@ -36,7 +36,15 @@ Writes benchmarks/results/decode.json and, with matplotlib, decode.png (else say
 
     python benchmarks/decode.py [--model M ...] [--batch 1 4 16] [--k 1 2 3 auto] [--threads N]
 
-What the profile showed (bench-l, F16, jax.profiler perfetto trace per XLA thunk, 2026-12-04): the kernel calls
+What the profile showed (embedded model, F16, --profile, 2026-12-04, second look): per plain step ~20% of the
+thunk time was attention: XLA:CPU copied each layer's dynamic slice of the K/V stacks into a transposed layout
+(copy_bitcast fusions) for its two dots (ynn fusions) and ran ~10 more small ops (mask, softmax). The mtp_attend
+kernel (layers._attend) reads the stacks in place: profiled plain step 406 -> 243 us; unprofiled, alternating in
+one process, embedded 0.263 -> 0.218 ms/token (median of 4), bench-m 1.61 -> 1.45 ms. What is left around the
+kernel calls (~50% of the embedded step) is ~60 small XLA ops per step (RoPE, cache-write indices, norms,
+routing), 2-9 us each.
+
+Before that (bench-l, F16, jax.profiler perfetto trace per XLA thunk, 2026-12-04): the kernel calls
 took ~85% of a decode step, most of them far below the bandwidth of one sequential read. A C harness reading
 the same matrices showed why: on this VM a thread reading 2-8 weight rows side by side (the [K, N] layout's
 8-row tiles, or 4 GGUF rows at a time) got 9-17 GB/s, one row at a time 25-33 GB/s. So a GGUF's float matrices
