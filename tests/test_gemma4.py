@@ -236,9 +236,10 @@ def test_hf_directories_load_as_a_target_and_assistant_pair(tmp_path):
 
 @pytest.mark.parametrize("kind, tol", [("turbo4", 0.1)])
 def test_quantized_kv_caches_hold_the_target_and_feed_the_assistant(tiny, kind, tol):
-    """A TurboQuant trunk cache (the block types' path without the rotation is the same read_layer) (queries rotated against a turbo K, outputs rotated back from a turbo V, in
-    the trunk's layers and in the assistant's reads of them): prefill + decode logits stay near the cache-free
-    forward's, and greedy MTP with the assistant equals plain greedy on the same cache type."""
+    """A TurboQuant trunk cache (the block types' path without the rotation is the same read_layer) (queries
+    rotated against a turbo K, outputs rotated back from a turbo V, in the trunk's layers and in the assistant's
+    reads of them): prefill + decode logits stay near the cache-free forward's, and greedy MTP with the assistant
+    equals plain greedy on the same cache type. The forwards are compiled (op by op they took ~60 s)."""
     from mtp_jax.kvquant import KVTypes
 
     cfg = tiny[0]  # (block types need head dims that are multiples of 32)
@@ -246,10 +247,11 @@ def test_quantized_kv_caches_hold_the_target_and_feed_the_assistant(tiny, kind, 
     cfg, params = GAG.drafting_params(cfg, 0.6, mix=0.3)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, cfg.vocab_size, (2, 14))
-    full = np.asarray(forward(params, jnp.asarray(ids), None, cfg)[1])
+    fwd = jax.jit(lambda p, x, c: forward(p, x, c, cfg))
+    full = np.asarray(fwd(params, jnp.asarray(ids), None)[1])
     cache = kvcache.init_trunk_cache(cfg, 2, 16, kind, kind)
-    _, a, cache, _ = forward(params, jnp.asarray(ids[:, :10]), cache, cfg)
-    _, b, _, _ = forward(params, jnp.asarray(ids[:, 10:]), cache, cfg)
+    _, a, cache, _ = fwd(params, jnp.asarray(ids[:, :10]), cache)
+    _, b, _, _ = fwd(params, jnp.asarray(ids[:, 10:]), cache)
     err = np.abs(np.concatenate([np.asarray(a), np.asarray(b)], 1) - full).max()
     assert err < tol * np.abs(full).max(), err
     types = KVTypes(k=kind, v=kind)
