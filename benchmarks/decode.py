@@ -41,8 +41,8 @@ thunk time was attention: XLA:CPU copied each layer's dynamic slice of the K/V s
 (copy_bitcast fusions) for its two dots (ynn fusions) and ran ~10 more small ops (mask, softmax). The mtp_attend
 kernel (layers._attend) reads the stacks in place: profiled plain step 406 -> 243 us; unprofiled, alternating in
 one process, embedded 0.263 -> 0.218 ms/token (median of 4), bench-m 1.61 -> 1.45 ms. What is left around the
-kernel calls (~50% of the embedded step) is ~60 small XLA ops per step (RoPE, cache-write indices, norms,
-routing), 2-9 us each.
+36 kernel calls of the embedded step is ~96 small XLA ops (RoPE, cache-write indices, norms, routing): ~86 of the
+243 us profiled.
 
 Before that (bench-l, F16, jax.profiler perfetto trace per XLA thunk, 2026-12-04): the kernel calls
 took ~85% of a decode step, most of them far below the bandwidth of one sequential read. A C harness reading
