@@ -39,7 +39,7 @@ Writes benchmarks/results/decode.json and, with matplotlib, decode.png (else say
 What the profile showed (embedded model, F16, --profile, 2026-12-04, second look): per plain step ~20% of the
 thunk time was attention: XLA:CPU copied each layer's dynamic slice of the K/V stacks into a transposed layout
 (copy_bitcast fusions) for its two dots (ynn fusions) and ran ~10 more small ops (mask, softmax). The mtp_attend
-kernel (layers._attend) reads the stacks in place: profiled plain step 406 -> 243 us; unprofiled, alternating in
+kernel (layers.attend_kernel) reads the stacks in place: profiled plain step 406 -> 243 us; unprofiled, alternating in
 one process, embedded 0.263 -> 0.218 ms/token (median of 4), bench-m 1.61 -> 1.45 ms. What is left around the
 36 kernel calls of the embedded step is ~96 small XLA ops (RoPE, cache-write indices, norms, routing): ~86 of the
 243 us profiled.

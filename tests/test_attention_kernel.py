@@ -6,26 +6,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax import kernels, kvquant, layers
+from mtp_jax import kernels, kvcache, kvquant, layers
 from mtp_jax.kvcache import QuantStack
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels could not be built here")
 
-_attend = jax.jit(layers._attend, static_argnums=(5,))
+_attend = jax.jit(layers.attend_kernel, static_argnums=(5, 6))
 
 
-def _reference(q, ks, vs, ci, lengths, scale):
-    """float64: query t of row b attends over slots 0..lengths[b] + t of layer ci."""
+def _reference(q, ks, vs, ci, lengths, scale, window=None):
+    """float64: query t of row b attends over slots p - window < j <= p = lengths[b] + t of layer ci."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, ks[ci].astype(jnp.float32), vs[ci].astype(jnp.float32)))
     B, T, K, G, H = q.shape
     out = np.zeros(q.shape)
     for b in range(B):
         for t in range(T):
             n = min(int(lengths[b]) + t + 1, k.shape[1])
-            s = np.einsum("kgh,skh->kgs", q[b, t], k[b, :n]) * scale
+            a = 0 if window is None else max(0, int(lengths[b]) + t + 1 - window)
+            s = np.einsum("kgh,skh->kgs", q[b, t], k[b, a:n]) * scale
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
-            out[b, t] = np.einsum("kgs,skh->kgh", p, v[b, :n])
+            out[b, t] = np.einsum("kgs,skh->kgh", p, v[b, a:n])
     return out
 
 
@@ -38,26 +39,46 @@ def test_kernel_matches_float64_reference(dtype, L, B, S, K, G, H, T):
     ks, vs = (jnp.asarray(rng.standard_normal((L, B, S, K, H)), dtype) for _ in range(2))
     lengths = np.asarray(rng.integers(0, S - T + 1, B), np.int32)
     lengths[0] = S - T  # the last query sees every slot
-    for ci in (0, L - 1):
-        got = np.asarray(_attend(q, ks, vs, jnp.int32(ci), jnp.asarray(lengths), H**-0.5))
-        np.testing.assert_allclose(got, _reference(q, ks, vs, ci, lengths, H**-0.5), rtol=2e-5, atol=2e-6)
+    for ci, window in ((0, None), (L - 1, None), (L - 1, 5)):
+        got = np.asarray(_attend(q, ks, vs, jnp.int32(ci), jnp.asarray(lengths), H**-0.5, window))
+        want = _reference(q, ks, vs, ci, lengths, H**-0.5, window)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
 def test_verify_attends_as_its_decodes_bit_for_bit():
-    """T queries in one call give the bits of T one-query calls (each with the lengths a decode would have)."""
+    """T queries in one call give the bits of T one-query calls (each with the lengths a decode would have), here
+    with a sliding window."""
     rng = np.random.default_rng(1)
     B, S, K, G, H, T = 3, 50, 2, 4, 64, 4
     q = jnp.asarray(rng.standard_normal((B, T, K, G, H)), jnp.float32)
     ks, vs = (jnp.asarray(rng.standard_normal((2, B, S, K, H)), jnp.float32) for _ in range(2))
     lengths = jnp.asarray([0, 17, S - T], jnp.int32)
-    block = np.asarray(_attend(q, ks, vs, jnp.int32(1), lengths, 0.125))
+    block = np.asarray(_attend(q, ks, vs, jnp.int32(1), lengths, 0.125, 7))
     for t in range(T):
-        one = np.asarray(_attend(q[:, t:t + 1], ks, vs, jnp.int32(1), lengths + t, 0.125))
+        one = np.asarray(_attend(q[:, t:t + 1], ks, vs, jnp.int32(1), lengths + t, 0.125, 7))
         assert np.array_equal(one[:, 0], block[:, t])
 
 
 def _hlo(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_gemma4_attends_in_place_and_as_before():
+    """Gemma-4's full and sliding layers use the kernel on CPU; its cached forward matches the cache-free one."""
+    from mtp_jax import params as P
+    from mtp_jax.config import load_config
+    from mtp_jax.model import forward
+
+    cfg = load_config("gemma4-tiny")
+    params = P.init(jax.random.key(0), cfg, std=0.08)
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, cfg.vocab_size, (2, 9)))
+    fwd = jax.jit(lambda p, x, c: forward(p, x, c, cfg))
+    cache = kvcache.init_trunk_cache(cfg, 2, 16)
+    assert "mtp_attend" in fwd.lower(params, ids[:, :6], cache).compile().as_text()
+    full = np.asarray(fwd(params, ids, None)[1])
+    _, a, cache, _ = fwd(params, ids[:, :6], cache)
+    _, b, _, _ = fwd(params, ids[:, 6:], cache)
+    np.testing.assert_allclose(np.concatenate([np.asarray(a), np.asarray(b)], 1), full, rtol=1e-4, atol=1e-4)
 
 
 def test_attention_uses_the_kernel_on_float_stacks_only():

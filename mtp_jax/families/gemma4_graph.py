@@ -13,7 +13,7 @@ import numpy as np
 from mtp_jax import kvcache, kvquant
 from mtp_jax.families.gemma4 import KINDS, G4Attention, G4Layer, G4Moe, Gemma4Config, Gemma4Params, stacks
 from mtp_jax.kvcache import KVCache
-from mtp_jax.layers import at, mlp, moe, rms_norm, sum_squares
+from mtp_jax.layers import at, attend_in_place, attend_kernel, mlp, moe, rms_norm, sum_squares
 from mtp_jax.linear import compute_dtype, linear
 from mtp_jax.model import output_weight, select_logits, valid_mask
 
@@ -82,9 +82,14 @@ def _attention(x, p: G4Attention, li, positions, cfg: Gemma4Config, swa: bool, m
         ks, vs, ci = kv
         if fresh is not None:
             kv = (kvcache.write_block(ks, ci, fresh[0], lengths), kvcache.write_block(vs, ci, fresh[1], lengths), ci)
-        key_pos, query_pos = jnp.arange(kv[0].shape[2])[None, None, :], positions[:, :, None]
-        visible = (key_pos <= query_pos) & (True if window is None else key_pos > query_pos - window)
-        out = attend_cache(q, kv[0], kv[1], ci, visible)
+        if attend_in_place(kv[0], kv[1]):  # CPU: the kernel reads the layer in place (positions = lengths + t)
+            K = kv[0].shape[3]
+            out = attend_kernel(q.reshape(B, T, K, N // K, H), kv[0], kv[1], ci, lengths, 1.0, window)
+            out = out.reshape(B, T, N, H).astype(q.dtype)
+        else:
+            key_pos, query_pos = jnp.arange(kv[0].shape[2])[None, None, :], positions[:, :, None]
+            visible = (key_pos <= query_pos) & (True if window is None else key_pos > query_pos - window)
+            out = attend_cache(q, kv[0], kv[1], ci, visible)
     else:  # no cache: this forward's K/V (a KV-shared layer's come from its source layer in ``kv``)
         k_all, v_all = fresh if fresh is not None else kv
         key_pos, query_pos = jnp.arange(T)[None, None, :], jnp.arange(T)[None, :, None]

@@ -940,10 +940,11 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 }
 
 // ---- attention over one layer of a KV cache, read in place (decode and verify) ------------------------------
-// out[b, t, k, g, :] = sum_j softmax_j(scale * q[b, t, k, g, :] . K_j) V_j over the slots
-// 0 <= j <= lengths[b] + t (j < S), K_j, V_j = k/v_stack[layer, b, j, k, :] (f32, f16 or bf16; a full cache:
-// slot = position). XLA:CPU copied each layer's dynamic slice of the stacks into a transposed layout before its
-// two dots and ran ~10 more small ops per layer (benchmarks/decode.py's docstring).
+// out[b, t, k, g, :] = sum_j softmax_j(scale * q[b, t, k, g, :] . K_j) V_j over the slots j < S with
+// p - window < j <= p, p = lengths[b] + t (window 0: no lower bound), K_j, V_j = k/v_stack[layer, b, j, k, :]
+// (f32, f16 or bf16; a cache whose slot is the position, not a ring). XLA:CPU copied each layer's dynamic slice
+// of the stacks into a transposed layout before its two dots and ran ~10 more small ops per layer
+// (benchmarks/decode.py's docstring).
 // Numerics: the dots are 16-lane f32 sums reduced in a fixed order, exp is Cephes' expf polynomial (~1 ulp),
 // probabilities are e_j / sum, the output a sequential f32 sum over j: a query's result depends only on its
 // own inputs, never on T, B or the thread count, so a verify of K+1 tokens attends as K+1 decodes do.
@@ -999,7 +1000,7 @@ struct Attend {
   const int32_t* lengths;
   float* out;
   int wt;
-  int64_t B, T, S, K, G, H, layer;
+  int64_t B, T, S, K, G, H, layer, window;
   float scale;
 
   // rows b, KV head k: all T*G queries of the head share each K/V row read
@@ -1009,34 +1010,35 @@ struct Attend {
     buf.resize(TG * S + 2 * H);
     float *sc = buf.data(), *row = sc + TG * S;
     const int64_t len = lengths[b];
-    auto hi = [&](int64_t t) { return std::min<int64_t>(S - 1, len + t); };  // the last slot query t sees
-    const int64_t j1 = hi(T - 1);
+    auto lo = [&](int64_t t) { return window > 0 ? std::max<int64_t>(0, len + t - window + 1) : int64_t(0); };
+    auto hi = [&](int64_t t) { return std::min<int64_t>(S - 1, len + t); };  // query t sees slots lo(t)..hi(t)
+    const int64_t j0 = lo(0), j1 = hi(T - 1);
     const int64_t base = ((layer * B + b) * S) * K * H + kh * H;  // slot j at base + j*K*H
     auto qv = [&](int64_t t, int64_t g) { return q + (((b * T + t) * K + kh) * G + g) * H; };
-    for (int64_t j = 0; j <= j1; ++j) {
+    for (int64_t j = j0; j <= j1; ++j) {
       load_row(wt, k, base + j * K * H, H, row);
       for (int64_t t = 0; t < T; ++t) {
-        if (j > hi(t)) continue;
+        if (j < lo(t) || j > hi(t)) continue;
         for (int64_t g = 0; g < G; ++g) sc[(t * G + g) * S + j] = dot16(qv(t, g), row, H) * scale;
       }
     }
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t z = hi(t);
+      const int64_t a = lo(t), z = hi(t);
       for (int64_t g = 0; g < G; ++g) {
         float* s = sc + (t * G + g) * S;
         float m = -INFINITY;
-        for (int64_t j = 0; j <= z; ++j) m = std::max(m, s[j]);
+        for (int64_t j = a; j <= z; ++j) m = std::max(m, s[j]);
         float sum = 0;
-        for (int64_t j = 0; j <= z; ++j) sum += (s[j] = exp_cephes(s[j] - m));
-        for (int64_t j = 0; j <= z; ++j) s[j] /= sum;
+        for (int64_t j = a; j <= z; ++j) sum += (s[j] = exp_cephes(s[j] - m));
+        for (int64_t j = a; j <= z; ++j) s[j] /= sum;
         float* o = out + (((b * T + t) * K + kh) * G + g) * H;
         std::fill(o, o + H, 0.0f);
       }
     }
-    for (int64_t j = 0; j <= j1; ++j) {
+    for (int64_t j = j0; j <= j1; ++j) {
       load_row(wt, v, base + j * K * H, H, row);
       for (int64_t t = 0; t < T; ++t) {
-        if (j > hi(t)) continue;
+        if (j < lo(t) || j > hi(t)) continue;
         for (int64_t g = 0; g < G; ++g) {
           const float p = sc[(t * G + g) * S + j];
           float* o = out + (((b * T + t) * K + kh) * G + g) * H;
@@ -1049,7 +1051,8 @@ struct Attend {
 };
 
 ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer vs, ffi::Buffer<ffi::S32> layer,
-                      ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+                      ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale,
+                      int32_t window) {
   auto qd = q.dimensions(), kd = ks.dimensions();
   if (qd.size() != 5 || kd.size() != 5 || vs.dimensions().size() != 5)
     return ffi::Error::InvalidArgument("mtp_attend: q must be [B, T, K, G, H], the stacks [L, B, S, K, H]");
@@ -1069,7 +1072,7 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer
   }
   if (B * T * K * G * H == 0 || S == 0) return ffi::Error::Success();
   Attend a{q.typed_data(), ks.untyped_data(), vs.untyped_data(), lengths.typed_data(), out->typed_data(), wt,
-           B, T, S, K, G, H, std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1), scale};
+           B, T, S, K, G, H, std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1), window, scale};
   // worth handing out when there are several heads' rows with enough work each (~16K multiply-adds)
   Pool& pool = Pool::get();
   const int64_t items = B * K, work = T * G * S * H;
@@ -1099,4 +1102,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpAttend, AttendImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("window"));
