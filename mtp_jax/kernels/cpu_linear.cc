@@ -979,18 +979,13 @@ inline float exp_cephes(float x) {  // x <= 0 here (scores minus their max)
   return y * two_n;
 }
 
-inline void load_row(int wt, const void* base, int64_t off, int64_t n, float* dst) {
+inline void load_row(int wt, const void* base, int64_t off, int64_t n, float* dst) {  // n values from base[off]
   if (wt == kF32) {
     std::memcpy(dst, static_cast<const float*>(base) + off, n * 4);
   } else if (wt == kF16) {
-    const uint16_t* h = static_cast<const uint16_t*>(base) + off;
-    for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(h[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = load1<kF16>(base, off + i);
   } else {
-    const uint16_t* h = static_cast<const uint16_t*>(base) + off;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
-      std::memcpy(dst + i, &bits, 4);
-    }
+    for (int64_t i = 0; i < n; ++i) dst[i] = load1<kBF16>(base, off + i);
   }
 }
 
@@ -1007,7 +1002,7 @@ struct Attend {
   void item(int64_t i) const {
     const int64_t b = i / K, kh = i % K, TG = T * G;
     thread_local std::vector<float> buf;
-    buf.resize(TG * S + 2 * H);
+    buf.resize(TG * S + H);  // scores of the T*G queries, then one K or V row
     float *sc = buf.data(), *row = sc + TG * S;
     const int64_t len = lengths[b];
     auto lo = [&](int64_t t) { return window > 0 ? std::max<int64_t>(0, len + t - window + 1) : int64_t(0); };
