@@ -290,7 +290,8 @@ def _write_data(files: list, outputs: Sequence[_Output], where: dict[str, tuple[
                                      weights.get(p.name) if p.use_imatrix else None)
 
     i = 0
-    with closing(stream.convert(pieces(), paths, threads)) as results, logging_redirect_tqdm(), \
+    types = {(p.type, p.use_imatrix and p.name in weights) for p in all_plans if p.type != p.desc.type}
+    with closing(stream.convert(pieces(), paths, threads, types)) as results, logging_redirect_tqdm(), \
             tqdm(total=len(all_plans), desc="quantize", unit="tensor", disable=not progress) as bar:
         for f, o in zip(files, outputs):
             f.write(o.header)

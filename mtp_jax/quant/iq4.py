@@ -40,6 +40,8 @@ NTRY = 7
 _BEST_INDEX_LUT = best_index_int8_c(KVALUES_IQ4NL, np.arange(-256, 257, dtype=F32) / F32(2)).astype(np.uint8)
 _VALUE_LUT = KV[_BEST_INDEX_LUT]  # kvalues[best_index_int8(v)] by floor(2v) + 256: all the search needs
 _PIECE_BLOCKS = 2048  # 32-value blocks per search piece: 64K values, so the temporaries stay in L2
+_CHUNK_VALUES = 1 << 18  # values per call of a type's pipeline: its full-size temporaries (~20 bytes per value)
+# stay ~5 MiB, not ~20 MiB for a quantizer process's 1M-value piece (tracemalloc peak), at the same speed
 
 
 def _lut_slots(t: np.ndarray, k: np.ndarray, clamp: bool) -> np.ndarray:
@@ -120,6 +122,14 @@ def _search_piece(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.where(zero, F32(0), state[1])
 
 
+def _in_chunks(quantize_rows, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """quantize_rows on whole rows, at most _CHUNK_VALUES values a call (blocks are independent)."""
+    step = max(1, _CHUNK_VALUES // rows.shape[1])
+    if rows.shape[0] <= step:
+        return quantize_rows(rows, imatrix)
+    return np.concatenate([quantize_rows(rows[s:s + step], imatrix) for s in range(0, rows.shape[0], step)])
+
+
 def _subblocks(rows: np.ndarray, imatrix: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray]:
     """-> x, w f32[32, nb] (element-major 32-value sub-blocks, ``size``/32 per superblock, in order).
     w = qw*sqrt(sigma2 + x^2), sigma2 = 2*sum(x^2)/size per superblock; x^2 without imatrix."""
@@ -140,6 +150,10 @@ class IQ4_NL(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        return _in_chunks(cls._quantize_chunk, rows, imatrix)
+
+    @staticmethod
+    def _quantize_chunk(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         x, w = _subblocks(rows, imatrix, 32)  # [32, nb]
         d = _block_scales(x, w)  # [nb]
         L = best_index_int8(inv_or_zero(d) * x)  # unrounded d; 0 -> index 8
@@ -155,6 +169,10 @@ class IQ4_XS(QuantType):
 
     @classmethod
     def quantize_rows(cls, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        return _in_chunks(cls._quantize_chunk, rows, imatrix)
+
+    @staticmethod
+    def _quantize_chunk(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         x, w = _subblocks(rows, imatrix, QK_K)  # [32, nb], nb = 8*ns
         scales = _block_scales(x, w).reshape(-1, 8)  # [ns, 8]
         ns = scales.shape[0]

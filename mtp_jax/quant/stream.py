@@ -14,6 +14,7 @@ At most 2 * threads + 2 pieces are in flight; the results come back in file orde
 from __future__ import annotations
 
 import functools
+import gc
 import mmap
 import sys
 from collections import deque
@@ -27,7 +28,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from mtp_jax.quant import registry
-from mtp_jax.quant.base import QuantError
+from mtp_jax.quant.base import QK_K, QuantError
 from mtp_jax.quant.policy import FLOAT_TYPES, row_bytes
 
 _MALLOC = ((-3, 32 << 20), (-1, 64 << 20))  # glibc mallopt: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
@@ -219,8 +220,36 @@ class _Entry:
             self.error = e
 
 
-def convert(stream: Iterable[Piece], paths: Sequence[str], threads: int = 1) -> Iterator[tuple[Piece, bytes]]:
-    """(piece, output bytes) for every piece of ``stream``, in order; ``paths``: the input files."""
+def prepare(types: Iterable[tuple[GGMLQuantizationType, bool]]) -> None:
+    """Build the one-time tables of these quantizers (dst type, with an imatrix?), e.g. a grid type's grid and
+    neighbour lists, by converting one small row: built here before workers fork, their pages are shared
+    rather than built again in every worker."""
+    row = np.sin(np.arange(QK_K, dtype=np.float32) * np.float32(0.7))  # generic values, no zero blocks
+    for qtype, with_imatrix in sorted(set(types)):
+        if qtype not in FLOAT_TYPES and (with_imatrix or registry.quant_type(qtype).imatrix != "required"):
+            registry.quantize(row[None], qtype, np.ones_like(row) if with_imatrix else None)
+
+
+def _fork_pool(workers: int, paths: Sequence[str]) -> ProcessPoolExecutor:
+    """A pool of ``workers`` started now. Forked workers start with gc.freeze(): a collection in a worker then
+    leaves the objects inherited from this process alone, so their pages stay shared instead of being copied
+    (Python's gc docs: freeze right before fork())."""
+    method = start_method()
+    pool = ProcessPoolExecutor(workers, mp_context=get_context(method), initializer=_init_worker,
+                               initargs=(paths,))
+    if method == "fork":
+        gc.freeze()
+        try:
+            pool.submit(int).result()  # forks every worker (a fork pool starts them all at once)
+        finally:
+            gc.unfreeze()
+    return pool
+
+
+def convert(stream: Iterable[Piece], paths: Sequence[str], threads: int = 1,
+            types: Iterable[tuple[GGMLQuantizationType, bool]] = ()) -> Iterator[tuple[Piece, bytes]]:
+    """(piece, output bytes) for every piece of ``stream``, in order; ``paths``: the input files. ``types``:
+    the (dst type, with an imatrix?) the pieces use, whose tables are built before workers start (prepare)."""
     tune_malloc()
     source = Source(paths)
     pool: ProcessPoolExecutor | None = None
@@ -234,8 +263,8 @@ def convert(stream: Iterable[Piece], paths: Sequence[str], threads: int = 1) -> 
                 if threads > 1 and p.converts and p.elements >= POOL_MIN_ELEMENTS:
                     if n_large % threads:
                         if pool is None:
-                            pool = ProcessPoolExecutor(threads - 1, mp_context=get_context(start_method()),
-                                                       initializer=_init_worker, initargs=(source.paths,))
+                            prepare(types)
+                            pool = _fork_pool(threads - 1, source.paths)
                         future = pool.submit(_worker, p)
                     n_large += 1
                 pending.append(_Entry(p, future))

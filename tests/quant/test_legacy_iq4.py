@@ -152,9 +152,12 @@ def test_expert_tensor(ggml, qtype):
 @pytest.mark.parametrize("qtype", [T.IQ4_NL, T.IQ4_XS], ids=lambda t: t.name)
 def test_iq4_search_pieces(ggml, qtype):
     """The IQ4 scale search runs on pieces of at most 2048 blocks: a lone block, an odd split into pieces
-    (2049 blocks), pieces that cut superblocks (2056 blocks) and several pieces."""
+    (2049 blocks), pieces that cut superblocks (2056 blocks) and several pieces; and the whole pipeline on
+    chunks of whole rows of at most 2^18 values (iq4._CHUNK_VALUES): 33 rows of 8192 are two chunks, a row of
+    over 2^18 values one chunk per row."""
     rng = np.random.default_rng(11)
     shapes = [(1, 32), (2049, 32), (5, 32768)] if qtype == T.IQ4_NL else [(1, 256), (1, 256 * 257), (20, 8192)]
+    shapes += [(33, 8192), (2, 256 * 1100)]
     for rows, cols in shapes:
         x = (rng.standard_normal((rows, cols)) * np.exp(rng.uniform(-3, 3, (rows, 1)))).astype(F32)
         for imatrix in (None, rng.gamma(0.5, size=cols).astype(F32)):

@@ -146,6 +146,25 @@ def test_forked_workers_give_the_same_bytes(model, tmp_path):
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
 
 
+_PREPARED = """
+import sys
+from gguf import GGMLQuantizationType as T
+from mtp_jax.quant import iqgrid, registry, stream
+types = [(t, True) for t in registry.registered()] + [(t, False) for t in registry.registered()] + [(T.F16, False)]
+stream.prepare(types)  # no error for any type, with or without an imatrix (IQ2_XXS without one: skipped)
+assert iqgrid._grid.cache_info().currsize == 6 and iqgrid._tiles.cache_info().currsize == 6, iqgrid._grid.cache_info()
+assert "jax" not in sys.modules
+"""
+
+
+def test_prepare_builds_the_grid_tables():
+    """stream.prepare, run before workers fork, builds the grid types' one-time tables (iq2xxs, iq2xs, iq2s,
+    iq3xxs, iq3s, iq1s: each grid and its neighbour tiles) in this process, for every registered type with and without an imatrix, without raising for a type that requires one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _PREPARED], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # --- peak memory -----------------------------------------------------------------------------------------------
 
 _BIG_ROWS, _BIG_COLS, _BIG_TENSORS = 4096, 3072, 8  # 8 F16 tensors of 24 MiB: a 192 MiB file
