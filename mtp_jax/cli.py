@@ -112,6 +112,9 @@ def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draf
                          f"{cfg.max_position_embeddings}; use --max-new-tokens <= {max(room, 0)}")
 
 
+COMPARE_SECONDS = 2.0  # --compare: short calls are timed in more rounds, until the timed calls took this long
+
+
 def _progress(run, what: str, calls: int):
     """``run``, announcing each call on stderr when stderr is a terminal. The whole generation is one compiled
     call, so there is no per-token progress: a line per call, its time when it returns."""
@@ -121,6 +124,8 @@ def _progress(run, what: str, calls: int):
 
     def announced():
         n = next(calls_made)
+        if n > calls:  # the extra rounds of short calls (COMPARE_SECONDS) go unannounced
+            return run()
         print(f"mtp-jax generate: {what}, call {n}/{calls}{' (compiles first)' if n == 1 else ''} ...", end="",
               file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -195,7 +200,7 @@ def cmd_generate(args) -> int:
     if args.compare:  # timed in alternation with the run above
         runs.append(_progress(lambda: plain.generate(params, cfg, prompts, **common), f"plain: {what}",
                               args.repeats + 1))
-    res, *base = plain.best_of_each(runs, args.repeats)
+    res, *base = plain.best_of_each(runs, args.repeats, min_seconds=COMPARE_SECONDS if args.compare else 0.0)
     for i, toks in enumerate(res.tokens):
         if tok is not None:
             print(f"[{i}] {tok.decode(prompts[i])!r} -> {tok.decode(toks)!r}")
@@ -461,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run plain decoding in the same process and print its tokens/s and the speedup")
     g.add_argument("--repeats", type=int, default=3,
                    help="timed calls after the warm-up; the best is reported (0: the warm-up call's time, compile "
-                        "included)")
+                        "included); with --compare, short calls get more rounds until the timed calls took "
+                        f"{COMPARE_SECONDS:g} s")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")
     _add_cache_type_args(g)

@@ -81,3 +81,9 @@ def test_best_of_each_times_runs_in_alternation_and_keeps_each_fastest():
     a, b = best_of_each([run("a", [9, 3, 5]), run("b", [8, 6, 2])], repeats=2)
     assert calls == ["a", "b", "a", "b", "a", "b"] and (a.seconds, b.seconds) == (3, 2)
     assert best_of(run("c", [1, 7]), repeats=0).seconds == 1  # no repeats: the compiling call's result
+    calls.clear()  # short runs: rounds until the timed calls took min_seconds in all
+    a, b = best_of_each([run("a", [9, 3, 2, 1, 4]), run("b", [8, 2, 3, 2, 1])], repeats=1, min_seconds=12)
+    assert len(calls) == 8 and (a.seconds, b.seconds) == (1, 2)  # 5 + 5 + 3 < 12 <= 16 after round 3
+    calls.clear()
+    best_of_each([run("d", [1] * 10)], repeats=2, min_seconds=100, max_rounds=4)
+    assert len(calls) == 5  # the compiling call and max_rounds
