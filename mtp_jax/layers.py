@@ -99,7 +99,7 @@ def attention(
     With a cache, the T new entries of row b are written first at slots lengths[b] + t (kvcache.write_block),
     then query t attends to slots < lengths[b] + t + 1: the cache is written, then read, so XLA updates it in
     place (reading the old stack beside a write to it made XLA copy the whole stack every layer). On CPU a float
-    stack of a full-attention layer is read in place by the kernel (``attend_kernel``): XLA copied the layer's slice
+    stack is read in place by the kernel (``attend_kernel``; a sliding layer's ring too): XLA copied the layer's slice
     into a transposed layout for its dots and ran ~10 more small ops. A quantized stack is read dequantized;
     against a TurboQuant K the queries are rotated, from a TurboQuant V the output is rotated back (kvquant)."""
     B, T, _ = x.shape
@@ -126,8 +126,8 @@ def attention(
             ring = window is not None  # a sliding-window layer's stack may be a ring (kvcache.write_block)
             ks, vs = write_block(ks, ci, k, lengths, ring), write_block(vs, ci, v, lengths, ring)
             kv = (ks, vs, ci)
-            if not ring and attend_in_place(ks, vs):
-                out = attend_kernel(q, ks, vs, ci, lengths, scale).astype(v.dtype)
+            if attend_in_place(ks, vs):
+                out = attend_kernel(q, ks, vs, ci, lengths, scale, window, ring).astype(v.dtype)
                 return _attention_out(x, out.reshape(B, T, N, H), p, li, mask, collect_stats, kv)
             k, v = read_layer(ks, ci, q.dtype), read_layer(vs, ci, q.dtype)  # [B, S, K, H] (turbo: rotated, padded)
             if rotated(ks):
@@ -157,13 +157,13 @@ def attend_in_place(ks, vs) -> bool:
 
 
 def attend_kernel(q: jax.Array, ks: jax.Array, vs: jax.Array, ci, lengths: jax.Array, scale: float,
-                  window: int | None = None) -> jax.Array:
+                  window: int | None = None, ring: bool = False) -> jax.Array:
     """The kernel (mtp_jax/kernels/cpu_linear.cc, AttendImpl): q [B, T, K, G, H] attends over layer ci of the stacks
-    [L, B, S, K, H] (slot = position, no ring) read in place, query t of row b at p = lengths[b] + t to the slots
-    p - window < j <= p -> f32 [B, T, K, G, H]."""
+    [L, B, S, K, H] read in place, query t of row b at p = lengths[b] + t to the positions p - window < j <= p,
+    position j in slot j (``ring``: slot j mod S, kvcache.write_block) -> f32 [B, T, K, G, H]."""
     call = jax.ffi.ffi_call(kernels.ATTEND, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), ks, vs, jnp.asarray(ci, jnp.int32).reshape(1), lengths.astype(jnp.int32),
-                scale=np.float32(scale), window=np.int32(window or 0))
+                scale=np.float32(scale), window=np.int32(window or 0), ring=bool(ring))
 
 
 def _attention_out(x, out, p: Attention, li, mask, collect_stats: bool, kv) -> tuple[jax.Array, KV | None, Stats]:

@@ -11,7 +11,7 @@ from mtp_jax.kvcache import QuantStack
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels could not be built here")
 
-_attend = jax.jit(layers.attend_kernel, static_argnums=(5, 6))
+_attend = jax.jit(layers.attend_kernel, static_argnums=(5, 6, 7))
 
 
 def _reference(q, ks, vs, ci, lengths, scale, window=None):
@@ -59,6 +59,27 @@ def test_verify_attends_as_its_decodes_bit_for_bit():
         assert np.array_equal(one[:, 0], block[:, t])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ring_attends_as_a_full_stack(dtype):
+    """A sliding layer's ring (slot = position mod S, S = window + T - 1, kvcache.write_block) attends bit for bit as a
+    full stack holding the same positions, through blocks of T that write drafts a later block rolls back."""
+    rng = np.random.default_rng(5)
+    B, K, G, H, T, window = 2, 2, 3, 64, 3, 6
+    R, S = window + T - 1, 40
+    ring, full = (jnp.zeros((2, B, n, K, H), dtype) for n in (R, S))
+    ring_v, full_v = ring, full
+    lengths = jnp.zeros((B,), jnp.int32)
+    for step in range(10):
+        k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+        ring, ring_v = kvcache.write_block(ring, 1, k, lengths, True), kvcache.write_block(ring_v, 1, v, lengths, True)
+        full, full_v = kvcache.write_block(full, 1, k, lengths), kvcache.write_block(full_v, 1, v, lengths)
+        q = jnp.asarray(rng.standard_normal((B, T, K, G, H)), jnp.float32)
+        a = np.asarray(_attend(q, ring, ring_v, jnp.int32(1), lengths, 0.125, window, True))
+        b = np.asarray(_attend(q, full, full_v, jnp.int32(1), lengths, 0.125, window, False))
+        assert np.array_equal(a, b), step
+        lengths = lengths + jnp.asarray([1 + step % T, T], jnp.int32)  # row 0 keeps 1..T of its T (a rollback)
+
+
 def _hlo(fn, *args) -> str:
     return jax.jit(fn).lower(*args).compile().as_text()
 
@@ -82,7 +103,8 @@ def test_gemma4_attends_in_place_and_as_before():
 
 
 def test_attention_uses_the_kernel_on_float_stacks_only():
-    """layers.attention attends in place over float stacks and keeps XLA's path for quantized ones."""
+    """layers.attention attends in place over float stacks (full and sliding-ring layers) and keeps XLA's path for
+    quantized ones."""
     from mtp_jax.families.glm4moe import Glm4MoeConfig
     from mtp_jax.params import Attention
 
@@ -101,5 +123,7 @@ def test_attention_uses_the_kernel_on_float_stacks_only():
 
     stack = jnp.zeros((1, B, S, K, H), jnp.float32)
     assert "mtp_attend" in _hlo(run, stack, stack)
+    assert "mtp_attend" in _hlo(lambda ks, vs: layers.attention(x, p, pos, cfg, mask, (ks, vs, 0), lengths,
+                                                                 window=4)[0], stack, stack)  # a sliding ring
     q8 = QuantStack(*kvquant.quantize("q8_0", stack), kind="q8_0", dim=H)
     assert "mtp_attend" not in _hlo(run, q8, q8)

@@ -942,7 +942,8 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // ---- attention over one layer of a KV cache, read in place (decode and verify) ------------------------------
 // out[b, t, k, g, :] = sum_j softmax_j(scale * q[b, t, k, g, :] . K_j) V_j over the slots j < S with
 // p - window < j <= p, p = lengths[b] + t (window 0: no lower bound), K_j, V_j = k/v_stack[layer, b, j, k, :]
-// (f32, f16 or bf16; a cache whose slot is the position, not a ring). XLA:CPU copied each layer's dynamic slice
+// (f32, f16 or bf16; slot = position, or with `ring` slot = position mod S, kvcache.write_block: a ring of
+// S >= window + T - 1 slots holds every position a query sees, and the positions j < p - S + 1 are gone). XLA:CPU copied each layer's dynamic slice
 // of the stacks into a transposed layout before its two dots and ran ~10 more small ops per layer
 // (benchmarks/decode.py's docstring).
 // Numerics: the dots are 16-lane f32 sums reduced in a fixed order, exp is Cephes' expf polynomial (~1 ulp),
@@ -997,30 +998,36 @@ struct Attend {
   int wt;
   int64_t B, T, S, K, G, H, layer, window;
   float scale;
+  bool ring;
 
   // rows b, KV head k: all T*G queries of the head share each K/V row read
   void item(int64_t i) const {
-    const int64_t b = i / K, kh = i % K, TG = T * G;
+    const int64_t b = i / K, kh = i % K, TG = T * G, W = S + T;  // W >= the positions of all T queries
     thread_local std::vector<float> buf;
-    buf.resize(TG * S + H);  // scores of the T*G queries, then one K or V row
-    float *sc = buf.data(), *row = sc + TG * S;
+    buf.resize(TG * W + H);  // scores of the T*G queries by position - j0, then one K or V row
+    float *sc = buf.data(), *row = sc + TG * W;
     const int64_t len = lengths[b];
-    auto lo = [&](int64_t t) { return window > 0 ? std::max<int64_t>(0, len + t - window + 1) : int64_t(0); };
-    auto hi = [&](int64_t t) { return std::min<int64_t>(S - 1, len + t); };  // query t sees slots lo(t)..hi(t)
+    // query t sees positions lo(t)..hi(t)
+    auto hi = [&](int64_t t) { return ring ? len + t : std::min<int64_t>(S - 1, len + t); };
+    auto lo = [&](int64_t t) {
+      const int64_t a = window > 0 ? std::max<int64_t>(0, len + t - window + 1) : int64_t(0);
+      return ring ? std::max(a, hi(t) - S + 1) : a;
+    };
     const int64_t j0 = lo(0), j1 = hi(T - 1);
     const int64_t base = ((layer * B + b) * S) * K * H + kh * H;  // slot j at base + j*K*H
+    auto at = [&](int64_t j) { return base + (ring ? j % S : j) * K * H; };
     auto qv = [&](int64_t t, int64_t g) { return q + (((b * T + t) * K + kh) * G + g) * H; };
     for (int64_t j = j0; j <= j1; ++j) {
-      load_row(wt, k, base + j * K * H, H, row);
+      load_row(wt, k, at(j), H, row);
       for (int64_t t = 0; t < T; ++t) {
         if (j < lo(t) || j > hi(t)) continue;
-        for (int64_t g = 0; g < G; ++g) sc[(t * G + g) * S + j] = dot16(qv(t, g), row, H) * scale;
+        for (int64_t g = 0; g < G; ++g) sc[(t * G + g) * W + j - j0] = dot16(qv(t, g), row, H) * scale;
       }
     }
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t a = lo(t), z = hi(t);
+      const int64_t a = lo(t) - j0, z = hi(t) - j0;
       for (int64_t g = 0; g < G; ++g) {
-        float* s = sc + (t * G + g) * S;
+        float* s = sc + (t * G + g) * W;
         float m = -INFINITY;
         for (int64_t j = a; j <= z; ++j) m = std::max(m, s[j]);
         float sum = 0;
@@ -1031,11 +1038,11 @@ struct Attend {
       }
     }
     for (int64_t j = j0; j <= j1; ++j) {
-      load_row(wt, v, base + j * K * H, H, row);
+      load_row(wt, v, at(j), H, row);
       for (int64_t t = 0; t < T; ++t) {
         if (j < lo(t) || j > hi(t)) continue;
         for (int64_t g = 0; g < G; ++g) {
-          const float p = sc[(t * G + g) * S + j];
+          const float p = sc[(t * G + g) * W + j - j0];
           float* o = out + (((b * T + t) * K + kh) * G + g) * H;
           for (int64_t h = 0; h < H; ++h) o[h] += p * row[h];
         }
@@ -1047,7 +1054,7 @@ struct Attend {
 
 ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer vs, ffi::Buffer<ffi::S32> layer,
                       ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale,
-                      int32_t window) {
+                      int32_t window, bool ring) {
   auto qd = q.dimensions(), kd = ks.dimensions();
   if (qd.size() != 5 || kd.size() != 5 || vs.dimensions().size() != 5)
     return ffi::Error::InvalidArgument("mtp_attend: q must be [B, T, K, G, H], the stacks [L, B, S, K, H]");
@@ -1067,7 +1074,7 @@ ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer
   }
   if (B * T * K * G * H == 0 || S == 0) return ffi::Error::Success();
   Attend a{q.typed_data(), ks.untyped_data(), vs.untyped_data(), lengths.typed_data(), out->typed_data(), wt,
-           B, T, S, K, G, H, std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1), window, scale};
+           B, T, S, K, G, H, std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1), window, scale, ring};
   // worth handing out when there are several heads' rows with enough work each (~16K multiply-adds)
   Pool& pool = Pool::get();
   const int64_t items = B * K, work = T * G * S * H;
@@ -1098,4 +1105,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpAttend, AttendImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("window"));
+                                  .Attr<int32_t>("window")
+                                  .Attr<bool>("ring"));
