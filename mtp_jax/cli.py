@@ -212,13 +212,14 @@ def cmd_generate(args) -> int:
         s = res.stats
         rates = " ".join(f"{r:.2f}" for r in s["accept_rate_per_pos"])
         of = args.draft_max if k == "auto" else k
-        print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {of}, tokens/step {s['mean_tokens_per_step']:.2f}, "
-              f"acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}"
+        print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {of}, "
+              f"tokens/step {s['mean_tokens_per_step']:.2f}, acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}"
               f"{', plain steps ' + str(s['plain_steps']) if s['plain_steps'] else ''}")
     if base:
         base = base[0]
+        speedup = base.seconds / res.seconds * res.num_tokens / base.num_tokens
         print(f"plain baseline: {base.num_tokens} tokens in {base.seconds * 1e3:.1f} ms = "
-              f"{base.num_tokens / base.seconds:.1f} tok/s; speedup {base.seconds / res.seconds * res.num_tokens / base.num_tokens:.2f}x"
+              f"{base.num_tokens / base.seconds:.1f} tok/s; speedup {speedup:.2f}x"
               f"{'; outputs identical' if base.tokens == res.tokens else ''}")
         if res.stats.get("plain_loop"):
             print("(auto decoded with the plain loop: on this model and machine a head step costs more than even a "
@@ -270,7 +271,8 @@ def cmd_imatrix(args) -> int:
     dt = time.perf_counter() - t0
     mtp = f", NextN head perplexity {col.mtp_perplexity:.3f}" if col.mtp_perplexity else ""
     head = f"; the drafter's {len(col.head_sums)} tensors -> {head_out}" if col.head_sums else ""
-    print(f"{col.chunks} chunks x {args.chunk_size} tokens in {dt:.1f} s ({col.chunks * args.chunk_size / dt:.0f} tok/s), "
+    rate = col.chunks * args.chunk_size / dt
+    print(f"{col.chunks} chunks x {args.chunk_size} tokens in {dt:.1f} s ({rate:.0f} tok/s), "
           f"perplexity {col.perplexity:.3f}{mtp}; {len(col.sums)} tensors with statistics -> {path}{head}")
     return 0
 

@@ -943,9 +943,9 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // out[b, t, k, g, :] = sum_j softmax_j(scale * q[b, t, k, g, :] . K_j) V_j over the slots j < S with
 // p - window < j <= p, p = lengths[b] + t (window 0: no lower bound), K_j, V_j = k/v_stack[layer, b, j, k, :]
 // (f32, f16 or bf16; slot = position, or with `ring` slot = position mod S, kvcache.write_block: a ring of
-// S >= window + T - 1 slots holds every position a query sees, and the positions j < p - S + 1 are gone). XLA:CPU copied each layer's dynamic slice
-// of the stacks into a transposed layout before its two dots and ran ~10 more small ops per layer
-// (benchmarks/decode.py's docstring).
+// S >= window + T - 1 slots holds every position a query sees, and the positions j < p - S + 1 are gone).
+// XLA:CPU copied each layer's dynamic slice of the stacks into a transposed layout before its two dots and ran
+// ~10 more small ops per layer (benchmarks/decode.py's docstring).
 // Numerics: the dots are 16-lane f32 sums reduced in a fixed order, exp is Cephes' expf polynomial (~1 ulp),
 // probabilities are e_j / sum, the output a sequential f32 sum over j: a query's result depends only on its
 // own inputs, never on T, B or the thread count, so a verify of K+1 tokens attends as K+1 decodes do.

@@ -159,7 +159,8 @@ assert "jax" not in sys.modules
 
 def test_prepare_builds_the_grid_tables():
     """stream.prepare, run before workers fork, builds the grid types' one-time tables (iq2xxs, iq2xs, iq2s,
-    iq3xxs, iq3s, iq1s: each grid and its neighbour tiles) in this process, for every registered type with and without an imatrix, without raising for a type that requires one."""
+    iq3xxs, iq3s, iq1s: each grid and its neighbour tiles) in this process, for every registered type with and
+    without an imatrix, without raising for a type that requires one."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", _PREPARED], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
