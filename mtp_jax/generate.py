@@ -58,14 +58,15 @@ def best_of_each(runs: Sequence[Any], repeats: int, min_seconds: float = 0.0,
                  max_rounds: int = 1000) -> list[GenerateResult]:
     """best_of for several runs timed against each other: each called once to compile, then ``repeats`` rounds
     that call them in turn, so a slow spell of a shared machine falls on all of them alike. With ``repeats``
-    > 0 and ``min_seconds``, short runs get more rounds (at most ``max_rounds``) until the timed calls took
-    that long in all: the least of more samples of a ~5 ms call is a steadier estimate of its time."""
+    > 0 and ``min_seconds``, short runs get more rounds (at most ``max_rounds``) until the rounds took that long
+    (wall time, the calls' own overhead included): the least of more samples of a ~5 ms call is a steadier
+    estimate of its time."""
     firsts = [run() for run in runs]
     rounds: list[list] = []
-    spent = 0.0
-    while len(rounds) < repeats or (repeats and spent < min_seconds and len(rounds) < max_rounds):
+    start = time.perf_counter()
+    while len(rounds) < repeats or (repeats and time.perf_counter() - start < min_seconds
+                                    and len(rounds) < max_rounds):
         rounds.append([run() for run in runs])
-        spent += sum(r.seconds for r in rounds[-1])
     return [min((r[i] for r in rounds), key=lambda r: r.seconds, default=first) for i, first in enumerate(firsts)]
 
 

@@ -66,22 +66,29 @@ def test_console_script_entry_point():
     assert "generate" in out.stdout and "quantize" in out.stdout
 
 
-def test_best_of_each_times_runs_in_alternation_and_keeps_each_fastest():
+def test_best_of_each_times_runs_in_alternation_and_keeps_each_fastest(monkeypatch):
     """generate --compare times MTP and plain decoding in turn (a slow spell of the machine hits both)."""
     from types import SimpleNamespace
 
+    from mtp_jax import generate
     from mtp_jax.generate import best_of, best_of_each
 
-    calls = []
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(generate, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
-    def run(name, seconds):
+    def run(name, seconds):  # each call takes its seconds of the (fake) wall clock
         it = iter(seconds)
-        return lambda: calls.append(name) or SimpleNamespace(seconds=next(it))
+
+        def call():
+            calls.append(name)
+            clock[0] += (t := next(it))
+            return SimpleNamespace(seconds=t)
+        return call
 
     a, b = best_of_each([run("a", [9, 3, 5]), run("b", [8, 6, 2])], repeats=2)
     assert calls == ["a", "b", "a", "b", "a", "b"] and (a.seconds, b.seconds) == (3, 2)
     assert best_of(run("c", [1, 7]), repeats=0).seconds == 1  # no repeats: the compiling call's result
-    calls.clear()  # short runs: rounds until the timed calls took min_seconds in all
+    calls.clear()  # short runs: rounds until min_seconds of wall time have passed
     a, b = best_of_each([run("a", [9, 3, 2, 1, 4]), run("b", [8, 2, 3, 2, 1])], repeats=1, min_seconds=12)
     assert len(calls) == 8 and (a.seconds, b.seconds) == (1, 2)  # 5 + 5 + 3 < 12 <= 16 after round 3
     calls.clear()
