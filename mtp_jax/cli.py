@@ -100,8 +100,14 @@ def _add_cache_type_args(p: argparse.ArgumentParser, draft: bool = True) -> None
 
 
 def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
-    """ValueError unless the longest prompt, the budget and the K+1 slots a speculative step writes ahead fit the
-    model's positions (cfg.max_position_embeddings)."""
+    """ValueError unless every prompt has a token, the budget is >= 1, and the longest prompt, the budget and the
+    K+1 slots a speculative step writes ahead fit the model's positions (cfg.max_position_embeddings): checked
+    before anything is measured or compiled."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    empty = next((i for i, p in enumerate(prompts) if not len(p)), None)
+    if empty is not None:
+        raise ValueError(f"prompt {empty} is empty (every row needs at least one token)")
     longest = max(map(len, prompts), default=0)
     ahead = num_draft + 1 if num_draft else 0
     room = cfg.max_position_embeddings - longest - ahead
@@ -112,7 +118,7 @@ def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draf
                          f"{cfg.max_position_embeddings}; use --max-new-tokens <= {max(room, 0)}")
 
 
-COMPARE_SECONDS = 2.0  # --compare: short calls are timed in more rounds, until the timed calls took this long
+COMPARE_SECONDS = 2.0  # --compare: short calls are timed in more rounds, until the rounds took this long
 
 
 def _progress(run, what: str, calls: int):
@@ -468,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run plain decoding in the same process and print its tokens/s and the speedup")
     g.add_argument("--repeats", type=int, default=3,
                    help="timed calls after the warm-up; the best is reported (0: the warm-up call's time, compile "
-                        "included); with --compare, short calls get more rounds until the timed calls took "
+                        "included); with --compare, short calls get more rounds until the rounds took "
                         f"{COMPARE_SECONDS:g} s")
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write an NDJSON line per row per speculative step (also: env MTP_JAX_TRACE)")

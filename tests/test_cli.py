@@ -32,6 +32,15 @@ def test_generate_bad_token_id_is_one_clear_line(capsys):
     assert "out of vocabulary" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra,message", [(["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+                                           (["--prompt-ids", "1,2;"], "prompt 1 is empty")])
+def test_generate_checks_budget_and_prompts_before_measuring(capsys, extra, message):
+    """An empty prompt or a zero budget is one line, before auto mode measures the pieces (nothing is compiled)."""
+    assert cli.main(["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "measuring" not in err
+
+
 def test_generate_checks_the_position_limit(capsys):
     args = ["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "100000", "-K", "3"]
     assert cli.main(args) == 2
