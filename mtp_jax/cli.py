@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,9 +175,12 @@ def _mesh_for(args):
 def cmd_generate(args) -> int:
     from mtp_jax import generate as plain
     from mtp_jax import speculative
+    from mtp_jax.io.validate import output_file
     from mtp_jax.sampling import Sampling
 
     cache_types = _cache_types(args)
+    if args.trace or os.environ.get("MTP_JAX_TRACE"):  # a trace is written after the run: check its path first
+        output_file(args.trace or os.environ["MTP_JAX_TRACE"], ValueError)
     _start_devices(args)
     placement = [(pattern, "replicated") for pattern in args.replicate or ()]
     cfg, params, tok = _load_model(args, _mesh_for(args), placement)
@@ -242,11 +246,12 @@ def cmd_imatrix(args) -> int:
     from mtp_jax import imatrix as IM
     from mtp_jax.io.imatrix_gguf import write_imatrix_gguf
     from mtp_jax.io.load import load_model
-    from mtp_jax.io.validate import regular_file
+    from mtp_jax.io.validate import output_file, regular_file
 
-    regular_file(args.file, ValueError)  # before the model is loaded, as is the output directory
-    if not Path(args.output).absolute().parent.is_dir():
-        raise ValueError(f"output directory {Path(args.output).absolute().parent} does not exist")
+    regular_file(args.file, ValueError)  # before the model is loaded, as are the outputs
+    output_file(args.output, ValueError)
+    if args.head_output:
+        output_file(args.head_output, ValueError)
     cfg, params, tok = load_model(args.model or default_model(), check_finite=not args.no_check_finite,
                                   mtp_head=args.mtp_head)
     if tok is None:
@@ -290,7 +295,7 @@ def cmd_perplexity(args) -> int:
 
     from mtp_jax import perplexity as PP
     from mtp_jax.io.load import load_model
-    from mtp_jax.io.validate import regular_file
+    from mtp_jax.io.validate import output_file, regular_file
     from mtp_jax.model import check_tokens
 
     kld, base_path = args.kl_divergence, args.kl_divergence_base
@@ -312,8 +317,8 @@ def cmd_perplexity(args) -> int:
         text = raw.decode("utf-8", errors="replace")
     if kld:
         regular_file(base_path, ValueError)
-    elif base_path and not Path(base_path).absolute().parent.is_dir():
-        raise ValueError(f"output directory {Path(base_path).absolute().parent} does not exist")
+    elif base_path:
+        output_file(base_path, ValueError)
 
     # the trunk only; quantized GGUF weights stay in their blocks, the rest (and so the activations) float32
     model = args.model or default_model()

@@ -41,6 +41,22 @@ def test_generate_checks_budget_and_prompts_before_measuring(capsys, extra, mess
     assert err.count("\n") == 1 and message in err and "measuring" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["quantize", "mtp_jax/assets/glm4moe-stdlib-f16.gguf", "{d}", "Q8_0"],
+    ["imatrix", "-f", "README.md", "-o", "{d}"],
+    ["imatrix", "-f", "README.md", "-o", "{d}/x.gguf", "--head-output", "{d}"],
+    ["perplexity", "-f", "README.md", "--kl-divergence-base", "{d}"],
+    ["generate", "--config", "glm4moe-tiny", "--trace", "{d}"],
+], ids=["quantize", "imatrix", "imatrix-head", "perplexity-base", "generate-trace"])
+def test_an_output_that_is_a_directory_is_one_line_before_the_work(capsys, tmp_path, argv):
+    """Each command checks a file it will write before it works: a directory there used to fail at the final
+    rename, after the whole run ("[Errno 21] Is a directory")."""
+    assert cli.main([a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"{tmp_path}: is a directory; give a file name to write") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_generate_checks_the_position_limit(capsys):
     args = ["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "100000", "-K", "3"]
     assert cli.main(args) == 2

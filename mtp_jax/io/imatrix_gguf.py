@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
-from mtp_jax.io.validate import GGUFError, open_reader, regular_file, value
+from mtp_jax.io.validate import GGUFError, open_reader, output_file, regular_file, value
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -257,8 +257,7 @@ def write_imatrix_gguf(data: ImatrixData, path: str | os.PathLike) -> Path:
 
 def atomic_write(path: Path, write) -> Path:
     """Call write(f) on a temp file next to ``path`` and rename it over ``path``; no file is left on failure."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    output_file(path, FileNotFoundError)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

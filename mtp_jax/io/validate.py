@@ -52,6 +52,17 @@ class GGUFError(ValueError):
     message names the file."""
 
 
+def output_file(path: str | os.PathLike, error: type[Exception] = GGUFError) -> Path:
+    """``path`` as a file to write (checked before the work that makes it): its directory exists and it is not a
+    directory itself; else ``error``."""
+    path = Path(path)
+    if not path.absolute().parent.is_dir():
+        raise error(f"output directory {path.absolute().parent} does not exist")
+    if path.is_dir():
+        raise error(f"{path}: is a directory; give a file name to write")
+    return path
+
+
 def regular_file(path: str | os.PathLike, error: type[ValueError] = GGUFError) -> Path:
     """``path`` when it is a regular file; a missing path, a directory, a FIFO or a device raises ``error``."""
     path = Path(path)

@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mtp_jax.families import ARCHS
 from mtp_jax.io.imatrix_gguf import check_model, read_imatrix, to_quant_weights
 from mtp_jax.io.split import ModelFiles, open_model_files, split_path
-from mtp_jax.io.validate import GGUFError, regular_file
+from mtp_jax.io.validate import GGUFError, output_file, regular_file
 from mtp_jax.quant import policy, registry, stream
 from mtp_jax.quant.base import QuantError
 from mtp_jax.quant.policy import FLOAT_TYPES, ModelInfo, QuantOptions, TensorDesc, TensorPlan, ggml_type_name
@@ -307,10 +307,11 @@ def _write_data(files: list, outputs: Sequence[_Output], where: dict[str, tuple[
 
 
 def _check_paths(in_path: Path, out_path: Path | None) -> None:
-    """The input is a regular file; the output's directory (None: a dry run) exists."""
+    """The input is a regular file; the output (None: a dry run) can be written: its directory exists and it is
+    not a directory."""
     regular_file(in_path, QuantError)
-    if out_path is not None and not out_path.parent.is_dir():
-        raise QuantError(f"output directory {out_path.parent} does not exist")
+    if out_path is not None:
+        output_file(out_path, QuantError)
 
 
 def _check_outputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
