@@ -28,6 +28,20 @@ def _parse_ids(text: str) -> list[list[int]]:
     return rows
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _load_model(args, mesh=None, placement=()):
     """(cfg, params, tokenizer or None) from --model (or --config: random weights seeded by --weights-seed);
     ``mesh``, ``placement``: as load_model takes them."""
@@ -477,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--draft-p-min; default 0 = off)")
     g.add_argument("--compare", action="store_true",
                    help="also run plain decoding in the same process and print its tokens/s and the speedup")
-    g.add_argument("--repeats", type=int, default=3,
+    g.add_argument("--repeats", type=_at_least(0), default=3,
                    help="timed calls after the warm-up; the best is reported (0: the warm-up call's time, compile "
                         "included); with --compare, short calls get more rounds until the rounds took "
                         f"{COMPARE_SECONDS:g} s")
@@ -486,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_type_args(g)
     d = g.add_argument_group("devices", "a mesh of devices (and processes): rows on data, experts on expert, "
                                         "heads and FFN on model")
-    d.add_argument("--devices", type=int, default=None,
+    d.add_argument("--devices", type=_at_least(1), default=None,
                    help="devices to run on (default: all; on a CPU-only machine, N fake CPU devices)")
     d.add_argument("--mesh", default=None, metavar="data=N,expert=N,model=N",
                    help="mesh axis sizes, product = --devices (default: experts on as many devices as divide the "
@@ -520,9 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--head-output", default=None, metavar="FILE",
                     help="the imatrix of a drafter that is a file of its own (Gemma 4's assistant); default: "
                          "OUTPUT with -head before .gguf")
-    im.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk (llama-imatrix -c, default 512)")
-    im.add_argument("--chunks", type=int, default=None, help="use at most this many chunks")
-    im.add_argument("--batch", "-b", type=int, default=1, help="chunks per forward (any size; default 1)")
+    im.add_argument("--chunk-size", type=_at_least(3), default=512,
+                    help="tokens per chunk (llama-imatrix -c, default 512)")
+    im.add_argument("--chunks", type=int, default=None,
+                    help="use at most this many chunks (>= 1; default or negative: all, as llama-imatrix's -1)")
+    im.add_argument("--batch", "-b", type=_at_least(1), default=1, help="chunks per forward (any size; default 1)")
     im.add_argument("--no-mtp", action="store_true", help="trunk only, as llama-imatrix")
     im.add_argument("--process-output", action="store_true", help="also collect output.weight (llama-imatrix flag)")
     im.add_argument("--no-neutral-lookups", action="store_true",

@@ -215,13 +215,18 @@ def _accumulate(into: dict, entries: dict) -> None:
 
 
 def make_chunks(tokens: np.ndarray, chunk_size: int, bos_id: int | None, max_chunks: int | None = None) -> np.ndarray:
-    """Token ids -> [n_chunks, chunk_size] as llama-imatrix cuts them (BOS over the first token when set)."""
+    """Token ids -> [n_chunks, chunk_size] as llama-imatrix cuts them (BOS over the first token when set);
+    max_chunks: None or negative = all."""
     tokens = np.asarray(tokens, np.int32)
+    if chunk_size < 3:
+        raise ValueError(f"--chunk-size {chunk_size}: a chunk needs at least 3 tokens")
+    if max_chunks == 0:
+        raise ValueError("--chunks 0: no chunk to compute (>= 1, or negative for all)")
     if tokens.size < 2 * chunk_size:
         raise ValueError(f"the text has {tokens.size} tokens; at least 2 chunks of {chunk_size} "
                          f"({2 * chunk_size} tokens) are needed (use a longer text or a smaller --chunk-size)")
     n = tokens.size // chunk_size
-    if max_chunks:
+    if max_chunks is not None and max_chunks > 0:
         n = min(n, max_chunks)
     chunks = tokens[: n * chunk_size].reshape(n, chunk_size).copy()
     if bos_id is not None:

@@ -57,6 +57,31 @@ def test_an_output_that_is_a_directory_is_one_line_before_the_work(capsys, tmp_p
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--repeats", "-1"], "argument --repeats: must be >= 0, got -1"),
+    (["generate", "--devices", "0"], "argument --devices: must be >= 1, got 0"),
+    (["imatrix", "-f", "README.md", "-o", "x.gguf", "--chunk-size", "0"], "argument --chunk-size: must be >= 3"),
+    (["imatrix", "-f", "README.md", "-o", "x.gguf", "--batch", "0"], "argument --batch/-b: must be >= 1, got 0"),
+])
+def test_counts_out_of_range_are_usage_errors(capsys, argv, message):
+    """Counts that used to be taken silently (--repeats -1, --devices 0) or crash later (imatrix --chunk-size 0:
+    ZeroDivisionError; --batch 0: an empty error) are argparse errors: exit 2, usage and one line."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_imatrix_chunks_as_llama_imatrix():
+    """--chunks: at most N chunks; negative means all (llama-imatrix's -1); 0 is an error, not all."""
+    from mtp_jax.imatrix import make_chunks
+
+    tokens = list(range(10, 60))
+    assert make_chunks(tokens, 8, None, 2).shape == (2, 8)
+    assert make_chunks(tokens, 8, None, -3).shape == make_chunks(tokens, 8, None).shape == (6, 8)
+    with pytest.raises(ValueError, match="--chunks 0"):
+        make_chunks(tokens, 8, None, 0)
+
+
 def test_generate_checks_the_position_limit(capsys):
     args = ["generate", "--config", "glm4moe-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "100000", "-K", "3"]
     assert cli.main(args) == 2
