@@ -127,7 +127,7 @@ def attention(
             ks, vs = write_block(ks, ci, k, lengths, ring), write_block(vs, ci, v, lengths, ring)
             kv = (ks, vs, ci)
             if attend_in_place(ks, vs):
-                out = attend_kernel(q, ks, vs, ci, lengths, scale, window, ring).astype(v.dtype)
+                out = attend_kernel(q, ks, vs, ci, lengths, scale, window, ring).astype(q.dtype)
                 return _attention_out(x, out.reshape(B, T, N, H), p, li, mask, collect_stats, kv)
             k, v = read_layer(ks, ci, q.dtype), read_layer(vs, ci, q.dtype)  # [B, S, K, H] (turbo: rotated, padded)
             if rotated(ks):
@@ -150,20 +150,39 @@ def attention(
     return _attention_out(x, out.reshape(B, T, N, H), p, li, mask, collect_stats, kv)
 
 
+_KERNEL_KINDS = {"q8_0": 1, "q4_0": 2}  # AttKind in cpu_linear.cc; 0: a float stack
+
+
+def _kernel_side(stack) -> bool:
+    if isinstance(stack, QuantStack):  # ggml blocks along H, unpadded (TurboQuant's rotated groups: XLA's path)
+        return stack.kind in _KERNEL_KINDS and stack.q.shape[-1] * 32 // kvquant.BLOCKS[stack.kind][1] == stack.dim
+    return stack.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
 def attend_in_place(ks, vs) -> bool:
-    """Whether the CPU kernel attends over these stacks (plain float stacks; quantized ones are dequantized)."""
-    return (kernels.use_cpu_kernels() and not isinstance(ks, QuantStack) and not isinstance(vs, QuantStack)
-            and ks.dtype == vs.dtype and ks.dtype in (jnp.float32, jnp.float16, jnp.bfloat16))
+    """Whether the CPU kernel attends over these stacks: each a float stack or q8_0 / q4_0 blocks (TurboQuant
+    stacks are dequantized by XLA)."""
+    return kernels.use_cpu_kernels() and _kernel_side(ks) and _kernel_side(vs)
+
+
+def _kernel_args(stack) -> tuple:
+    """(entries, scales, kind) as the kernel takes a side: a float stack has no scales (a 1-value stand-in)."""
+    if isinstance(stack, QuantStack):
+        return stack.q, stack.d, _KERNEL_KINDS[stack.kind]
+    return stack, jnp.zeros((1,), jnp.float16), 0
 
 
 def attend_kernel(q: jax.Array, ks: jax.Array, vs: jax.Array, ci, lengths: jax.Array, scale: float,
                   window: int | None = None, ring: bool = False) -> jax.Array:
     """The kernel (mtp_jax/kernels/cpu_linear.cc, AttendImpl): q [B, T, K, G, H] attends over layer ci of the stacks
-    [L, B, S, K, H] read in place, query t of row b at p = lengths[b] + t to the positions p - window < j <= p,
-    position j in slot j (``ring``: slot j mod S, kvcache.write_block) -> f32 [B, T, K, G, H]."""
+    [L, B, S, K, H] (float, or a q8_0 / q4_0 QuantStack dequantized entry by entry as kvquant.dequantize does) read
+    in place, query t of row b at p = lengths[b] + t to the positions p - window < j <= p, position j in slot j
+    (``ring``: slot j mod S, kvcache.write_block) -> f32 [B, T, K, G, H]."""
+    (kq, kd, k_kind), (vq, vd, v_kind) = _kernel_args(ks), _kernel_args(vs)
     call = jax.ffi.ffi_call(kernels.ATTEND, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), ks, vs, jnp.asarray(ci, jnp.int32).reshape(1), lengths.astype(jnp.int32),
-                scale=np.float32(scale), window=np.int32(window or 0), ring=bool(ring))
+    return call(q.astype(jnp.float32), kq, vq, kd, vd, jnp.asarray(ci, jnp.int32).reshape(1),
+                lengths.astype(jnp.int32), scale=np.float32(scale), window=np.int32(window or 0), ring=bool(ring),
+                k_kind=np.int32(k_kind), v_kind=np.int32(v_kind))
 
 
 def _attention_out(x, out, p: Attention, li, mask, collect_stats: bool, kv) -> tuple[jax.Array, KV | None, Stats]:

@@ -102,9 +102,33 @@ def test_gemma4_attends_in_place_and_as_before():
     np.testing.assert_allclose(np.concatenate([np.asarray(a), np.asarray(b)], 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_uses_the_kernel_on_float_stacks_only():
-    """layers.attention attends in place over float stacks (full and sliding-ring layers) and keeps XLA's path for
-    quantized ones."""
+@pytest.mark.parametrize("k_kind,v_kind", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16"), ("f32", "q4_0")])
+def test_quantized_stacks_attend_as_their_dequantized_floats(k_kind, v_kind):
+    """A q8_0 / q4_0 side is dequantized entry by entry as kvquant.dequantize does it: the kernel over the blocks
+    gives the bits of the kernel over the f32 stack they dequantize to (and either side may be a float stack)."""
+    rng = np.random.default_rng(9)
+    L, B, S, K, G, H, T = 2, 2, 24, 2, 3, 64, 3
+
+    def side(kind):
+        x = jnp.asarray(rng.standard_normal((L, B, S, K, H)) * 1.5, jnp.float32)
+        if kind in ("f32", "f16"):
+            s = x.astype({"f32": jnp.float32, "f16": jnp.float16}[kind])
+            return s, s.astype(jnp.float32)
+        s = QuantStack(*kvquant.quantize(kind, x), kind=kind, dim=H)
+        return s, kvquant.dequantize(kind, s.q, s.d)
+
+    (ks, kf), (vs, vf) = side(k_kind), side(v_kind)
+    q = jnp.asarray(rng.standard_normal((B, T, K, G, H)), jnp.float32)
+    lengths = jnp.asarray([5, S - T], jnp.int32)
+    for window in (None, 4):
+        got = np.asarray(_attend(q, ks, vs, jnp.int32(1), lengths, 0.125, window, False))
+        want = np.asarray(_attend(q, kf, vf, jnp.int32(1), lengths, 0.125, window, False))
+        assert np.array_equal(got, want), window
+
+
+def test_attention_uses_the_kernel_on_float_and_block_stacks():
+    """layers.attention attends in place over float and q8_0 / q4_0 stacks (full and sliding-ring layers) and keeps
+    XLA's path for TurboQuant's rotated ones."""
     from mtp_jax.families.glm4moe import Glm4MoeConfig
     from mtp_jax.params import Attention
 
@@ -126,4 +150,7 @@ def test_attention_uses_the_kernel_on_float_stacks_only():
     assert "mtp_attend" in _hlo(lambda ks, vs: layers.attention(x, p, pos, cfg, mask, (ks, vs, 0), lengths,
                                                                  window=4)[0], stack, stack)  # a sliding ring
     q8 = QuantStack(*kvquant.quantize("q8_0", stack), kind="q8_0", dim=H)
-    assert "mtp_attend" not in _hlo(run, q8, q8)
+    q4 = QuantStack(*kvquant.quantize("q4_0", stack), kind="q4_0", dim=H)
+    assert "mtp_attend" in _hlo(run, q8, q4)
+    turbo = QuantStack(*kvquant.quantize("turbo4", jnp.pad(stack, [(0, 0)] * 4 + [(0, 128 - H)])), kind="turbo4", dim=H)
+    assert "mtp_attend" not in _hlo(run, turbo, q8)

@@ -942,8 +942,9 @@ ffi::Error LinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 // ---- attention over one layer of a KV cache, read in place (decode and verify) ------------------------------
 // out[b, t, k, g, :] = sum_j softmax_j(scale * q[b, t, k, g, :] . K_j) V_j over the slots j < S with
 // p - window < j <= p, p = lengths[b] + t (window 0: no lower bound), K_j, V_j = k/v_stack[layer, b, j, k, :]
-// (f32, f16 or bf16; slot = position, or with `ring` slot = position mod S, kvcache.write_block: a ring of
-// S >= window + T - 1 slots holds every position a query sees, and the positions j < p - S + 1 are gone).
+// (f32, f16 or bf16, or q8_0 / q4_0 blocks dequantized entry by entry: Side; slot = position, or with `ring`
+// slot = position mod S, kvcache.write_block: a ring of S >= window + T - 1 slots holds every position a query
+// sees, and the positions j < p - S + 1 are gone).
 // XLA:CPU copied each layer's dynamic slice of the stacks into a transposed layout before its two dots and ran
 // ~10 more small ops per layer (benchmarks/decode.py's docstring).
 // Numerics: the dots are 16-lane f32 sums reduced in a fixed order, exp is Cephes' expf polynomial (~1 ulp),
@@ -980,6 +981,15 @@ inline float exp_cephes(float x) {  // x <= 0 here (scores minus their max)
   return y * two_n;
 }
 
+// One side (K or V) of the cache: a float stack [L, B, S, K, H] (kind kAttFloat, element type wt) or ggml blocks
+// of 32 values along H (kvquant: q [L, B, S, K, H/32 * qbytes], d [L, B, S, K, H/32] f16 scales).
+enum AttKind { kAttFloat = 0, kAttQ8_0 = 1, kAttQ4_0 = 2 };
+struct Side {
+  const void* q;
+  const uint16_t* d;
+  int kind, wt;
+};
+
 inline void load_row(int wt, const void* base, int64_t off, int64_t n, float* dst) {  // n values from base[off]
   if (wt == kF32) {
     std::memcpy(dst, static_cast<const float*>(base) + off, n * 4);
@@ -990,12 +1000,32 @@ inline void load_row(int wt, const void* base, int64_t off, int64_t n, float* ds
   }
 }
 
+// Entry r (= ((layer * B + b) * S + slot) * K + head) of a side as H floats: a quantized entry dequantized as
+// kvquant.dequantize does it (the integer as f32, times the f16 scale as f32; q4_0: nibble - 8, low nibbles first).
+inline void load_entry(const Side& s, int64_t r, int64_t H, float* dst) {
+  if (s.kind == kAttFloat) return load_row(s.wt, s.q, r * H, H, dst);
+  const int64_t nb = H / 32;
+  for (int64_t i = 0; i < nb; ++i) {
+    const float d = half_to_float(s.d[r * nb + i]);
+    float* o = dst + 32 * i;
+    if (s.kind == kAttQ8_0) {
+      const int8_t* q = static_cast<const int8_t*>(s.q) + (r * nb + i) * 32;
+      for (int l = 0; l < 32; ++l) o[l] = static_cast<float>(q[l]) * d;
+    } else {
+      const uint8_t* q = static_cast<const uint8_t*>(s.q) + (r * nb + i) * 16;
+      for (int l = 0; l < 16; ++l) {
+        o[l] = static_cast<float>((q[l] & 15) - 8) * d;
+        o[l + 16] = static_cast<float>((q[l] >> 4) - 8) * d;
+      }
+    }
+  }
+}
+
 struct Attend {
   const float* q;
-  const void *k, *v;
+  Side k, v;
   const int32_t* lengths;
   float* out;
-  int wt;
   int64_t B, T, S, K, G, H, layer, window;
   float scale;
   bool ring;
@@ -1014,11 +1044,10 @@ struct Attend {
       return ring ? std::max(a, hi(t) - S + 1) : a;
     };
     const int64_t j0 = lo(0), j1 = hi(T - 1);
-    const int64_t base = ((layer * B + b) * S) * K * H + kh * H;  // slot j at base + j*K*H
-    auto at = [&](int64_t j) { return base + (ring ? j % S : j) * K * H; };
+    auto at = [&](int64_t j) { return ((layer * B + b) * S + (ring ? j % S : j)) * K + kh; };  // entry of position j
     auto qv = [&](int64_t t, int64_t g) { return q + (((b * T + t) * K + kh) * G + g) * H; };
     for (int64_t j = j0; j <= j1; ++j) {
-      load_row(wt, k, at(j), H, row);
+      load_entry(k, at(j), H, row);
       for (int64_t t = 0; t < T; ++t) {
         if (j < lo(t) || j > hi(t)) continue;
         for (int64_t g = 0; g < G; ++g) sc[(t * G + g) * W + j - j0] = dot16(qv(t, g), row, H) * scale;
@@ -1038,7 +1067,7 @@ struct Attend {
       }
     }
     for (int64_t j = j0; j <= j1; ++j) {
-      load_row(wt, v, at(j), H, row);
+      load_entry(v, at(j), H, row);
       for (int64_t t = 0; t < T; ++t) {
         if (j < lo(t) || j > hi(t)) continue;
         for (int64_t g = 0; g < G; ++g) {
@@ -1052,28 +1081,54 @@ struct Attend {
   static void run(const void* self, int64_t i) { static_cast<const Attend*>(self)->item(i); }
 };
 
-ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer vs, ffi::Buffer<ffi::S32> layer,
-                      ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale,
-                      int32_t window, bool ring) {
-  auto qd = q.dimensions(), kd = ks.dimensions();
-  if (qd.size() != 5 || kd.size() != 5 || vs.dimensions().size() != 5)
-    return ffi::Error::InvalidArgument("mtp_attend: q must be [B, T, K, G, H], the stacks [L, B, S, K, H]");
-  const int64_t B = qd[0], T = qd[1], K = qd[2], G = qd[3], H = qd[4], L = kd[0], S = kd[2];
-  for (int a = 0; a < 5; ++a)
-    if (vs.dimensions()[a] != kd[a]) return ffi::Error::InvalidArgument("mtp_attend: K and V stacks differ");
-  if (kd[1] != B || kd[3] != K || kd[4] != H || lengths.element_count() != static_cast<size_t>(B))
-    return ffi::Error::InvalidArgument("mtp_attend: q, the stacks and lengths do not match");
-  if (ks.element_type() != vs.element_type())
-    return ffi::Error::InvalidArgument("mtp_attend: K and V stacks must have one dtype");
-  int wt;
-  switch (ks.element_type()) {
-    case ffi::DataType::F32: wt = kF32; break;
-    case ffi::DataType::F16: wt = kF16; break;
-    case ffi::DataType::BF16: wt = kBF16; break;
-    default: return ffi::Error::InvalidArgument("mtp_attend: stacks must be f32, f16 or bf16");
+// A side's buffers -> Side, or an error message: q is [L, B, S, K, H] floats, or with kind q8_0 / q4_0 the
+// blocks [L, B, S, K, H/32 * (32 | 16)] beside their scales d [L, B, S, K, H/32] f16.
+const char* side_of(ffi::AnyBuffer& q, ffi::AnyBuffer& d, int32_t kind, const int64_t* dims, Side& out) {
+  auto qd = q.dimensions();
+  if (qd.size() != 5) return "mtp_attend: a stack must be [L, B, S, K, .]";
+  for (int a = 0; a < 4; ++a)
+    if (qd[a] != dims[a]) return "mtp_attend: the K and V stacks differ in [L, B, S, K]";
+  const int64_t H = dims[4];
+  out.q = q.untyped_data();
+  out.kind = kind;
+  if (kind == kAttFloat) {
+    if (qd[4] != H) return "mtp_attend: q and a float stack differ in H";
+    switch (q.element_type()) {
+      case ffi::DataType::F32: out.wt = kF32; return nullptr;
+      case ffi::DataType::F16: out.wt = kF16; return nullptr;
+      case ffi::DataType::BF16: out.wt = kBF16; return nullptr;
+      default: return "mtp_attend: float stacks must be f32, f16 or bf16";
+    }
   }
+  if (kind != kAttQ8_0 && kind != kAttQ4_0) return "mtp_attend: unknown cache kind";
+  auto dd = d.dimensions();
+  const int64_t nb = H / 32;
+  if (H % 32 || dd.size() != 5 || dd[4] != nb || qd[4] != nb * (kind == kAttQ8_0 ? 32 : 16) ||
+      d.element_type() != ffi::DataType::F16 ||
+      q.element_type() != (kind == kAttQ8_0 ? ffi::DataType::S8 : ffi::DataType::U8))
+    return "mtp_attend: a q8_0 / q4_0 stack must hold H/32 blocks per entry and their f16 scales";
+  for (int a = 0; a < 4; ++a)
+    if (dd[a] != dims[a]) return "mtp_attend: blocks and scales differ in [L, B, S, K]";
+  out.d = static_cast<const uint16_t*>(d.untyped_data());
+  return nullptr;
+}
+
+ffi::Error AttendImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ks, ffi::AnyBuffer vs, ffi::AnyBuffer kd,
+                      ffi::AnyBuffer vd, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> lengths,
+                      ffi::ResultBuffer<ffi::F32> out, float scale, int32_t window, bool ring, int32_t k_kind,
+                      int32_t v_kind) {
+  auto qd = q.dimensions(), kdims = ks.dimensions();
+  if (qd.size() != 5 || kdims.size() != 5)
+    return ffi::Error::InvalidArgument("mtp_attend: q must be [B, T, K, G, H], the stacks [L, B, S, K, .]");
+  const int64_t B = qd[0], T = qd[1], K = qd[2], G = qd[3], H = qd[4], L = kdims[0], S = kdims[2];
+  if (kdims[1] != B || kdims[3] != K || lengths.element_count() != static_cast<size_t>(B))
+    return ffi::Error::InvalidArgument("mtp_attend: q, the stacks and lengths do not match");
+  const int64_t dims[5] = {L, B, S, K, H};
+  Side k{}, v{};
+  if (const char* e = side_of(ks, kd, k_kind, dims, k)) return ffi::Error::InvalidArgument(e);
+  if (const char* e = side_of(vs, vd, v_kind, dims, v)) return ffi::Error::InvalidArgument(e);
   if (B * T * K * G * H == 0 || S == 0) return ffi::Error::Success();
-  Attend a{q.typed_data(), ks.untyped_data(), vs.untyped_data(), lengths.typed_data(), out->typed_data(), wt,
+  Attend a{q.typed_data(), k, v, lengths.typed_data(), out->typed_data(),
            B, T, S, K, G, H, std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1), window, scale, ring};
   // worth handing out when there are several heads' rows with enough work each (~16K multiply-adds)
   Pool& pool = Pool::get();
@@ -1101,9 +1156,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpAttend, AttendImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("window")
-                                  .Attr<bool>("ring"));
+                                  .Attr<bool>("ring")
+                                  .Attr<int32_t>("k_kind")
+                                  .Attr<int32_t>("v_kind"));
