@@ -98,10 +98,11 @@ def attention(
 
     With a cache, the T new entries of row b are written first at slots lengths[b] + t (kvcache.write_block),
     then query t attends to slots < lengths[b] + t + 1: the cache is written, then read, so XLA updates it in
-    place (reading the old stack beside a write to it made XLA copy the whole stack every layer). On CPU a float
-    stack is read in place by the kernel (``attend_kernel``; a sliding layer's ring too): XLA copied the layer's slice
-    into a transposed layout for its dots and ran ~10 more small ops. A quantized stack is read dequantized;
-    against a TurboQuant K the queries are rotated, from a TurboQuant V the output is rotated back (kvquant)."""
+    place (reading the old stack beside a write to it made XLA copy the whole stack every layer). On CPU a float,
+    q8_0 or q4_0 stack is read in place by the kernel (``attend_kernel``; a sliding layer's ring too): XLA copied
+    the layer's slice into a transposed layout for its dots and ran ~10 more small ops. Otherwise a quantized stack
+    is read dequantized; against a TurboQuant K the queries are rotated, from a TurboQuant V the output is rotated
+    back (kvquant)."""
     B, T, _ = x.shape
     (N, H), K = p.wq.shape[-2:], p.wk.shape[-2]
     G = N // K
