@@ -115,14 +115,14 @@ def _add_cache_type_args(p: argparse.ArgumentParser, draft: bool = True) -> None
 
 
 def check_positions(cfg, prompts: list[list[int]], max_new_tokens: int, num_draft: int) -> None:
-    """ValueError unless every prompt has a token, the budget is >= 1, and the longest prompt, the budget and the
-    K+1 slots a speculative step writes ahead fit the model's positions (cfg.max_position_embeddings): checked
-    before anything is measured or compiled."""
+    """ValueError unless the prompts are valid (model.pad_prompts), the budget is >= 1, and the longest prompt, the
+    budget and the K+1 slots a speculative step writes ahead fit the model's positions
+    (cfg.max_position_embeddings): checked before anything is measured or compiled."""
+    from mtp_jax.model import pad_prompts
+
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    empty = next((i for i, p in enumerate(prompts) if not len(p)), None)
-    if empty is not None:
-        raise ValueError(f"prompt {empty} is empty (every row needs at least one token)")
+    pad_prompts(prompts, cfg)  # the generator's own checks of the prompts (empty, out of vocabulary), done early
     longest = max(map(len, prompts), default=0)
     ahead = num_draft + 1 if num_draft else 0
     room = cfg.max_position_embeddings - longest - ahead
@@ -237,7 +237,8 @@ def cmd_generate(args) -> int:
         rates = " ".join(f"{r:.2f}" for r in s["accept_rate_per_pos"])
         of = args.draft_max if k == "auto" else k
         print(f"mean accepted drafts/step {s['mean_accepted']:.2f} of {of}, "
-              f"tokens/step {s['mean_tokens_per_step']:.2f}, acceptance by position [{rates}], histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}"
+              f"tokens/step {s['mean_tokens_per_step']:.2f}, acceptance by position [{rates}], "
+              f"histogram {s['accept_hist']}, trunk forwards {s['trunk_forwards']}"
               f"{', plain steps ' + str(s['plain_steps']) if s['plain_steps'] else ''}")
     if base:
         base = base[0]

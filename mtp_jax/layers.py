@@ -155,8 +155,8 @@ _KERNEL_KINDS = {"q8_0": 1, "q4_0": 2}  # AttKind in cpu_linear.cc; 0: a float s
 
 
 def _kernel_side(stack) -> bool:
-    if isinstance(stack, QuantStack):  # ggml blocks along H, unpadded (TurboQuant's rotated groups: XLA's path)
-        return stack.kind in _KERNEL_KINDS and stack.q.shape[-1] * 32 // kvquant.BLOCKS[stack.kind][1] == stack.dim
+    if isinstance(stack, QuantStack):  # ggml blocks along H (TurboQuant's rotated, padded groups: XLA's path)
+        return stack.kind in _KERNEL_KINDS
     return stack.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
 
 
